@@ -1,0 +1,85 @@
+"""Checkpoints are plain dicts, saved with `torch.save` and loaded with `weights_only=True`.
+
+    {"format", "model_spec": {name, num_classes, in_channels, kwargs}, "model": state_dict,
+     "optimizer": state_dict, "epoch", "config", "history": [per-epoch metrics], "metrics",
+     "data": {hash, classes, shape, mean, std}}
+
+They live at a local path, `s3://...`, or in MLflow (`runs:/RUN_ID/PATH`, `models:/NAME/VERSION`,
+`models:/NAME@ALIAS`, `mlflow-artifacts:/...`).
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tl_core import storage
+from tl_core.errors import UserError
+
+FORMAT = "tl-checkpoint/1"
+MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+
+
+def to_bytes(ckpt: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    return buf.getvalue()
+
+
+def save_checkpoint(ckpt: dict, uri: str) -> str:
+    """Write the checkpoint; returns its sha256."""
+    data = to_bytes(ckpt)
+    storage.write_bytes(uri, data)
+    return storage.sha256_bytes(data)
+
+
+def _read_mlflow(uri: str) -> bytes:
+    import mlflow
+
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="tl-ckpt-"))
+    except Exception as err:
+        raise UserError(f"cannot fetch {uri} from MLflow ({err.__class__.__name__}: {str(err)[:200]})") from err
+    path = Path(local)
+    if path.is_dir():
+        found = sorted(path.rglob("checkpoint.pt"))
+        if not found:
+            raise UserError(f"{uri} holds no checkpoint.pt; point at a run or model logged by tl")
+        path = found[0]
+    return path.read_bytes()
+
+
+def read_checkpoint_bytes(uri: str) -> bytes:
+    if uri.startswith(MLFLOW_SCHEMES):
+        return _read_mlflow(uri)
+    if not storage.is_s3(uri) and Path(uri).is_dir():
+        uri = str(Path(uri, "checkpoint.pt"))
+    if not storage.exists(uri):
+        raise UserError(f"checkpoint {uri} does not exist: check the path, or run `tl pretrain` to make one")
+    return storage.read_bytes(uri)
+
+
+def load_checkpoint(uri: str) -> dict:
+    data = read_checkpoint_bytes(uri)
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{uri} is not a readable checkpoint ({err.__class__.__name__}); was it written by tl?") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{uri} is not a tl checkpoint (format {FORMAT}); export it with tl or wrap its state_dict")
+    ckpt["sha256"] = storage.sha256_bytes(data)
+    return ckpt
+
+
+def load_state(model: torch.nn.Module, state: dict, uri: str, part: str = "model") -> None:
+    """Load a state_dict; a mismatch becomes one clear line, not a wall of missing keys."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise UserError(
+            f"the {part} in {uri} does not fit this model ({first}); use the same --model and settings it was trained with"
+        ) from None

@@ -1,0 +1,148 @@
+"""One config object per step, flowing unchanged from CLI to KFP component to Ray worker.
+
+Each config is a pydantic model: loaded from YAML (`--config FILE`), overridden by CLI flags,
+serialised as JSON into KFP parameters and Ray's `train_loop_config`, logged to MLflow as
+params, and saved beside the step's outputs so any result can be rerun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tl_core.errors import UserError
+
+
+def workdir() -> str:
+    """The one folder every run writes under (`TL_WORKDIR`, default ./tl-work); local or s3://."""
+    return os.environ.get("TL_WORKDIR", "tl-work")
+
+
+class StepConfig(BaseModel):
+    # Unknown keys are an error, so a typo in a YAML file or a search space does not pass silently.
+    model_config = ConfigDict(extra="forbid")
+
+    def fingerprint(self, exclude: set[str] | None = None) -> str:
+        """A short content hash of the settings that change the step's output."""
+        payload = json.dumps(self.model_dump(exclude=exclude or set()), sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class PrepareConfig(StepConfig):
+    """Turn a data URI into a prepared dataset (tensors + manifest)."""
+
+    uri: str
+    classes: list[str] | None = Field(None, description="keep only these classes (names or label ids)")
+    image_size: int | None = Field(None, description="resize images to SIZE x SIZE")
+    channels: int | None = Field(None, description="convert to 1 (grey) or 3 (RGB) channels")
+    test_fraction: float = Field(0.3, gt=0, lt=1, description="held-out share when the source has no test split")
+    max_per_class: int | None = Field(None, description="cap the training images of each class")
+    seed: int = 0
+    output: str | None = Field(None, description="folder (local or s3://) for prepared datasets")
+
+
+class TrainConfig(StepConfig):
+    """One training run: pretraining (strategy `scratch` on the source) or a transfer to a target."""
+
+    data: str = Field(..., description="a prepared dataset (folder with manifest.json)")
+    strategy: str = "scratch"
+    model: str | None = Field(None, description="architecture; default: the backbone's, else small_cnn")
+    model_kwargs: dict = Field(default_factory=dict)
+    backbone: str | None = Field(None, description="pretrained checkpoint: path, s3://, runs:/ or models:/")
+    shots: int | None = Field(None, ge=1, description="labelled images per class; None = all")
+    val_per_class: int = Field(0, ge=0, description="held-out validation images per class from the train pool")
+    seed: int = 0
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1, description="global batch size, split across workers")
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    augment: int = Field(0, ge=0, description="random shift of up to N pixels per training image")
+    # Strategy options (each strategy reads the ones it uses).
+    backbone_lr_mult: float = Field(1.0, ge=0, description="backbone LR = lr * this (finetune)")
+    freeze: int = Field(0, ge=0, description="freeze the first N backbone blocks (finetune)")
+    # Where and how it runs.
+    workers: int = Field(1, ge=1, description="Ray Train workers; 1 runs in this process")
+    runner: Literal["auto", "local", "ray"] = "auto"
+    use_gpu: bool | None = Field(None, description="None: use GPUs where the worker has one")
+    amp: bool = Field(True, description="mixed precision on GPU")
+    eval_every: int = Field(1, ge=0, description="validate every N epochs (0: only at the end)")
+    checkpoint_every: int = Field(1, ge=0, description="checkpoint every N epochs (0: only at the end)")
+    output: str | None = Field(None, description="checkpoint folder (local or s3://)")
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, name: str) -> str:
+        from tl_core.strategies import STRATEGIES
+
+        if name not in STRATEGIES:
+            raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+        return name
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str | None) -> str | None:
+        from tl_core.models import MODELS
+
+        if name is not None and name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+        return name
+
+    def resolved_runner(self) -> str:
+        if self.runner != "auto":
+            return self.runner
+        return "ray" if self.workers > 1 or os.environ.get("RAY_ADDRESS") else "local"
+
+
+class RunConfig(StepConfig):
+    """`tl run`: the whole pipeline, source -> pretrain -> transfer (every strategy) vs scratch."""
+
+    source: str = "fonts:digits"
+    target: str = "sklearn:digits"
+    shots: int = Field(1, ge=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    strategies: list[str] = Field(default_factory=lambda: ["linear-probe", "finetune"])
+    model: str = "small_cnn"
+    image_size: int | None = Field(None, description="default: the target's own size")
+    channels: int | None = None
+    pretrain_epochs: int = 15
+    pretrain_lr: float = 1e-3
+    epochs: int = 100
+    lr: float = 1e-3
+    batch_size: int = 64
+    augment: int = 1
+    workers: int = 1
+
+
+def load_config(cls: type[StepConfig], path: str | None, overrides: dict) -> StepConfig:
+    """Build a config from an optional YAML/JSON file, then CLI flags (flags win)."""
+    values: dict = {}
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise UserError(f"config file {path} does not exist: check the path")
+        try:
+            values = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"config file {path} is not valid YAML: {err}") from err
+        if not isinstance(values, dict):
+            raise UserError(f"config file {path} must hold a mapping of settings, not {type(values).__name__}")
+        values = values.get("config", values)  # accept a saved run's {"config": {...}} too
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return validate(cls, values)
+
+
+def validate(cls: type[StepConfig], values: dict) -> StepConfig:
+    try:
+        return cls(**values)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()
+        )
+        raise UserError(f"invalid {cls.__name__}: {problems}") from None

@@ -1,0 +1,52 @@
+"""Image transforms on uint8 N x C x H x W arrays: resize, channel conversion, class subsets."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tl_core.errors import UserError
+
+
+def resize(x: np.ndarray, size: tuple[int, int] | int) -> np.ndarray:
+    """Area averaging when shrinking (as UCI made its 8x8 digits), bilinear when growing."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    t = torch.from_numpy(np.ascontiguousarray(x)).float()
+    shrink = size[0] <= x.shape[-2] and size[1] <= x.shape[-1]
+    out = F.interpolate(t, size=size, mode="area") if shrink else F.interpolate(
+        t, size=size, mode="bilinear", align_corners=False, antialias=True
+    )
+    return out.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def convert_channels(x: np.ndarray, channels: int) -> np.ndarray:
+    have = x.shape[1]
+    if have == channels:
+        return x
+    if have == 1 and channels == 3:
+        return np.repeat(x, 3, axis=1)
+    if have in (3, 4) and channels == 1:
+        grey = 0.299 * x[:, 0].astype(np.float32) + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+        return np.rint(grey)[:, None].astype(np.uint8)
+    if have == 4 and channels == 3:
+        return x[:, :3]
+    raise UserError(f"cannot convert images with {have} channels to {channels}; use channels 1 or 3")
+
+
+def select_classes(classes: list[str], wanted: list[str], what: str) -> list[int]:
+    """Label ids of the wanted classes, given by name or id."""
+    ids = []
+    for w in wanted:
+        w = str(w)
+        if w in classes:
+            ids.append(classes.index(w))
+        elif w.isdigit() and int(w) < len(classes):
+            ids.append(int(w))
+        else:
+            raise UserError(f"{what}: class {w!r} does not exist; its classes are {classes}")
+    if len(set(ids)) != len(ids):
+        raise UserError(f"{what}: a class is listed twice in {wanted}")
+    return ids

@@ -1,0 +1,54 @@
+"""Connecting to Ray: the cluster named by `RAY_ADDRESS`, else a local Ray in this process."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+# A local Ray's object store would claim 30 % of RAM by default; tl passes small objects only.
+LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
+
+
+def init_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Train V2 is Ray's default; say so, as Tune's integration reads the same switch.
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray needs no token
+        ray.init(
+            num_cpus=os.cpu_count(),
+            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+
+
+def cluster_cpus_and_gpus() -> tuple[int, int]:
+    import ray
+
+    resources = ray.cluster_resources()
+    return int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
+
+
+def storage_for(uri: str):
+    """(storage_path, storage_filesystem) for Ray's RunConfig: local folders must be absolute;
+    s3:// uses the endpoint from the environment (MinIO, moto) through pyarrow."""
+    from tl_core import storage
+
+    if not storage.is_s3(uri):
+        return os.path.abspath(uri), None
+    endpoint = storage.s3_endpoint()
+    if not endpoint:
+        return uri, None
+    import pyarrow.fs
+
+    scheme, _, host = endpoint.partition("://")
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme or "https",
+                                 region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    return uri[len("s3://"):], fs

@@ -1,0 +1,155 @@
+"""Storage: one small layer for paths that are local or `s3://bucket/key`.
+
+Every output goes through `write_bytes`, which never leaves a half-written file for a reader:
+locally it writes a temporary file and renames it; on S3 a PUT is atomic per object. Steps
+that write several files write their manifest last, so a folder with a manifest is complete.
+
+S3 is reached through boto3; the endpoint comes from `AWS_ENDPOINT_URL` or
+`MLFLOW_S3_ENDPOINT_URL` (MinIO, moto, or a cluster's own store).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from tl_core.errors import UserError
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    if is_s3(base):
+        return "/".join([str(base).rstrip("/"), *[p.strip("/") for p in parts]])
+    return str(Path(base, *parts))
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise UserError(f"{uri!r} has no bucket name: write s3://BUCKET/PREFIX")
+    return bucket, key
+
+
+def s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
+
+
+@lru_cache(maxsize=4)
+def _s3_client(endpoint: str | None):
+    import boto3
+    from botocore.config import Config
+
+    # Bounded retries: an unreachable endpoint should fail in seconds, not minutes.
+    config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=60)
+    return boto3.client("s3", endpoint_url=endpoint, config=config)
+
+
+def s3_client():
+    return _s3_client(s3_endpoint())
+
+
+def _s3_error(uri: str, err: Exception) -> UserError:
+    return UserError(
+        f"cannot reach {uri}: {err.__class__.__name__}: {err}. Check the bucket name, the credentials "
+        f"(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) and the endpoint (AWS_ENDPOINT_URL, now {s3_endpoint()!r})"
+    )
+
+
+def exists(uri: str) -> bool:
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            s3_client().head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise _s3_error(uri, err) from err
+        except Exception as err:  # endpoint down, bad credentials
+            raise _s3_error(uri, err) from err
+    return Path(uri).exists()
+
+
+def read_bytes(uri: str) -> bytes:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as err:
+            raise _s3_error(uri, err) from err
+    path = Path(uri)
+    if not path.is_file():
+        raise UserError(f"{uri} does not exist: check the path")
+    return path.read_bytes()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write atomically: a reader sees the old file or the new one, never half of it."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        except Exception as err:
+            raise _s3_error(uri, err) from err
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def list_files(uri: str) -> list[str]:
+    """All files below a folder or prefix, as relative paths, sorted."""
+    if is_s3(uri):
+        bucket, prefix = split_s3(uri)
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        keys = []
+        try:
+            for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                keys += [obj["Key"][len(prefix) :] for obj in page.get("Contents", [])]
+        except Exception as err:
+            raise _s3_error(uri, err) from err
+        return sorted(k for k in keys if k and not k.endswith("/"))
+    root = Path(uri)
+    if not root.is_dir():
+        raise UserError(f"{uri} is not a folder: check the path")
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def download_dir(uri: str, local: str) -> str:
+    """Copy a folder (local or s3://) to a local folder; return the local path."""
+    if not is_s3(uri):
+        return uri
+    for rel in list_files(uri):
+        target = Path(local, rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(read_bytes(join(uri, rel)))
+    return local
+
+
+def upload_dir(local: str, uri: str) -> None:
+    """Copy a local folder to `uri` (local or s3://)."""
+    if is_s3(uri):
+        for rel in list_files(local):
+            write_bytes(join(uri, rel), Path(local, rel).read_bytes())
+    else:
+        shutil.copytree(local, uri, dirs_exist_ok=True)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

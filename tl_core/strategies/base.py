@@ -1,0 +1,79 @@
+"""The `Strategy` interface and the behaviour most strategies share."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tl_core.checkpoints import load_state
+from tl_core.errors import UserError
+from tl_core.models import Classifier, create_model, model_spec
+
+DEFAULT_MODEL = "small_cnn"
+
+
+class Strategy:
+    name = ""
+    needs_backbone = True  # False: trains from random init (the backbone only names the architecture)
+    trains_on_images = True  # False: trains on cached features, so no image augmentation
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    # -- the model ---------------------------------------------------------------------------
+    def architecture(self, backbone: dict | None, in_channels: int) -> tuple[str, dict]:
+        """Model name and kwargs: the backbone's when there is one, else the config's."""
+        if backbone is None:
+            return self.cfg.model or DEFAULT_MODEL, dict(self.cfg.model_kwargs)
+        spec = backbone["model_spec"]
+        if self.cfg.model and self.cfg.model != spec["name"]:
+            raise UserError(
+                f"the backbone is a {spec['name']} but --model is {self.cfg.model}: drop --model or use a "
+                f"{self.cfg.model} backbone"
+            )
+        if spec["in_channels"] != in_channels:
+            raise UserError(
+                f"the backbone takes {spec['in_channels']}-channel images but the target has {in_channels}: "
+                f"prepare the target with --channels {spec['in_channels']}"
+            )
+        return spec["name"], {**spec.get("kwargs", {}), **self.cfg.model_kwargs}
+
+    def build_model(self, num_classes: int, in_channels: int, backbone: dict | None) -> tuple[Classifier, dict]:
+        """A model for `num_classes`, with pretrained backbone weights if the strategy uses them."""
+        if self.needs_backbone and backbone is None:
+            raise UserError(f"strategy {self.name} needs a pretrained backbone: pass --backbone (see tl pretrain)")
+        name, kwargs = self.architecture(backbone, in_channels)
+        model = create_model(name, num_classes, in_channels, **kwargs)
+        if self.needs_backbone:
+            load_state(model.backbone, backbone_state(backbone), self.cfg.backbone, part="backbone")
+        return model, model_spec(name, num_classes, in_channels, kwargs)
+
+    # -- what trains, on what --------------------------------------------------------------
+    def trainable(self, model: Classifier) -> nn.Module:
+        """The module the optimiser updates (and DDP wraps)."""
+        return model
+
+    def train_inputs(self, model: Classifier, x: torch.Tensor) -> torch.Tensor:
+        """What the trainable module sees: images by default."""
+        return x
+
+    def param_groups(self, net: nn.Module) -> list[dict]:
+        return [{"params": [p for p in net.parameters() if p.requires_grad], "lr": self.cfg.lr}]
+
+    def set_train_mode(self, net: nn.Module, epoch: int) -> None:
+        net.train()
+
+    def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(net(x), y)
+
+
+def backbone_state(ckpt: dict) -> dict:
+    """The backbone's part of a checkpoint's state_dict (the head is left behind)."""
+    prefix = "backbone."
+    return {k[len(prefix) :]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper."""
+    return getattr(net, "module", net)

@@ -1,0 +1,10 @@
+"""`scratch`: the same architecture from random init, same labels and budget: the baseline."""
+
+from tl_core.strategies import register_strategy
+from tl_core.strategies.base import Strategy
+
+
+@register_strategy
+class Scratch(Strategy):
+    name = "scratch"
+    needs_backbone = False

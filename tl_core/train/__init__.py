@@ -1,0 +1,58 @@
+"""Training: the core loop (`loop.fit`) and `train`, which decides where it runs and stores the result."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from tl_core import storage
+from tl_core.checkpoints import load_checkpoint, read_checkpoint_bytes, save_checkpoint
+from tl_core.config import TrainConfig, workdir
+from tl_core.errors import UserError
+from tl_core.train.loop import fit
+from tl_core.train.session import CHECKPOINT_FILE, LocalSession
+
+
+@dataclass
+class TrainResult:
+    checkpoint_uri: str
+    checkpoint: dict
+    seconds: float
+    cached: bool  # True: an identical run's checkpoint already existed and was reused
+
+
+def output_folder(cfg: TrainConfig) -> str:
+    """Where a run's checkpoint goes: named by the strategy and a hash of everything that
+    changes the result (the settings, the dataset, the backbone's bytes)."""
+    if cfg.output:
+        return cfg.output
+    backbone_sha = storage.sha256_bytes(read_checkpoint_bytes(cfg.backbone)) if cfg.backbone else ""
+    key = storage.sha256_bytes((cfg.fingerprint(exclude={"output"}) + backbone_sha).encode())[:16]
+    return storage.join(workdir(), "models", f"{cfg.strategy}-{key}")
+
+
+def train(cfg: TrainConfig, on_report: Callable[[dict], None] | None = None, force: bool = False) -> TrainResult:
+    """Run one training (in this process or on Ray Train) and store its checkpoint.
+
+    A run whose output folder already holds a checkpoint is not repeated (force=True repeats it
+    into the same folder, replacing the checkpoint atomically).
+    """
+    started = time.perf_counter()
+    out = output_folder(cfg)
+    ckpt_uri = storage.join(out, CHECKPOINT_FILE)
+    if storage.exists(ckpt_uri) and not force:
+        return TrainResult(ckpt_uri, load_checkpoint(ckpt_uri), time.perf_counter() - started, cached=True)
+    if cfg.resolved_runner() == "local":
+        ckpt = fit(cfg, LocalSession(cfg.use_gpu, on_report))
+    else:
+        from tl_core.train.ray_runner import fit_on_ray
+
+        ckpt = fit_on_ray(cfg, run_name=out.rstrip("/").split("/")[-1])
+    storage.write_bytes(storage.join(out, "config.json"), json.dumps(cfg.model_dump(), indent=2).encode())
+    ckpt["sha256"] = save_checkpoint(ckpt, ckpt_uri)  # the checkpoint last: its presence means done
+    return TrainResult(ckpt_uri, ckpt, time.perf_counter() - started, cached=False)
+
+
+__all__ = ["TrainResult", "train", "fit", "UserError"]

@@ -1,0 +1,108 @@
+"""Where the training core runs: in this process, or as one worker of a Ray Train run.
+
+`fit` talks only to a session, so the same loop runs unchanged on a laptop (one process, no
+Ray start-up cost) and on N Ray Train workers on CPUs or GPUs, one machine or a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tl_core.checkpoints import save_checkpoint
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def auto_device(use_gpu: bool | None) -> torch.device:
+    if use_gpu is None:
+        use_gpu = torch.cuda.is_available()
+    return torch.device("cuda" if use_gpu else "cpu")
+
+
+class LocalSession:
+    """One process: no DDP, no distributed sampler; reports go to an optional callback."""
+
+    world_size = 1
+    rank = 0
+
+    def __init__(self, use_gpu: bool | None = None, on_report: Callable[[dict], None] | None = None):
+        self.device = auto_device(use_gpu)
+        self.on_report = on_report
+
+    def prepare_model(self, net):
+        return net.to(self.device)
+
+    def prepare_loader(self, loader):
+        return loader
+
+    def set_epoch(self, loader, epoch: int) -> None:
+        pass
+
+    def restore(self) -> dict | None:
+        return None  # resuming an interrupted run is Ray Train's job (see RaySession.restore)
+
+    def report(self, metrics: dict, checkpoint: dict | None = None) -> None:
+        if self.on_report:
+            self.on_report(metrics)
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+class RaySession:
+    """One Ray Train worker: DDP through Ray's prepare helpers, checkpoints through ray.train.report."""
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.world_size = context.get_world_size()
+        self.rank = context.get_world_rank()
+        self.device = ray.train.torch.get_device()
+
+    def prepare_model(self, net):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(net)
+
+    def prepare_loader(self, loader):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_data_loader(loader)
+
+    def set_epoch(self, loader, epoch: int) -> None:
+        sampler = getattr(loader, "sampler", None)
+        if self.world_size > 1 and hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every worker
+
+    def restore(self) -> dict | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()  # set when a run with this name and storage path resumes
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as folder:
+            return torch.load(Path(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+
+    def report(self, metrics: dict, checkpoint: dict | None = None) -> None:
+        import ray.train
+
+        if checkpoint is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(checkpoint, os.path.join(folder, CHECKPOINT_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        parts = [torch.zeros_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t)
+        return torch.stack(parts)
