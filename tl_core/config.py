@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -94,6 +94,15 @@ class TrainConfig(StepConfig):
             raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
         return name
 
+    # Settings that only some strategies read: the scratch baseline resets them, so one
+    # baseline serves every strategy trained on the same labels.
+    STRATEGY_OPTIONS: ClassVar[tuple[str, ...]] = ("backbone_lr_mult", "freeze")
+
+    def baseline(self) -> "TrainConfig":
+        """The scratch baseline for this run: same data, labels, budget and architecture."""
+        defaults = {name: TrainConfig.model_fields[name].default for name in self.STRATEGY_OPTIONS}
+        return self.model_copy(update={"strategy": "scratch", "output": None, **defaults})
+
     def resolved_runner(self) -> str:
         if self.runner != "auto":
             return self.runner
@@ -105,7 +114,7 @@ class RunConfig(StepConfig):
 
     source: str = "fonts:digits"
     target: str = "sklearn:digits"
-    shots: int = Field(1, ge=1)
+    shots: int = Field(5, ge=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     strategies: list[str] = Field(default_factory=lambda: ["linear-probe", "finetune"])
     model: str = "small_cnn"
@@ -118,6 +127,16 @@ class RunConfig(StepConfig):
     batch_size: int = 64
     augment: int = 1
     workers: int = 1
+
+    @field_validator("strategies")
+    @classmethod
+    def _known_strategies(cls, names: list[str]) -> list[str]:
+        from tl_core.strategies import STRATEGIES
+
+        unknown = [n for n in names if n not in STRATEGIES]
+        if unknown:
+            raise ValueError(f"unknown strategy {unknown[0]!r}; choose from {sorted(STRATEGIES)}")
+        return [n for n in names if n != "scratch"]  # scratch is always the baseline
 
 
 def load_config(cls: type[StepConfig], path: str | None, overrides: dict) -> StepConfig:

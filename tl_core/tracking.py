@@ -1,0 +1,115 @@
+"""MLflow tracking: every step is a run; `tl run` nests them under one parent.
+
+With no `MLFLOW_TRACKING_URI`, tracking is SQLite plus a local artifact folder in the work
+directory (no server to start). Point `MLFLOW_TRACKING_URI` at a server to share runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from tl_core.config import workdir
+from tl_core.errors import UserError
+
+EXPERIMENT = "tl"
+MAX_PARAM_LENGTH = 500
+
+
+def _bounded_retries() -> None:
+    # MLflow retries an unreachable server for minutes by default; fail in seconds instead.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+def setup() -> str:
+    """Point MLflow at the tracking store and experiment; returns the tracking URI."""
+    import mlflow
+
+    _bounded_retries()
+    name = os.environ.get("TL_EXPERIMENT", EXPERIMENT)
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        folder = Path(workdir()).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{folder / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    try:
+        if mlflow.get_experiment_by_name(name) is None:
+            location = None if os.environ.get("MLFLOW_TRACKING_URI") else (Path(workdir()).resolve() / "mlartifacts").as_uri()
+            mlflow.create_experiment(name, artifact_location=location)
+        mlflow.set_experiment(name)
+    except Exception as err:
+        raise UserError(
+            f"cannot reach the MLflow tracking store {uri} ({err.__class__.__name__}: {str(err)[:160]}); "
+            "start the server or fix MLFLOW_TRACKING_URI"
+        ) from err
+    return uri
+
+
+def flat_params(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flat_params(value, f"{name}."))
+        else:
+            out[name] = str(value)[:MAX_PARAM_LENGTH]
+    return out
+
+
+@contextlib.contextmanager
+def run(name: str, params: dict | None = None, tags: dict | None = None):
+    """Start an MLflow run (nested under the active one, if any)."""
+    import mlflow
+
+    setup()
+    with mlflow.start_run(run_name=name, nested=mlflow.active_run() is not None, tags=tags or {}) as active:
+        if params:
+            mlflow.log_params(flat_params(params))
+        yield active
+
+
+def log_metrics(metrics: dict, step: int | None = None) -> None:
+    import mlflow
+
+    numeric = {k.replace("/", "."): float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if numeric:
+        mlflow.log_metrics(numeric, step=step)
+
+
+def log_history(history: list[dict]) -> None:
+    """Per-epoch metrics in one batch (one round trip, not one per value)."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [
+        Metric(key, float(value), now, int(entry["epoch"]))
+        for entry in history
+        for key, value in entry.items()
+        if key != "epoch" and isinstance(value, (int, float))
+    ]
+    client = mlflow.MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    for i in range(0, len(batch), 1000):  # MLflow accepts at most 1000 metrics per batch
+        client.log_batch(run_id, metrics=batch[i : i + 1000])
+
+
+def log_bytes(data: bytes, name: str, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder, name)
+        path.write_bytes(data)
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_json(obj, name: str) -> None:
+    log_bytes(json.dumps(obj, indent=2, default=str).encode(), name)
