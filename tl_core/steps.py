@@ -180,7 +180,7 @@ def run_step(cfg: RunConfig, on_progress: Callable[[str], None] | None = None, o
         for seed in cfg.seeds:
             common = dict(data=target["path"], backbone=pretrain["checkpoint"], shots=cfg.shots, seed=seed,
                           epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, augment=cfg.augment,
-                          workers=cfg.workers, eval_every=10)
+                          workers=cfg.workers, eval_every=10, checkpoint_every=10)
             say(f"seed {seed}: scratch baseline on {cfg.shots} shots per class")
             scratch = train_step(TrainConfig(strategy="scratch", **common), "transfer", on_report)
             results.append(scratch)

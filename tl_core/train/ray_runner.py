@@ -7,6 +7,7 @@ running the same config again under the same name resumes from its latest checkp
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -38,6 +39,13 @@ def preflight(cfg: TrainConfig) -> None:
     create_strategy(cfg).build_model(len(data.classes), data.shape[0], backbone)
 
 
+def _absolute(path: str | None) -> str | None:
+    """Workers run in another folder: send local paths as absolute ones (s3:// and MLflow URIs as they are)."""
+    if path is None or storage.is_s3(path) or ":/" in path:
+        return path
+    return os.path.abspath(path)
+
+
 def _user_error_in(err: BaseException) -> str | None:
     """The message of a UserError raised inside a worker, if that is what failed."""
     match = re.search(r"UserError: (.+)", str(err))
@@ -51,6 +59,7 @@ def fit_on_ray(cfg: TrainConfig, run_name: str) -> dict:
     from tl_core.ray_cluster import cluster_cpus_and_gpus, init_ray, storage_for
 
     preflight(cfg)
+    cfg = cfg.model_copy(update={"data": _absolute(cfg.data), "backbone": _absolute(cfg.backbone)})
     init_ray()
     cpus, gpus = cluster_cpus_and_gpus()
     use_gpu = gpus > 0 if cfg.use_gpu is None else cfg.use_gpu
