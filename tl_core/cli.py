@@ -275,3 +275,7 @@ def main() -> None:  # pragma: no cover - `python -m tl_core.cli`
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+# Command groups that live in modules of their own add themselves to `app` when imported.
+from tl_core import cli_registry  # noqa: E402,F401
