@@ -269,13 +269,13 @@ def run(
     _execute(work, as_json, show_table)
 
 
+# Command groups that live in modules of their own add themselves to `app` when imported.
+from tl_core import cli_registry  # noqa: E402,F401
+
+
 def main() -> None:  # pragma: no cover - `python -m tl_core.cli`
     app(sys.argv[1:])
 
 
 if __name__ == "__main__":  # pragma: no cover
     main()
-
-
-# Command groups that live in modules of their own add themselves to `app` when imported.
-from tl_core import cli_registry  # noqa: E402,F401
