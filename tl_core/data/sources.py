@@ -204,6 +204,8 @@ def _decode_image(data: bytes, name: str) -> np.ndarray:
 
 def _read_class_folders(root: str, files: list[str], where: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     by_class: dict[str, list[str]] = {}
+    if not storage.is_s3(root) and Path(root).is_dir():  # S3 has no empty folders; local disks do
+        by_class = {d.name: [] for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith(".")}
     for rel in files:
         parts = rel.split("/")
         if len(parts) >= 2:
