@@ -1,0 +1,58 @@
+"""The MLflow pyfunc model that `tl register` logs, as MLflow "models from code".
+
+MLflow stores this file's source in the model and runs it on load, so nothing is pickled and
+loading never depends on a class path saved with the model (mlflow#10766). The weights are the
+tl checkpoint (`checkpoint.pt`: state_dict + model spec + data statistics), stored beside it as
+an artifact; the network is rebuilt from the spec. Loading needs `tl_core` importable.
+
+`predict` takes raw images, uint8 or float, N x H x W, N x C x H x W or N x H x W x C, of any
+size, and prepares them exactly as training did: the same conversion to uint8, channel
+conversion, resize and normalisation with the training data's mean and std. It returns one row
+per image: the class name, its probability, and the probability of every class (`p_<class>`).
+"""
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.pyfunc import PythonModel
+
+from tl_core.checkpoints import load_checkpoint, load_state
+from tl_core.data import PreparedDataset
+from tl_core.data.sources import _as_uint8_images  # the conversion every data source uses
+from tl_core.data.transforms import convert_channels, resize
+from tl_core.models import build_from_spec
+from tl_core.train.loop import predict
+
+
+class ImageClassifier(PythonModel):
+    def load_context(self, context):
+        self.checkpoint = load_checkpoint(context.artifacts["checkpoint"])
+        self.model = build_from_spec(self.checkpoint["model_spec"])
+        load_state(self.model, self.checkpoint["model"], context.artifacts["checkpoint"])
+        self.model.eval()
+        data = self.checkpoint["data"]
+        self.classes = list(data["classes"])
+        # The checkpoint's data dict is the training manifest's hash, classes, shape, mean, std:
+        # PreparedDataset.normalise reads mean and std from it as training did.
+        self.training_data = PreparedDataset(data.get("uri", "training data"), data, {})
+
+    def prepare(self, images: np.ndarray) -> torch.Tensor:
+        channels, height, width = self.checkpoint["data"]["shape"]
+        x = _as_uint8_images(np.asarray(images), "model input")
+        x = resize(convert_channels(x, channels), (height, width))
+        return self.training_data.normalise(x)
+
+    # An ndarray hint: MLflow then neither infers a schema from it nor warns that hints are missing.
+    def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
+        with torch.no_grad():
+            logits = predict(self.model, self.prepare(model_input), torch.device("cpu"))
+        probs = torch.softmax(logits, dim=1).numpy()
+        best = probs.argmax(axis=1)
+        table = pd.DataFrame({"label": [self.classes[i] for i in best], "probability": probs.max(axis=1)})
+        for i, name in enumerate(self.classes):
+            table[f"p_{name}"] = probs[:, i]
+        return table
+
+
+mlflow.models.set_model(ImageClassifier())
