@@ -14,8 +14,8 @@ The Dockerfile passes the file to pip with `-c` (constraints: pins without forci
 
 from __future__ import annotations
 
-import importlib.metadata as metadata
 import sys
+from importlib import metadata
 from pathlib import Path
 
 from packaging.markers import default_environment
