@@ -27,9 +27,10 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -43,7 +44,7 @@ NAMESPACE = "tl"
 PROJECT_IMAGE = "registry.example.com/tl-core"
 KUBERAY_API = "ray.io/v1"
 PLACEHOLDER = re.compile(r"^CHANGE_ME")
-CREDENTIAL_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|KEY_ID|CREDENTIAL", re.I)
+CREDENTIAL_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|KEY_ID|CREDENTIAL", re.IGNORECASE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,8 +149,8 @@ def test_kubernetes_validate_cli_accepts_the_split_documents(tmp_path):
         file = tmp_path / f"{i:03d}-{doc.kind}.yaml"
         file.write_text(yaml.safe_dump(doc.obj))
         files.append(str(file))
-    result = subprocess.run([str(exe), "--strict", "-k", K8S_VERSION, *files], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run([str(exe), "--strict", "-k", K8S_VERSION, *files], check=False, capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -319,7 +320,8 @@ def kuberay_errors(obj: dict) -> list[str]:
         errors.append(f"apiVersion {obj.get('apiVersion')!r}: the types checked are {KUBERAY_API}")
     if obj.get("kind") not in KUBERAY_SPECS:
         return errors + [f"kind {obj.get('kind')!r} is not checked here"]
-    errors += [f"{key}: unknown top-level field" for key in obj if key not in ("apiVersion", "kind", "metadata", "spec")]
+    top_level = ("apiVersion", "kind", "metadata", "spec")
+    errors += [f"{key}: unknown top-level field" for key in obj if key not in top_level]
     # ObjectMeta is the same for every kind: let the Kubernetes schema check it.
     errors += [f"metadata: {e}" for e in core_errors({"apiVersion": "v1", "kind": "ConfigMap",
                                                        "metadata": obj.get("metadata", {})})]
@@ -566,9 +568,11 @@ def test_credentials_come_only_from_secrets():
             value = str(env.get("value", ""))
             # A URI with user:password@ may only build the password from $(VAR)s (from Secrets).
             for userinfo in re.findall(r"://([^@/\s]+)@", value):
-                assert re.fullmatch(r"(\$\([A-Z_]+\))(:\$\([A-Z_]+\))?", userinfo), f"{owner}: literal credentials in a URI"
+                assert re.fullmatch(r"(\$\([A-Z_]+\))(:\$\([A-Z_]+\))?", userinfo), (
+                    f"{owner}: literal credentials in a URI")
         for args in (c.get("command", []), c.get("args", [])):
-            assert not any(re.search(r"://[^/\s]*:[^/\s]*@", a) for a in args), f"{owner}: credentials in the command line"
+            assert not any(re.search(r"://[^/\s]*:[^/\s]*@", a) for a in args), (
+                f"{owner}: credentials in the command line")
     for cm in docs_of("ConfigMap"):
         for key in cm.obj.get("data", {}):
             assert not CREDENTIAL_NAME.search(key), f"{cm.id}: {key} belongs in a Secret"
@@ -641,7 +645,8 @@ def test_references_resolve():
                 ref = env.get("valueFrom", {})
                 if "secretKeyRef" in ref:
                     s = ref["secretKeyRef"]
-                    assert s["key"] in secrets.get(s["name"], ()), f"{owner}: {s['name']}/{s['key']} is not in the template"
+                    assert s["key"] in secrets.get(s["name"], ()), (
+                        f"{owner}: {s['name']}/{s['key']} is not in the template")
                 if "configMapKeyRef" in ref:
                     s = ref["configMapKeyRef"]
                     assert s["key"] in config_maps.get(s["name"], ()), f"{owner}: {s['name']}/{s['key']}"
@@ -718,7 +723,7 @@ def assert_tl_invocation(argv: list[str]) -> dict:
     assert command is not None, f"tl has no command {args[0]!r}"
     try:
         return command.make_context(args[0], list(args[1:]), parent=root).params
-    except Exception as err:  # click's UsageError (typer vendors click)
+    except Exception as err:  # noqa: BLE001 - click's UsageError; typer vendors click privately
         raise AssertionError(f"`tl {' '.join(args)}` does not parse: {err}") from None
 
 
@@ -803,6 +808,13 @@ def group_version(api_version: str) -> tuple[str, str]:
     return group, version
 
 
+def is_patch_target(obj: dict, target: dict) -> bool:
+    """kustomize's patch target: kind and name, group ("" for core) and version when given."""
+    group, version = group_version(obj["apiVersion"])
+    return (obj["kind"] == target["kind"] and obj["metadata"].get("name") == target["name"]
+            and group == target.get("group", "") and version == target.get("version", version))
+
+
 def build(directory: Path) -> list[dict]:
     """Objects a kustomization directory produces (the subset of kustomize this project uses)."""
     kfile = directory / "kustomization.yaml"
@@ -819,10 +831,7 @@ def build(directory: Path) -> list[dict]:
         assert "path" in patch and "target" in patch, f"{kfile}: patches are files with a target"
         ops = yaml.safe_load((directory / patch["path"]).read_text())
         assert isinstance(ops, list), f"{patch['path']}: a JSON 6902 patch (a list of operations)"
-        target = patch["target"]
-        hits = [i for i, o in enumerate(objs)
-                if o["kind"] == target["kind"] and o["metadata"].get("name") == target["name"]
-                and group_version(o["apiVersion"]) == (target.get("group", ""), target.get("version", group_version(o["apiVersion"])[1]))]
+        hits = [i for i, o in enumerate(objs) if is_patch_target(o, patch["target"])]
         assert len(hits) == 1, f"{kfile}: patch {patch['path']} targets {len(hits)} resources"
         objs[hits[0]] = apply_json_patch(objs[hits[0]], ops)
     for obj in objs:
@@ -840,7 +849,7 @@ def build(directory: Path) -> list[dict]:
 OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _built(name: str) -> list[dict]:
     return build(K8S / "overlays" / name)
 
@@ -947,8 +956,8 @@ def test_local_overlay_is_small_and_needs_no_gpu():
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_kubectl_kustomize_agrees_with_this_build(overlay):
-    result = subprocess.run(["kubectl", "kustomize", str(K8S / "overlays" / overlay)], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(["kubectl", "kustomize", str(K8S / "overlays" / overlay)], check=False,
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     theirs = [o for o in yaml.safe_load_all(result.stdout) if o]
 
@@ -1004,8 +1013,13 @@ def test_dockerfile_pins_its_base_and_runs_as_a_non_root_user():
     volumes = [p for w, a in steps if w == "VOLUME" for p in re.findall(r'"([^"]+)"', a)]
     assert any(workdir.startswith(v + "/") for v in volumes), "TL_WORKDIR must be on a volume (writable, not the image)"
     runs = " ".join(a for w, a in steps if w == "RUN")
-    assert re.search(r"pip install -c constraints\.txt \"?\.(\[[\w,]+\])?\"?", runs), "install the package with pip install ."
+    assert re.search(r"pip install -c constraints\.txt \"?\.(\[[\w,]+\])?\"?", runs), (
+        "install the package with pip install .")
     assert "wget" in runs, "KubeRay's probes need wget"
+    # KubeRay runs `bash -lc`: /etc/profile resets PATH, so the venv must be put back there.
+    venv_bin = re.search(r"PATH=(/\S+/bin):\$PATH", env).group(1)
+    assert re.search(rf"export PATH={re.escape(venv_bin)}:\$PATH' > /etc/profile\.d/\S+\.sh", runs), (
+        "the venv is not on a login shell's PATH")
     for w, a in steps:
         if w in ("ENV", "ARG"):
             assert not CREDENTIAL_NAME.search(a), f"credential in the image: {w} {a}"
@@ -1038,6 +1052,11 @@ def test_constraints_pin_the_runtime_and_nothing_for_tests():
         assert package in pins
     for test_only in ("pytest", "moto", "kubernetes-validate"):
         assert test_only not in pins, f"{test_only} is a test tool, not part of the image"
+    # The image must run what the tests run: after an upgrade here, rerun k8s/lock.py.
+    from importlib.metadata import version
+
+    for package in ("ray", "torch", "mlflow", "kfp"):
+        assert pins[package] == version(package), f"{package}: k8s/constraints.txt is stale, run k8s/lock.py"
 
 
 def test_readme_walks_from_an_empty_cluster_to_a_schedule():
