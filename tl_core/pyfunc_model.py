@@ -6,8 +6,9 @@ tl checkpoint (`checkpoint.pt`: state_dict + model spec + data statistics), stor
 an artifact; the network is rebuilt from the spec. Loading needs `tl_core` importable.
 
 `predict` takes raw images, uint8 or float, N x H x W, N x C x H x W or N x H x W x C, of any
-size, and prepares them exactly as training did: the same conversion to uint8, channel
-conversion, resize and normalisation with the training data's mean and std. It returns one row
+size, and prepares them exactly as training did: the data sources' conversion to uint8 (floats
+in [0, 1] are fractions of white, larger floats are scaled by the batch's maximum), channel
+conversion, resize, and normalisation with the training data's mean and std. It returns one row
 per image: the class name, its probability, and the probability of every class (`p_<class>`).
 """
 
@@ -19,7 +20,7 @@ from mlflow.pyfunc import PythonModel
 
 from tl_core.checkpoints import load_checkpoint, load_state
 from tl_core.data import PreparedDataset
-from tl_core.data.sources import _as_uint8_images  # the conversion every data source uses
+from tl_core.data.sources import _as_uint8_images  # the data sources' own conversion
 from tl_core.data.transforms import convert_channels, resize
 from tl_core.models import build_from_spec
 from tl_core.train.loop import predict

@@ -9,6 +9,9 @@ Each function returns a JSON-able summary dict. Decisions and scores are version
 registry itself is the audit log. MLflow has no compare-and-set on aliases, so promotions and
 rollbacks take a lock: a registered model `NAME.promotion-lock`, whose creation is atomic on the
 server (a second creator gets RESOURCE_ALREADY_EXISTS).
+
+A decided challenger (promoted or refused) loses the `challenger` alias; one that lost a race
+keeps it, as it was never compared with the new champion.
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ def _git_commit() -> str | None:
     """The commit of the tl_core checkout doing the registering, if it is one."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
+                             text=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -140,7 +143,7 @@ def _signature(ckpt: dict):
     return ModelSignature(inputs=Schema([TensorSpec(np.dtype(object), (-1,))]), outputs=Schema(outputs))
 
 
-def _input_example(ckpt: dict, data) -> "np.ndarray":
+def _input_example(ckpt: dict, data):
     """Two raw uint8 images as training saw them: from the test split when given, else blank."""
     import numpy as np
 
@@ -170,8 +173,8 @@ def _run_of(checkpoint_uri: str) -> str | None:
 
 def _check_name(name: str) -> None:
     if not name or "/" in name or ":" in name or name.endswith(LOCK_SUFFIX):
-        raise UserError(f"{name!r} cannot be a model name: use letters, digits, '-', '_' or '.', "
-                        f"no '/' or ':', not ending in {LOCK_SUFFIX}")
+        raise UserError(f"{name!r} cannot be a model name: it must be non-empty, without '/' or ':', "
+                        f"and not end in {LOCK_SUFFIX} (the registry's lock names)")
 
 
 def register_model(checkpoint_uri: str, name: str, data_uri: str | None = None, run_id: str | None = None) -> dict:
@@ -191,7 +194,7 @@ def register_model(checkpoint_uri: str, name: str, data_uri: str | None = None, 
     run_id = run_id or _run_of(checkpoint_uri)
 
     with tempfile.TemporaryDirectory() as folder, _mlflow_errors(f"registering {checkpoint_uri} as {name}"):
-        # The artifact keeps the checkpoint's exact bytes, so its sha256 tag stays true.
+        # The checkpoint file itself, not re-serialised: its sha256 tag identifies the artifact.
         local = Path(folder, "checkpoint.pt")
         local.write_bytes(read_checkpoint_bytes(checkpoint_uri))
         run = mlflow.start_run(run_id=run_id) if run_id else tracking.run(f"register {name}", tags={"tl.step": "register"})
@@ -239,10 +242,11 @@ def promotion_lock(client, name: str, wait_seconds: float = LOCK_WAIT_SECONDS,
             if _error_code(err) != "RESOURCE_ALREADY_EXISTS":
                 raise
         try:
-            tags = client.get_registered_model(lock).tags
+            held = client.get_registered_model(lock)
         except MlflowException:
             continue  # released between our two calls: try again at once
-        age = time.time() - float(tags.get("tl.locked_at", time.time()))
+        tags = held.tags
+        age = time.time() - float(tags.get("tl.locked_at") or held.creation_timestamp / 1000)
         if age > stale_seconds:
             # Its holder died. (Two waiters can both judge it stale; the window is one call wide.)
             with contextlib.suppress(MlflowException):
