@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -118,20 +119,40 @@ def test_register_promote_refuse_rollback(models):
 
     # Above the floor but worse than the champion: refused, the champion stays, all recorded.
     tl_json("register", "--checkpoint", models.fair, "--name", name)
-    worse = tl_json("promote", "--model", name, "--data", data)
-    assert worse["decision"] == "refused" and worse["accuracy"] > 0.5 and champion_of(name) == 3
+    worse = tl("promote", "--model", name, "--data", data)  # as a person reads it
+    assert worse.exit_code == 0 and worse.stdout.startswith(f"refused: {name} v4 accuracy 0.")
+    assert f"vs champion v3 {better['accuracy']:.4f}" in worse.stdout and champion_of(name) == 3
     tags = client().get_model_version(name, "4").tags
     assert tags[registry.DECISION] == "refused" and tags["tl.promotion.champion_version"] == "3"
-    assert float(tags["tl.promotion.accuracy"]) == pytest.approx(worse["accuracy"], abs=1e-6)
+    assert 0.5 < float(tags["tl.promotion.accuracy"]) < better["accuracy"]
     assert float(tags["tl.promotion.champion_accuracy"]) == pytest.approx(better["accuracy"], abs=1e-6)
     assert tags["tl.promotion.data_hash"] == models.data.hash
     assert client().get_model_version(name, "3").tags[registry.DECISION] == "promoted"
 
-    back = tl_json("rollback", "--model", name)
-    assert back == {**back, "champion": 2, "rolled_back_from": 3} and champion_of(name) == 2
+    back = tl("rollback", "--model", name)
+    assert back.exit_code == 0 and "champion is version 2 again (was 3)" in back.stdout and champion_of(name) == 2
     assert "replaced by version 2" in client().get_model_version(name, "3").tags["tl.rolled_back"]
     assert "first champion" in tl_error("rollback", "--model", name)  # version 2 replaced nobody
     assert champion_of(name) == 2
+
+
+def test_register_from_a_training_run_keeps_its_lineage(models):
+    from tl_core import tracking
+    from tl_core.checkpoints import load_checkpoint
+
+    # A transfer from a backbone, its checkpoint logged into its run as `tl transfer` does.
+    probe = train(TrainConfig(data=models.data.path, strategy="linear-probe", backbone=models.fair, epochs=1, shots=5,
+                              eval_every=0, checkpoint_every=0))
+    with tracking.run("transfer linear-probe") as run:
+        tracking.log_bytes(Path(probe.checkpoint_uri).read_bytes(), "checkpoint.pt", artifact_path="checkpoint")
+    uri = f"runs:/{run.info.run_id}/checkpoint/checkpoint.pt"
+
+    registered = tl_json("register", "--checkpoint", uri, "--name", "digits-lineage")
+    version = client().get_model_version("digits-lineage", str(registered["version"]))
+    assert version.run_id == run.info.run_id == registered["run_id"]  # the model sits in its training run
+    assert version.tags["tl.strategy"] == "linear-probe" and version.tags["tl.backbone_uri"] == models.fair
+    assert version.tags["tl.backbone_sha256"] == load_checkpoint(models.fair)["sha256"]
+    assert version.tags["tl.checkpoint_sha256"] == probe.checkpoint["sha256"]
 
 
 def test_two_promotions_at_once_one_wins(models):
@@ -169,9 +190,8 @@ def test_lock_excludes_and_stale_lock_is_taken_over(services):
     c = client()
     with registry.promotion_lock(c, name):
         started = time.monotonic()
-        with pytest.raises(UserError, match="another promotion or rollback"):
-            with registry.promotion_lock(c, name, wait_seconds=1):
-                pass
+        with pytest.raises(UserError, match="another promotion or rollback"), registry.promotion_lock(c, name, wait_seconds=1):
+            pass
         assert time.monotonic() - started < 10
     # A lock left by a crashed promotion long ago does not block forever.
     c.create_registered_model(name + registry.LOCK_SUFFIX, tags={"tl.locked_at": str(time.time() - 3600)})
@@ -250,8 +270,7 @@ def test_model_artifacts_are_in_s3(services, served):
     assert any(k.endswith(".py") for k in mine), mine  # the wrapper's source, not a pickle
     assert not any(k.endswith((".pkl", ".cloudpickle")) for k in mine), mine
     checkpoint = next(k for k in mine if k.endswith("/checkpoint.pt"))
-    with open(served.registered["checkpoint"], "rb") as f:
-        assert s3.get_object(Bucket=BUCKET, Key=checkpoint)["Body"].read() == f.read()
+    assert s3.get_object(Bucket=BUCKET, Key=checkpoint)["Body"].read() == Path(served.registered["checkpoint"]).read_bytes()
 
 
 def test_bad_input(models, served):
