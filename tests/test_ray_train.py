@@ -50,6 +50,24 @@ def test_two_workers_stay_in_sync_and_match_one_worker(workdir, local_ray):
     assert moved > 1e-3
 
 
+@pytest.mark.parametrize("strategy", ["finetune-unfreeze", "multitask", "linear-probe"])
+def test_strategies_run_on_two_ray_workers(workdir, local_ray, strategy):
+    """Every strategy runs through the same core on Ray Train; schedules that unfreeze blocks
+    mid-run keep the replicas identical (blocks wait with learning rate 0, not requires_grad)."""
+    from tl_core.train import train
+
+    data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
+    backbone = train(TrainConfig(data=data.path, epochs=2))
+    options = {"finetune-unfreeze": {"strategy": "finetune", "head_warmup_epochs": 1, "unfreeze_every": 1},
+               "multitask": {"strategy": "multitask", "source_data": data.path},
+               "linear-probe": {"strategy": "linear-probe", "lr": 0.01}}[strategy]
+    cfg = TrainConfig(data=data.path, backbone=backbone.checkpoint_uri, shots=10, epochs=5, workers=2, runner="ray",
+                      checkpoint_every=0, **options)
+    ckpt = train(cfg).checkpoint
+    assert ckpt["metrics"]["workers"] == 2 and ckpt["metrics"]["replica_spread"] == 0.0
+    assert ckpt["metrics"]["test_accuracy"] > 0.5  # 10 classes: chance is 0.10
+
+
 @pytest.fixture
 def two_node_cluster(tmp_path):
     """`ray start --head` plus a second `ray start --address` node, one CPU each; `ray stop` after."""

@@ -105,18 +105,12 @@ def prepare(
         f"train={s['train_images']} test={s['test_images']} hash={s['hash'][:12]}"))
 
 
-def _train_command(step: str, data, strategy, backbone, model, shots, seed, epochs, lr, batch_size, optimizer,
-                   weight_decay, augment, backbone_lr_mult, freeze, val_per_class, workers, runner, output, config,
-                   force, baseline, as_json):
+def _train_command(step: str, overrides: dict, config, force: bool, baseline: bool, as_json: bool):
     def work():
         from tl_core.config import TrainConfig, load_config
         from tl_core.steps import pretrain_step, transfer_step
 
-        cfg = load_config(TrainConfig, config, dict(
-            data=data, strategy=strategy, backbone=backbone, model=model, shots=shots, seed=seed, epochs=epochs,
-            lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay, augment=augment,
-            backbone_lr_mult=backbone_lr_mult, freeze=freeze, val_per_class=val_per_class, workers=workers,
-            runner=runner, output=output))
+        cfg = load_config(TrainConfig, config, overrides)
         progress = None if cfg.resolved_runner() == "ray" else _epoch_progress(cfg.epochs, f"{step} {cfg.strategy}")
         if step == "pretrain":
             return pretrain_step(cfg, progress, force)
@@ -140,7 +134,7 @@ COMMON = dict(
     model=typer.Option(None, help="architecture (default: the backbone's, else small_cnn)"),
     shots=typer.Option(None, help="labelled images per class (default: all)"),
     seed=typer.Option(None), epochs=typer.Option(None), lr=typer.Option(None), batch_size=typer.Option(None),
-    optimizer=typer.Option(None, help="adam, adamw or sgd"), weight_decay=typer.Option(None),
+    optimizer=typer.Option(None, help="adam, adamw, sgd or lbfgs (full-batch)"), weight_decay=typer.Option(None),
     augment=typer.Option(None, help="random shifts of up to N pixels"),
     val_per_class=typer.Option(None, help="validation images per class held out of the train pool"),
     workers=typer.Option(None, help="Ray Train workers (1 runs in this process unless RAY_ADDRESS is set)"),
@@ -163,9 +157,10 @@ def pretrain(
     config: Optional[str] = COMMON["config"], force: bool = COMMON["force"], as_json: bool = COMMON["as_json"],
 ):
     """Pretrain a backbone on a source dataset (all its labels, random init)."""
-    _train_command("pretrain", data, "scratch", None, model, shots, seed, epochs, lr, batch_size, optimizer,
-                   weight_decay, augment, None, None, val_per_class, workers, runner, output, config, force, False,
-                   as_json)
+    overrides = dict(data=data, strategy="scratch", model=model, shots=shots, seed=seed, epochs=epochs, lr=lr,
+                     batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay, augment=augment,
+                     val_per_class=val_per_class, workers=workers, runner=runner, output=output)
+    _train_command("pretrain", overrides, config, force, False, as_json)
 
 
 @app.command()
@@ -179,6 +174,17 @@ def transfer(
     weight_decay: Optional[float] = COMMON["weight_decay"], augment: Optional[int] = COMMON["augment"],
     backbone_lr_mult: Optional[float] = typer.Option(None, help="finetune: backbone LR = lr * this"),
     freeze: Optional[int] = typer.Option(None, help="finetune: freeze the first N backbone blocks"),
+    head_warmup_epochs: Optional[int] = typer.Option(None, help="finetune: train only the head for N epochs first"),
+    unfreeze_every: Optional[int] = typer.Option(None, help="finetune: unfreeze one more block every N epochs"),
+    l2sp_alpha: Optional[float] = typer.Option(None, help="finetune: L2-SP pull towards the pretrained weights"),
+    l2sp_beta: Optional[float] = typer.Option(None, help="finetune: L2-SP weight decay of the new head"),
+    teacher: Optional[str] = typer.Option(None, help="distill: teacher checkpoint trained on the target classes"),
+    temperature: Optional[float] = typer.Option(None, help="distill: temperature T"),
+    alpha: Optional[float] = typer.Option(None, help="distill: weight of the soft-label term"),
+    use_unlabeled: Optional[bool] = typer.Option(None, "--use-unlabeled/--labelled-only",
+                                                 help="distill: learn soft labels on the unlabeled train pool too"),
+    source_data: Optional[str] = typer.Option(None, help="multitask: prepared source dataset"),
+    source_weight: Optional[float] = typer.Option(None, help="multitask: weight of the source loss"),
     val_per_class: Optional[int] = COMMON["val_per_class"], workers: Optional[int] = COMMON["workers"],
     runner: Optional[str] = COMMON["runner"], output: Optional[str] = COMMON["output"],
     config: Optional[str] = COMMON["config"], force: bool = COMMON["force"],
@@ -186,9 +192,14 @@ def transfer(
     as_json: bool = COMMON["as_json"],
 ):
     """Transfer a pretrained backbone to a target dataset with a strategy, measured against scratch."""
-    _train_command("transfer", data, strategy, backbone, model, shots, seed, epochs, lr, batch_size, optimizer,
-                   weight_decay, augment, backbone_lr_mult, freeze, val_per_class, workers, runner, output, config,
-                   force, baseline, as_json)
+    overrides = dict(
+        data=data, strategy=strategy, backbone=backbone, model=model, shots=shots, seed=seed, epochs=epochs, lr=lr,
+        batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay, augment=augment,
+        backbone_lr_mult=backbone_lr_mult, freeze=freeze, head_warmup_epochs=head_warmup_epochs,
+        unfreeze_every=unfreeze_every, l2sp_alpha=l2sp_alpha, l2sp_beta=l2sp_beta, teacher=teacher,
+        temperature=temperature, alpha=alpha, use_unlabeled=use_unlabeled, source_data=source_data,
+        source_weight=source_weight, val_per_class=val_per_class, workers=workers, runner=runner, output=output)
+    _train_command("transfer", overrides, config, force, baseline, as_json)
 
 
 @app.command()

@@ -60,13 +60,23 @@ class TrainConfig(StepConfig):
     seed: int = 0
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1, description="global batch size, split across workers")
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    optimizer: Literal["adam", "adamw", "sgd", "lbfgs"] = "adam"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     augment: int = Field(0, ge=0, description="random shift of up to N pixels per training image")
     # Strategy options (each strategy reads the ones it uses).
     backbone_lr_mult: float = Field(1.0, ge=0, description="backbone LR = lr * this (finetune)")
     freeze: int = Field(0, ge=0, description="freeze the first N backbone blocks (finetune)")
+    head_warmup_epochs: int = Field(0, ge=0, description="train only the new head for the first N epochs (finetune)")
+    unfreeze_every: int = Field(0, ge=0, description="gradual unfreezing: one more block from the top every N epochs (finetune)")
+    l2sp_alpha: float = Field(0.0, ge=0, description="L2-SP: pull the backbone towards its pretrained weights (finetune)")
+    l2sp_beta: float = Field(0.0, ge=0, description="L2-SP: L2 on the new head (finetune)")
+    teacher: str | None = Field(None, description="distill: the teacher's checkpoint (trained on the target classes)")
+    temperature: float = Field(4.0, gt=0, description="distill: softmax temperature T of the soft labels")
+    alpha: float = Field(0.7, ge=0, le=1, description="distill: weight of the soft-label term (1 - alpha on hard labels)")
+    use_unlabeled: bool = Field(False, description="distill: also learn the teacher's soft labels on unlabeled target images")
+    source_data: str | None = Field(None, description="multitask: the prepared source dataset trained alongside")
+    source_weight: float = Field(1.0, ge=0, description="multitask: weight of the source task's loss")
     # Where and how it runs.
     workers: int = Field(1, ge=1, description="Ray Train workers; 1 runs in this process")
     runner: Literal["auto", "local", "ray"] = "auto"
@@ -96,7 +106,10 @@ class TrainConfig(StepConfig):
 
     # Settings that only some strategies read: the scratch baseline resets them, so one
     # baseline serves every strategy trained on the same labels.
-    STRATEGY_OPTIONS: ClassVar[tuple[str, ...]] = ("backbone_lr_mult", "freeze")
+    STRATEGY_OPTIONS: ClassVar[tuple[str, ...]] = (
+        "backbone_lr_mult", "freeze", "head_warmup_epochs", "unfreeze_every", "l2sp_alpha", "l2sp_beta",
+        "teacher", "temperature", "alpha", "use_unlabeled", "source_data", "source_weight",
+    )
 
     def baseline(self) -> "TrainConfig":
         """The scratch baseline for this run: same data, labels, budget and architecture."""

@@ -26,4 +26,4 @@ def create_strategy(cfg) -> Strategy:
     return STRATEGIES[cfg.strategy](cfg)
 
 
-from tl_core.strategies import finetune, linear_probe, scratch  # noqa: E402,F401
+from tl_core.strategies import distill, finetune, linear_probe, multitask, scratch  # noqa: E402,F401

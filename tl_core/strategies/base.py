@@ -17,6 +17,7 @@ class Strategy:
     name = ""
     needs_backbone = True  # False: trains from random init (the backbone only names the architecture)
     trains_on_images = True  # False: trains on cached features, so no image augmentation
+    uses_unlabeled = False  # True: the loop hands it the train pool's unlabeled images too
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -54,18 +55,28 @@ class Strategy:
         """The module the optimiser updates (and DDP wraps)."""
         return model
 
-    def train_inputs(self, model: Classifier, x: torch.Tensor) -> torch.Tensor:
-        """What the trainable module sees: images by default."""
-        return x
+    def train_set(self, model: Classifier, x: torch.Tensor, y: torch.Tensor,
+                  unlabeled: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the trainable module trains on: the labelled images by default. Label -1 marks
+        an unlabeled example."""
+        return x, y
 
     def param_groups(self, net: nn.Module) -> list[dict]:
         return [{"params": [p for p in net.parameters() if p.requires_grad], "lr": self.cfg.lr}]
 
-    def set_train_mode(self, net: nn.Module, epoch: int) -> None:
+    def on_epoch_start(self, net: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> None:
+        """Before each epoch: train mode, and any schedule (unfreezing, warm-up)."""
         net.train()
 
     def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(net(x), y)
+
+    # State beyond the model's own weights (e.g. an extra head), saved in checkpoints for resume.
+    def extra_state(self, net: nn.Module) -> dict:
+        return {}
+
+    def load_extra_state(self, net: nn.Module, state: dict) -> None:
+        pass
 
 
 def backbone_state(ckpt: dict) -> dict:

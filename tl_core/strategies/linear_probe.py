@@ -47,7 +47,10 @@ class LinearProbe(Strategy):
     def trainable(self, model: Classifier) -> nn.Module:
         return model.head
 
-    def train_inputs(self, model: Classifier, x: torch.Tensor) -> torch.Tensor:
+    def train_set(self, model: Classifier, x: torch.Tensor, y: torch.Tensor, unlabeled=None):
+        return self.cached_features(model, x), y
+
+    def cached_features(self, model: Classifier, x: torch.Tensor) -> torch.Tensor:
         key = storage.sha256_bytes(self.backbone_sha.encode() + storage.sha256_bytes(x.numpy().tobytes()).encode())
         path = storage.join(workdir(), "cache", "features", f"{key[:32]}.pt")
         self.cache_hit = storage.exists(path)

@@ -34,19 +34,27 @@ def random_shift(x: torch.Tensor, pixels: int, generator: torch.Generator) -> to
 
 
 def train_one_epoch(net, strategy, loader, optimizer, device, augment: int, generator, amp: bool) -> dict:
-    strategy.set_train_mode(net, 0)
+    """One pass over the training set; the strategy gives the loss of each batch."""
     total_loss, seen = 0.0, 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if augment and strategy.trains_on_images:
             x = random_shift(x, augment, generator)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = strategy.loss(net, x, y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss.item()}: lower the learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+
+        def closure():
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = strategy.loss(net, x, y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss became {loss.item()}: lower the learning rate")
+            loss.backward()
+            return loss
+
+        if isinstance(optimizer, torch.optim.LBFGS):
+            loss = optimizer.step(closure)  # calls the closure several times per step
+        else:
+            loss = closure()
+            optimizer.step()
         total_loss += loss.item() * len(y)
         seen += len(y)
     return {"train_loss": total_loss / max(seen, 1)}
@@ -65,6 +73,11 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, device) -> dict:
 
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    for group in groups:
+        group.setdefault("base_lr", group.get("lr", cfg.lr))  # schedules scale from here
+    if cfg.optimizer == "lbfgs":  # full-batch quasi-Newton: fast for a linear head on cached features
+        params = [p for g in groups for p in g["params"]]
+        return torch.optim.LBFGS(params, lr=cfg.lr, max_iter=20, history_size=10, line_search_fn="strong_wolfe")
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
@@ -95,8 +108,14 @@ def fit(cfg: TrainConfig, session) -> dict:
     backbone = load_checkpoint(cfg.backbone) if cfg.backbone else None
     in_channels = data.shape[0]
     model, spec = strategy.build_model(len(data.classes), in_channels, backbone)
-    train_x = strategy.train_inputs(model, data.normalise(train_pool_x[train_idx]))
-    train_y = torch.from_numpy(train_pool_y[train_idx])
+    # Images of the train pool that are neither shots nor validation: unlabeled data, for the
+    # strategies that use it (distillation on soft labels, domain adaptation).
+    unlabeled = None
+    if strategy.uses_unlabeled:
+        rest = np.setdiff1d(np.arange(len(train_pool_y)), np.concatenate([train_idx, val_idx]))
+        unlabeled = data.normalise(train_pool_x[rest])
+    train_x, train_y = strategy.train_set(model, data.normalise(train_pool_x[train_idx]),
+                                          torch.from_numpy(train_pool_y[train_idx]), unlabeled)
 
     model = model.to(device)
     net = session.prepare_model(strategy.trainable(model))
@@ -112,6 +131,7 @@ def fit(cfg: TrainConfig, session) -> dict:
     resumed = session.restore()
     if resumed is not None:
         load_state(model, resumed["model"], "the resumed checkpoint")
+        strategy.load_extra_state(net, resumed.get("strategy_state") or {})
         optimizer.load_state_dict(resumed["optimizer"])
         history, start_epoch = resumed["history"], resumed["epoch"] + 1
 
@@ -121,6 +141,7 @@ def fit(cfg: TrainConfig, session) -> dict:
             "model_spec": spec,
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "optimizer": optimizer.state_dict(),
+            "strategy_state": strategy.extra_state(net),
             "epoch": epoch,
             "config": cfg.model_dump(),
             "history": history,
@@ -132,6 +153,7 @@ def fit(cfg: TrainConfig, session) -> dict:
     for epoch in range(start_epoch, cfg.epochs):
         session.set_epoch(loader, epoch)
         epoch_start = time.perf_counter()
+        strategy.on_epoch_start(net, optimizer, epoch)
         metrics = {"epoch": epoch, **train_one_epoch(net, strategy, loader, optimizer, device, cfg.augment, generator, amp)}
         metrics["epoch_seconds"] = time.perf_counter() - epoch_start
         last = epoch == cfg.epochs - 1

@@ -1,0 +1,111 @@
+"""Transfer strategies: each learns on real data; the feature cache; the distillation formula;
+fine-tuning schedules; negative transfer flagged on a constructed case."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tl_core.config import PrepareConfig, TrainConfig
+from tl_core.data import prepare
+from tl_core.strategies.distill import distillation_loss
+from tl_core.strategies.finetune import Finetune
+from tl_core.train import train
+
+
+@pytest.fixture
+def digits_split(workdir):
+    """Source: digits 0-4 (all labels); target: digits 5-9 (few labels). Real data, fast."""
+    source, _ = prepare(PrepareConfig(uri="sklearn:digits", classes=["0", "1", "2", "3", "4"], image_size=8))
+    target, _ = prepare(PrepareConfig(uri="sklearn:digits", classes=["5", "6", "7", "8", "9"], image_size=8))
+    backbone = train(TrainConfig(data=source.path, epochs=10, augment=1))
+    return source, target, backbone
+
+
+@pytest.mark.parametrize("options", [
+    {"strategy": "linear-probe", "epochs": 100, "lr": 0.01},  # a head alone learns fast on cached features
+    {"strategy": "linear-probe", "optimizer": "lbfgs", "lr": 1.0, "epochs": 5, "batch_size": 1000},
+    {"strategy": "finetune"},
+    {"strategy": "finetune", "freeze": 1, "backbone_lr_mult": 0.3},
+    {"strategy": "finetune", "head_warmup_epochs": 5, "unfreeze_every": 5, "epochs": 60},
+    {"strategy": "finetune", "l2sp_alpha": 0.01, "l2sp_beta": 0.001},
+    {"strategy": "multitask"},
+], ids=lambda o: "-".join(f"{v}" for v in o.values()))
+def test_each_strategy_learns_on_real_digits(digits_split, options):
+    source, target, backbone = digits_split
+    extra = {"source_data": source.path} if options["strategy"] == "multitask" else {}
+    cfg = TrainConfig(**{"data": target.path, "backbone": backbone.checkpoint_uri, "shots": 10, "epochs": 30, **options, **extra})
+    accuracy = train(cfg).checkpoint["metrics"]["test_accuracy"]
+    assert accuracy > 0.75, accuracy  # 5 classes: chance is 0.20
+
+
+def test_distill_student_learns_from_teacher_soft_labels(digits_split):
+    _, target, backbone = digits_split
+    teacher = train(TrainConfig(data=target.path, strategy="finetune", backbone=backbone.checkpoint_uri, shots=10, epochs=30))
+    student = train(TrainConfig(data=target.path, strategy="distill", teacher=teacher.checkpoint_uri, shots=10, epochs=15,
+                                use_unlabeled=True, model_kwargs={"width": 16}))
+    assert student.checkpoint["model_spec"]["kwargs"]["width"] == 16  # a smaller student than the teacher
+    assert student.checkpoint["metrics"]["test_accuracy"] > 0.75
+
+
+def test_distillation_loss_follows_the_formula():
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 4), torch.randn(6, 4)
+    y = torch.tensor([0, 1, 2, 3, -1, -1])  # two unlabeled examples
+    for temperature, alpha in [(1.0, 0.5), (4.0, 0.7), (2.0, 0.0), (3.0, 1.0)]:
+        p_t = F.softmax(t / temperature, 1)
+        kl = (p_t * (p_t.log() - F.log_softmax(s / temperature, 1))).sum(1).mean()
+        ce = F.cross_entropy(s[:4], y[:4])
+        expected = alpha * kl * temperature**2 + (1 - alpha) * ce
+        assert torch.allclose(distillation_loss(s, t, y, temperature, alpha), expected, atol=1e-6)
+    # A higher temperature softens the teacher: the soft term changes, as the formula says.
+    assert not torch.allclose(distillation_loss(s, t, y, 1.0, 1.0), distillation_loss(s, t, y, 4.0, 1.0))
+
+
+def test_feature_cache_hit_and_invalidation(digits_split):
+    source, target, backbone = digits_split
+    cfg = TrainConfig(data=target.path, strategy="linear-probe", backbone=backbone.checkpoint_uri, shots=5, epochs=5)
+    first = train(cfg).checkpoint["metrics"]
+    second = train(cfg.model_copy(update={"seed": 0, "lr": 2e-3})).checkpoint["metrics"]  # same images, same backbone
+    assert first["feature_cache_hit"] == 0.0 and second["feature_cache_hit"] == 1.0
+    other_images = train(cfg.model_copy(update={"shots": 6})).checkpoint["metrics"]
+    assert other_images["feature_cache_hit"] == 0.0  # the data changed
+    new_backbone = train(TrainConfig(data=source.path, epochs=2, seed=1))
+    other_backbone = train(cfg.model_copy(update={"backbone": new_backbone.checkpoint_uri})).checkpoint["metrics"]
+    assert other_backbone["feature_cache_hit"] == 0.0  # the backbone changed
+
+
+def test_gradual_unfreezing_schedule_and_warmup_keep_backbone_fixed(digits_split):
+    _, target, backbone = digits_split
+    cfg = TrainConfig(data=target.path, strategy="finetune", backbone=backbone.checkpoint_uri, head_warmup_epochs=2,
+                      unfreeze_every=3, shots=5, epochs=2)
+    schedule = Finetune(cfg)
+    blocks = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(3)], torch.nn.Flatten())  # last has no weights
+    assert [schedule.training_blocks_from(e, blocks) for e in range(0, 12)] == [4, 4, 2, 2, 2, 1, 1, 1, 0, 0, 0, 0]
+    # During the warm-up only the head moves: the backbone's weights and batch-norm stay as pretrained.
+    warm = train(cfg).checkpoint["model"]
+    for key, value in backbone.checkpoint["model"].items():
+        if key.startswith("backbone."):
+            assert torch.equal(value, warm[key]), key
+
+
+def test_negative_transfer_is_flagged_on_a_backbone_pretrained_on_shuffled_labels(workdir, tmp_path):
+    from tl_core.steps import transfer_step
+
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "shuffled.npz", x=digits.images, y=rng.permutation(digits.target))  # labels carry no signal
+    shuffled, _ = prepare(PrepareConfig(uri=f"npz:{tmp_path / 'shuffled.npz'}"))
+    target, _ = prepare(PrepareConfig(uri="sklearn:digits"))
+    noise = train(TrainConfig(data=shuffled.path, epochs=15))
+    result = transfer_step(TrainConfig(data=target.path, strategy="linear-probe", backbone=noise.checkpoint_uri,
+                                       shots=10, epochs=60))
+    assert result["negative_transfer"] is True and result["gain_over_scratch"] < -0.05, result["gain_over_scratch"]
+    import mlflow
+
+    assert mlflow.get_run(result["run_id"]).data.tags["negative_transfer"] == "true"
+    assert result["baseline"]["strategy"] == "scratch" and result["baseline"]["metrics"]["accuracy"] > 0.85

@@ -1,0 +1,72 @@
+"""`distill`: knowledge distillation (Hinton et al. 2015).
+
+A teacher (a checkpoint trained on the target's classes, e.g. a fine-tuned larger backbone)
+gives soft labels at temperature T; the student (`--model`, from `--backbone` if given, else
+random init) trains on
+
+    alpha * KL(softmax(teacher / T) || softmax(student / T)) * T^2  +  (1 - alpha) * CE(student, y)
+
+The T^2 keeps the soft term's gradients on the scale of the hard term's as T grows. With
+`use_unlabeled`, the train pool's unlabeled images join the batches with the soft term only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tl_core.checkpoints import load_checkpoint, load_state
+from tl_core.errors import UserError
+from tl_core.models import build_from_spec
+from tl_core.strategies import register_strategy
+from tl_core.strategies.base import Strategy
+
+UNLABELED = -1
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, temperature: float,
+                      alpha: float) -> torch.Tensor:
+    """The soft term on every example, the hard term on the labelled ones (y >= 0)."""
+    t = temperature
+    soft = F.kl_div(F.log_softmax(student / t, dim=1), F.softmax(teacher / t, dim=1), reduction="batchmean") * t * t
+    labelled = y >= 0
+    hard = F.cross_entropy(student[labelled], y[labelled]) if labelled.any() else student.sum() * 0.0
+    return alpha * soft + (1 - alpha) * hard
+
+
+@register_strategy
+class Distill(Strategy):
+    name = "distill"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.needs_backbone = cfg.backbone is not None  # the student may start pretrained or from scratch
+        self.uses_unlabeled = cfg.use_unlabeled
+        if not cfg.teacher:
+            raise UserError("strategy distill needs a teacher: pass --teacher with a checkpoint trained on the target classes")
+        self.teacher_ckpt = load_checkpoint(cfg.teacher)
+        self.teacher: nn.Module | None = None
+
+    def build_model(self, num_classes, in_channels, backbone):
+        spec = self.teacher_ckpt["model_spec"]
+        if spec["num_classes"] != num_classes or spec["in_channels"] != in_channels:
+            raise UserError(
+                f"the teacher {self.cfg.teacher} predicts {spec['num_classes']} classes from {spec['in_channels']}-channel "
+                f"images, the target has {num_classes} classes and {in_channels} channels: use a teacher trained on this target"
+            )
+        self.teacher = build_from_spec(spec)
+        load_state(self.teacher, self.teacher_ckpt["model"], self.cfg.teacher, part="teacher")
+        self.teacher.eval().requires_grad_(False)
+        return super().build_model(num_classes, in_channels, backbone)
+
+    def train_set(self, model, x, y, unlabeled):
+        if unlabeled is None or not len(unlabeled):
+            return x, y
+        return torch.cat([x, unlabeled]), torch.cat([y, torch.full((len(unlabeled),), UNLABELED, dtype=y.dtype)])
+
+    def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.teacher.to(x.device)
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        return distillation_loss(net(x), teacher_logits, y, self.cfg.temperature, self.cfg.alpha)

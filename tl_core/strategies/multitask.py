@@ -1,0 +1,75 @@
+"""`multitask`: one backbone, one head per task, trained on the source and the target together.
+
+Every step sees a target batch and a source batch of the same size, through one shared
+backbone (one forward pass, so DDP synchronises both heads' gradients), and minimises
+CE(target) + source_weight * CE(source). The checkpoint's model is the backbone with the target
+head; the source head is kept in the checkpoint's strategy state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tl_core.data import load_prepared
+from tl_core.errors import UserError
+from tl_core.models import Classifier
+from tl_core.strategies import register_strategy
+from tl_core.strategies.base import Strategy, unwrap
+
+
+class MultitaskNet(nn.Module):
+    def __init__(self, model: Classifier, source_classes: int):
+        super().__init__()
+        self.model = model
+        self.source_head = nn.Linear(model.feature_dim, source_classes)
+
+    def forward(self, x: torch.Tensor, x_source: torch.Tensor | None = None):
+        if x_source is None:
+            return self.model(x)
+        features = self.model.backbone(torch.cat([x, x_source]))
+        return self.model.head(features[: len(x)]), self.source_head(features[len(x) :])
+
+
+@register_strategy
+class Multitask(Strategy):
+    name = "multitask"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.needs_backbone = cfg.backbone is not None
+        if not cfg.source_data:
+            raise UserError("strategy multitask needs the source task: pass --source-data with a prepared dataset")
+        source = load_prepared(cfg.source_data)
+        x, y = source.split("train")
+        self.source_x, self.source_y = source.normalise(x), torch.from_numpy(y)
+        self.source_classes = len(source.classes)
+        self.source_shape = source.shape
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def build_model(self, num_classes, in_channels, backbone):
+        model, spec = super().build_model(num_classes, in_channels, backbone)
+        if self.source_shape[0] != in_channels:
+            raise UserError(f"the source has {self.source_shape[0]}-channel images, the target {in_channels}: "
+                            f"prepare both with the same --channels")
+        return model, spec
+
+    def trainable(self, model: Classifier) -> nn.Module:
+        return MultitaskNet(model, self.source_classes)
+
+    def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        pick = torch.randint(0, len(self.source_y), (len(x),), generator=self.generator)
+        xs, ys = self.source_x[pick].to(x.device), self.source_y[pick].to(x.device)
+        if xs.shape[-2:] != x.shape[-2:]:
+            raise UserError(f"source images are {tuple(xs.shape[-2:])}, target images {tuple(x.shape[-2:])}: "
+                            "prepare both with the same --image-size")
+        target_logits, source_logits = net(x, xs)
+        return F.cross_entropy(target_logits, y) + self.cfg.source_weight * F.cross_entropy(source_logits, ys)
+
+    def extra_state(self, net: nn.Module) -> dict:
+        return {k: v.detach().cpu() for k, v in unwrap(net).source_head.state_dict().items()}
+
+    def load_extra_state(self, net: nn.Module, state: dict) -> None:
+        if state:
+            unwrap(net).source_head.load_state_dict(state)
