@@ -89,3 +89,31 @@ def make_bucket(endpoint: str, bucket: str) -> None:
 
     boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in S3_ENV.items() if k != "AWS_DEFAULT_REGION"},
                  region_name="us-east-1").create_bucket(Bucket=bucket)
+
+
+@contextlib.contextmanager
+def ray_cluster(nodes: int = 2, cpus_per_node: int = 1):
+    """`ray start --head` plus `nodes - 1` nodes joined with `ray start --address`; yields the
+    address. It has a temp dir of its own, and only the processes of that cluster are stopped
+    afterwards (`ray stop` would also end every other Ray on the machine)."""
+    import shutil
+    import tempfile
+
+    port = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    ray = str(BIN / "ray")
+    common = [f"--num-cpus={cpus_per_node}", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    try:
+        subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+                       check=True, env=env, capture_output=True, timeout=120)
+        for _ in range(nodes - 1):
+            subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", *common],
+                           check=True, env=env, capture_output=True, timeout=120)
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run(["pkill", "-TERM", "-f", temp_dir], capture_output=True)
+        time.sleep(2)
+        subprocess.run(["pkill", "-KILL", "-f", temp_dir], capture_output=True)
+        shutil.rmtree(temp_dir, ignore_errors=True)

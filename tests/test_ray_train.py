@@ -69,20 +69,10 @@ def test_strategies_run_on_two_ray_workers(workdir, local_ray, strategy):
 
 
 @pytest.fixture
-def two_node_cluster(tmp_path):
-    """`ray start --head` plus a second `ray start --address` node, one CPU each; `ray stop` after."""
-    port = servers.free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    ray = str(servers.BIN / "ray")
-    common = ["--num-cpus=1", "--disable-usage-stats"]
-    try:
-        subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
-                       check=True, env=env, capture_output=True, timeout=120)
-        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", *common],
-                       check=True, env=env, capture_output=True, timeout=120)
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+def two_node_cluster():
+    """A head and a second node, one CPU each, stopped afterwards (only this cluster's processes)."""
+    with servers.ray_cluster(nodes=2, cpus_per_node=1) as address:
+        yield address
 
 
 def test_transfer_runs_on_a_cluster_named_by_ray_address(workdir, two_node_cluster):

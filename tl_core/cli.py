@@ -281,7 +281,7 @@ def run(
 
 
 # Command groups that live in modules of their own add themselves to `app` when imported.
-from tl_core import cli_registry  # noqa: E402,F401
+from tl_core import cli_pipeline, cli_registry, cli_tune  # noqa: E402,F401
 
 
 def main() -> None:  # pragma: no cover - `python -m tl_core.cli`
