@@ -21,6 +21,14 @@ HERE = Path(__file__).resolve().parent
 GOALS = {"wall_s": 120, "peak_rss_gb": 3.0}
 
 
+def table_row(r: dict) -> str:
+    gain = "" if r["strategy"] == "scratch" else f"{100 * r['gain_over_scratch']:+.1f}"
+    won = "" if r["seeds_beating_scratch"] is None else f"{r['seeds_beating_scratch']}/{r['seeds']}"
+    flag = "negative transfer" if r["negative_transfer"] else ""
+    return (f"| {r['strategy']} | {100 * r['test_accuracy']:.1f} ± {100 * r['test_accuracy_std']:.1f} | {gain} | "
+            f"{won} | {flag} |")
+
+
 def main() -> None:
     work = tempfile.mkdtemp(prefix="tl-bench-run-")
     env = {**os.environ, "TL_WORKDIR": str(Path(work, "tl-work"))}
@@ -35,13 +43,7 @@ def main() -> None:
     report = {"wall_s": wall, "peak_rss_gb": peak_gb, "goals": GOALS, "table": summary["table"],
               "best_strategy": summary["best_strategy"], "cpus": os.cpu_count()}
     (HERE / "tl_run_default.json").write_text(json.dumps(report, indent=2))
-    rows = "\n".join(
-        f"| {r['strategy']} | {100 * r['test_accuracy']:.1f} ± {100 * r['test_accuracy_std']:.1f} | "
-        f"{'' if r['strategy'] == 'scratch' else f'{100 * r['gain_over_scratch']:+.1f}'} | "
-        f"{'' if r['seeds_beating_scratch'] is None else f'{r['seeds_beating_scratch']}/{r['seeds']}'} | "
-        f"{'negative transfer' if r['negative_transfer'] else ''} |"
-        for r in summary["table"]
-    )
+    rows = "\n".join(table_row(r) for r in summary["table"])
     text = f"""# `tl run` (embedded default) on this machine
 
 `.venv/bin/python bench/tl_run_default.py` on {os.cpu_count()} CPUs, fresh work directory, no server, no download.
