@@ -243,6 +243,8 @@ def show_table(summary: dict) -> None:
         table.add_row(row["strategy"], f"{100 * row['test_accuracy']:.1f} ± {100 * row['test_accuracy_std']:.1f}",
                       gain, won, f"{row['train_seconds']:.1f}", flag)
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=110)  # piped or logged: do not squeeze the table to 80 columns
     console.print(table)
     console.print(f"pretrained backbone {summary['pretrain']['checkpoint']} (source test accuracy "
                   f"{summary['pretrain']['metrics']['accuracy']:.3f}); MLflow parent run {summary['run_id']}; "

@@ -161,6 +161,23 @@ def summarise(results: list[dict], strategies: list[str]) -> list[dict]:
     return rows
 
 
+def with_teachers_first(strategies: list[str]) -> list[str]:
+    """`distill` learns from the same seed's `finetune` model: make sure it is trained first."""
+    if "distill" not in strategies:
+        return list(strategies)
+    rest = [s for s in strategies if s not in ("finetune", "distill")]
+    return ["finetune", *rest, "distill"]
+
+
+def strategy_inputs(strategy: str, source: dict, done: dict[str, dict]) -> dict:
+    """What a strategy needs beyond the common settings inside `tl run`."""
+    if strategy == "multitask":
+        return {"source_data": source["path"]}
+    if strategy == "distill":
+        return {"teacher": done["finetune"]["checkpoint"], "use_unlabeled": True}
+    return {}
+
+
 def run_step(cfg: RunConfig, on_progress: Callable[[str], None] | None = None, on_report: Progress | None = None) -> dict:
     """The whole pipeline on one machine: prepare, pretrain, transfer with every strategy and
     seed against scratch, evaluate, one table."""
@@ -176,6 +193,7 @@ def run_step(cfg: RunConfig, on_progress: Callable[[str], None] | None = None, o
             data=source["path"], strategy="scratch", model=cfg.model, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr,
             batch_size=cfg.batch_size, augment=cfg.augment, workers=cfg.workers, eval_every=5,
         ), on_report)
+        strategies = with_teachers_first(cfg.strategies)
         results = []
         for seed in cfg.seeds:
             common = dict(data=target["path"], backbone=pretrain["checkpoint"], shots=cfg.shots, seed=seed,
@@ -184,11 +202,13 @@ def run_step(cfg: RunConfig, on_progress: Callable[[str], None] | None = None, o
             say(f"seed {seed}: scratch baseline on {cfg.shots} shots per class")
             scratch = train_step(TrainConfig(strategy="scratch", **common), "transfer", on_report)
             results.append(scratch)
-            for strategy in cfg.strategies:
+            done = {"scratch": scratch}
+            for strategy in strategies:
                 say(f"seed {seed}: {strategy}")
-                results.append(train_step(TrainConfig(strategy=strategy, **common), "transfer", on_report,
-                                          scratch_accuracy=scratch["metrics"]["accuracy"]))
-        table = summarise(results, cfg.strategies)
+                done[strategy] = train_step(TrainConfig(strategy=strategy, **common, **strategy_inputs(strategy, source, done)),
+                                            "transfer", on_report, scratch_accuracy=scratch["metrics"]["accuracy"])
+                results.append(done[strategy])
+        table = summarise(results, strategies)
         for row in table:
             tracking.log_metrics({f"{row['strategy']}.test_accuracy": row["test_accuracy"],
                                   f"{row['strategy']}.gain_over_scratch": row["gain_over_scratch"]})
