@@ -20,7 +20,7 @@ from mlflow.pyfunc import PythonModel
 
 from tl_core.checkpoints import load_checkpoint, load_state
 from tl_core.data import PreparedDataset
-from tl_core.data.sources import _as_uint8_images  # the data sources' own conversion
+from tl_core.data.sources import as_uint8_images  # the conversion training data went through
 from tl_core.data.transforms import convert_channels, resize
 from tl_core.models import build_from_spec
 from tl_core.train.loop import predict
@@ -40,7 +40,7 @@ class ImageClassifier(PythonModel):
 
     def prepare(self, images: np.ndarray) -> torch.Tensor:
         channels, height, width = self.checkpoint["data"]["shape"]
-        x = _as_uint8_images(np.asarray(images), "model input")
+        x = as_uint8_images(np.asarray(images), "model input")
         x = resize(convert_channels(x, channels), (height, width))
         return self.training_data.normalise(x)
 

@@ -41,7 +41,7 @@ def setup() -> str:
     try:
         if mlflow.get_experiment_by_name(name) is None:
             location = None if os.environ.get("MLFLOW_TRACKING_URI") else (Path(workdir()).resolve() / "mlartifacts").as_uri()
-            mlflow.create_experiment(name, artifact_location=location)
+            _create_experiment(name, location)
         mlflow.set_experiment(name)
     except Exception as err:
         raise UserError(
@@ -49,6 +49,18 @@ def setup() -> str:
             "start the server or fix MLFLOW_TRACKING_URI"
         ) from err
     return uri
+
+
+def _create_experiment(name: str, location: str | None) -> None:
+    """Create the experiment; losing a race with another process that just created it is fine."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException as err:
+        if getattr(err, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+            raise
 
 
 def flat_params(config: dict, prefix: str = "") -> dict:

@@ -73,7 +73,7 @@ def check_labels(data: RawData, uri: str) -> None:
         raise UserError(f"{uri}: {len(data.train_x)} images but {len(data.train_y)} labels; they must match")
 
 
-def _as_uint8_images(x: np.ndarray, what: str) -> np.ndarray:
+def as_uint8_images(x: np.ndarray, what: str) -> np.ndarray:
     """Bring N x H x W, N x H x W x C or N x C x H x W arrays of any range to uint8 N x C x H x W."""
     x = np.asarray(x)
     if x.ndim == 3:
@@ -100,7 +100,7 @@ def read_sklearn(name: str) -> RawData:
     digits = load_digits()
     x = digits.images  # 0..16 counts of a 4x4 block of a 32x32 bitmap
     return RawData(
-        train_x=_as_uint8_images(x * (255.0 / 16.0) / 255.0, "sklearn:digits"),
+        train_x=as_uint8_images(x * (255.0 / 16.0) / 255.0, "sklearn:digits"),
         train_y=digits.target.astype(np.int64),
         classes=[str(c) for c in digits.target_names],
     )
@@ -156,8 +156,8 @@ def read_idx(folder: str) -> RawData:
         train, test = test, None
     classes = [str(i) for i in range(int(max(train[1].max(), (test or train)[1].max())) + 1)]
     return RawData(
-        _as_uint8_images(train[0], folder), train[1], classes,
-        None if test is None else _as_uint8_images(test[0], folder), None if test is None else test[1],
+        as_uint8_images(train[0], folder), train[1], classes,
+        None if test is None else as_uint8_images(test[0], folder), None if test is None else test[1],
     )
 
 
@@ -185,8 +185,8 @@ def read_npz(file: str) -> RawData:
         top = int(max(y.max(), ty.max() if ty is not None else 0))
         classes = [str(i) for i in range(top + 1)]
     return RawData(
-        _as_uint8_images(x, f"npz:{file}"), y, classes,
-        None if tx is None else _as_uint8_images(tx, f"npz:{file}"), ty,
+        as_uint8_images(x, f"npz:{file}"), y, classes,
+        None if tx is None else as_uint8_images(tx, f"npz:{file}"), ty,
     )
 
 
@@ -270,7 +270,7 @@ def read_torchvision(name: str) -> RawData:
 
     def arrays(ds):
         x, y = np.asarray(ds.data), np.asarray(ds.targets, dtype=np.int64)
-        return _as_uint8_images(x, f"torchvision:{name}"), y
+        return as_uint8_images(x, f"torchvision:{name}"), y
 
     (x, y), (tx, ty) = arrays(train), arrays(test)
     classes = [str(c) for c in getattr(train, "classes", [])] or [str(i) for i in range(int(y.max()) + 1)]
