@@ -19,7 +19,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(s3_endpoint):
+    """One local Ray for the module, started after the S3 endpoint's variables are set (a local
+    Ray's workers inherit the environment it starts with)."""
     import ray
 
     from tl_core.ray_cluster import init_ray
@@ -48,6 +50,26 @@ def test_two_workers_stay_in_sync_and_match_one_worker(workdir, local_ray):
     init = fit(cfg.model_copy(update={"workers": 1, "runner": "local", "lr": 1e-12}), LocalSession(use_gpu=False))
     moved = max((one["model"][k] - init["model"][k]).abs().max().item() for k in one["model"] if k.endswith("weight"))
     assert moved > 1e-3
+
+
+def test_ray_run_keeps_its_storage_on_s3(local_ray, s3_endpoint, monkeypatch):
+    """TL_WORKDIR=s3://...: the prepared data, Ray Train's checkpoints (RunConfig storage_path)
+    and the final checkpoint all land in the bucket, through the endpoint from the environment."""
+    import boto3
+
+    from tl_core.train import train
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="tl-work")
+    monkeypatch.setenv("TL_WORKDIR", "s3://tl-work/team")
+    data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
+    result = train(TrainConfig(data=data.path, shots=5, epochs=2, workers=1, runner="ray"))
+    assert data.path.startswith("s3://tl-work/team/data/")
+    assert result.checkpoint_uri.startswith("s3://tl-work/team/models/") and result.checkpoint["epoch"] == 1
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="tl-work", Prefix="team/")["Contents"]]
+    ray_checkpoints = [k for k in keys if k.startswith("team/ray/") and k.endswith("/checkpoint.pt")]
+    assert ray_checkpoints, keys
+    assert f"{result.checkpoint_uri[len('s3://tl-work/'):]}" in keys
 
 
 @pytest.mark.parametrize("strategy", ["finetune-unfreeze", "multitask", "linear-probe"])

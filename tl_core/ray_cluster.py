@@ -11,22 +11,26 @@ LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
 
 # Settings the workers need to see the same storage and tracking as the driver. Credentials
 # travel as environment variables of the job (never in images or parameters).
-FORWARDED_ENV = ("TL_WORKDIR", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                  "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI")
 
 
 def worker_env() -> dict[str, str]:
-    from tl_core import storage
-    from tl_core.config import workdir
-
     env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
     # Ray Train V2's controller collects each ray.train.report on its health-check poll (2 s by
     # default) and a worker's next report waits for it: measured here, every per-epoch report
     # cost up to 2 s. Polling every 0.1 s made it about 0.1 s.
     env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    wd = workdir()
-    env["TL_WORKDIR"] = wd if storage.is_s3(wd) else os.path.abspath(wd)
     return env
+
+
+def absolute_workdir() -> str:
+    """The work directory as workers elsewhere must see it (they run in another folder)."""
+    from tl_core import storage
+    from tl_core.config import workdir
+
+    wd = workdir()
+    return wd if storage.is_s3(wd) else os.path.abspath(wd)
 
 
 def init_ray() -> None:

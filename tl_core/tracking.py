@@ -12,6 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from tl_core import storage
 from tl_core.config import workdir
 from tl_core.errors import UserError
 
@@ -33,14 +34,17 @@ def setup() -> str:
     _bounded_retries()
     name = os.environ.get("TL_EXPERIMENT", EXPERIMENT)
     uri = os.environ.get("MLFLOW_TRACKING_URI")
+    location = None  # a tracking server decides where artifacts go
     if not uri:
-        folder = Path(workdir()).resolve()
+        # SQLite needs a local file: with an s3:// work directory it stays in ./tl-work while
+        # the artifacts go to S3 beside the other outputs.
+        folder = Path("tl-work" if storage.is_s3(workdir()) else workdir()).resolve()
         folder.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{folder / 'mlflow.db'}"
+        location = storage.join(workdir(), "mlartifacts") if storage.is_s3(workdir()) else (folder / "mlartifacts").as_uri()
     mlflow.set_tracking_uri(uri)
     try:
         if mlflow.get_experiment_by_name(name) is None:
-            location = None if os.environ.get("MLFLOW_TRACKING_URI") else (Path(workdir()).resolve() / "mlartifacts").as_uri()
             _create_experiment(name, location)
         mlflow.set_experiment(name)
     except Exception as err:

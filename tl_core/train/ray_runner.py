@@ -23,6 +23,8 @@ def train_loop_per_worker(config: dict) -> None:
     from tl_core.train.loop import fit
     from tl_core.train.session import RaySession
 
+    # The run's work directory travels with its config: one Ray can serve runs of several.
+    os.environ["TL_WORKDIR"] = config.pop("workdir")
     fit(TrainConfig(**config), RaySession())
 
 
@@ -56,7 +58,7 @@ def fit_on_ray(cfg: TrainConfig, run_name: str) -> dict:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from tl_core.ray_cluster import cluster_cpus_and_gpus, init_ray, storage_for
+    from tl_core.ray_cluster import absolute_workdir, cluster_cpus_and_gpus, init_ray, storage_for
 
     preflight(cfg)
     cfg = cfg.model_copy(update={"data": _absolute(cfg.data), "backbone": _absolute(cfg.backbone)})
@@ -68,7 +70,7 @@ def fit_on_ray(cfg: TrainConfig, run_name: str) -> dict:
     storage_path, filesystem = storage_for(storage.join(workdir(), "ray"))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=cfg.model_dump(),
+        train_loop_config={**cfg.model_dump(), "workdir": absolute_workdir()},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(
             name=run_name,
