@@ -10,7 +10,6 @@ from typing import Callable
 from tl_core import storage
 from tl_core.checkpoints import load_checkpoint, read_checkpoint_bytes, save_checkpoint
 from tl_core.config import TrainConfig, workdir
-from tl_core.errors import UserError
 from tl_core.train.loop import fit
 from tl_core.train.session import CHECKPOINT_FILE, LocalSession
 
@@ -49,10 +48,13 @@ def train(cfg: TrainConfig, on_report: Callable[[dict], None] | None = None, for
     else:
         from tl_core.train.ray_runner import fit_on_ray
 
-        ckpt = fit_on_ray(cfg, run_name=out.rstrip("/").split("/")[-1])
+        # Same name, same Ray storage: an interrupted run resumes from its latest checkpoint.
+        # A forced rerun takes a new name, or it would "resume" the finished run.
+        name = out.rstrip("/").split("/")[-1] + (f"-{int(time.time())}" if force else "")
+        ckpt = fit_on_ray(cfg, run_name=name)
     storage.write_bytes(storage.join(out, "config.json"), json.dumps(cfg.model_dump(), indent=2).encode())
     ckpt["sha256"] = save_checkpoint(ckpt, ckpt_uri)  # the checkpoint last: its presence means done
     return TrainResult(ckpt_uri, ckpt, time.perf_counter() - started, cached=False)
 
 
-__all__ = ["TrainResult", "train", "fit", "UserError"]
+__all__ = ["TrainResult", "train", "fit"]
