@@ -52,6 +52,21 @@ def test_two_workers_stay_in_sync_and_match_one_worker(workdir, local_ray):
     assert moved > 1e-3
 
 
+def test_a_ray_run_started_again_resumes_from_its_latest_checkpoint(workdir, local_ray):
+    """Ray Train restores a run of the same name and storage path: `fit` picks up model,
+    optimiser, epoch and history from `ray.train.get_checkpoint()` and goes on from there."""
+    from tl_core.train.ray_runner import fit_on_ray
+
+    data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
+    cfg = TrainConfig(data=data.path, shots=5, epochs=2, workers=1, runner="ray")
+    first = fit_on_ray(cfg, run_name="resume-test")
+    more = fit_on_ray(cfg.model_copy(update={"epochs": 4}), run_name="resume-test")
+    assert [h["epoch"] for h in more["history"]] == [0, 1, 2, 3]
+    assert more["history"][:2] == first["history"]  # epochs 0-1 were restored, not trained again
+    fresh = fit_on_ray(cfg.model_copy(update={"epochs": 4}), run_name="resume-test-fresh")
+    assert fresh["history"][0]["epoch_seconds"] != more["history"][0]["epoch_seconds"]
+
+
 def test_ray_run_keeps_its_storage_on_s3(local_ray, s3_endpoint, monkeypatch):
     """TL_WORKDIR=s3://...: the prepared data, Ray Train's checkpoints (RunConfig storage_path)
     and the final checkpoint all land in the bucket, through the endpoint from the environment."""
