@@ -1,0 +1,273 @@
+"""`run_search`: a Ray Tune search over the training core, recorded in MLflow.
+
+    check the config and the space  ->  Tuner (new) or Tuner.restore (--resume)  ->  fit
+    ->  every trial described (completed, stopped early by ASHA, failed with its error)
+    ->  the best completed trial's config (best.yaml) and checkpoint copied under the work dir
+    ->  one MLflow parent run with a child run per trial (record.py)
+
+Everything Tune keeps (trial results, checkpoints, the searcher's state) lives under
+`<storage>/<name>`, local or s3://: that is what an interrupted search resumes from.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from ray import tune
+from ray.tune.result import AUTO_RESULT_KEYS
+
+from tl_core import storage
+from tl_core.config import TrainConfig, workdir
+from tl_core.errors import UserError
+from tl_core.train.session import CHECKPOINT_FILE
+from tl_core.tune.space import SearchConfig, base_config, check_space, max_epochs, param_space
+from tl_core.tune.trial import trainable
+
+Listener = Callable[[dict], None]
+_listener: Listener | None = None  # who hears about finished trials in this process (see TrialEvents)
+
+
+class SearchInterrupted(UserError):
+    """The search stopped before every trial finished (Ctrl+C, SIGUSR1, a lost driver)."""
+
+
+class TrialEvents(tune.Callback):
+    """Tells this process's listener of each trial's reports and end. It holds no state on purpose:
+    Tune pickles its callbacks with the search, and a resumed search must not call the listener
+    of the run it resumes (a progress printer of another process, a test's interrupter)."""
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._tell("result", trial, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._tell("complete", trial, trial.last_result)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._tell("error", trial, trial.last_result)
+
+    @staticmethod
+    def _tell(event: str, trial, result: dict | None) -> None:
+        if _listener is not None:
+            result = result or {}
+            _listener({"event": event, "trial_id": trial.trial_id, "config": trial.config,
+                       "epochs": result.get("training_iteration", 0), "metrics": result})
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial-{trial.trial_id}"  # short: the default name spells out every parameter
+
+
+@dataclass
+class Trial:
+    """One trial as the search ended: what it tried, how far it went, how well it did."""
+
+    trial_id: str
+    config: dict
+    params: dict
+    status: str  # completed | stopped (by the scheduler) | failed
+    epochs: int
+    metrics: dict
+    error: str | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def summary(self, metric: str) -> dict:
+        out = {"trial_id": self.trial_id, "params": self.params, "status": self.status, "epochs": self.epochs,
+               "val_accuracy": self.metrics.get("val_accuracy"), "error": self.error}
+        if metric != "val_accuracy":
+            out[metric] = self.metrics.get(metric)
+        if self.status == "completed":
+            out["test_accuracy"] = self.metrics.get("test_accuracy")
+        return out
+
+
+def one_line_error(err: BaseException | None) -> str | None:
+    """`FloatingPointError: the loss became nan...` rather than a remote traceback."""
+    if err is None:
+        return None
+    cause = getattr(err, "cause", None) or err  # Ray wraps the trial's exception in a RayTaskError
+    text = str(cause).strip()
+    if cause is err:  # no cause kept: the last line of the traceback names the exception
+        lines = [line for line in text.splitlines() if line.strip()]
+        return lines[-1].strip() if lines else type(err).__name__
+    return f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}".strip()
+
+
+def history_of(result) -> list[dict]:
+    """The trial's per-epoch metrics as the training core reported them (one row per epoch; a
+    resumed trial may have reported an epoch twice: the later one wins)."""
+    df = result.metrics_dataframe
+    if df is None or df.empty or "epoch" not in df:
+        return []
+    keep = [c for c in df.columns if c not in AUTO_RESULT_KEYS and not c.startswith("config/")]
+    rows: dict[int, dict] = {}
+    for row in df[keep].to_dict("records"):
+        values = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)}
+        values["epoch"] = int(values["epoch"])
+        rows[values["epoch"]] = values
+    return [rows[e] for e in sorted(rows)]
+
+
+def describe(result, searched: list[str]) -> Trial:
+    config = dict(result.config)
+    history = history_of(result)
+    epochs = history[-1]["epoch"] + 1 if history else 0
+    if result.error is not None:
+        status = "failed"
+    else:
+        status = "completed" if epochs >= config["epochs"] else "stopped"
+    return Trial(trial_id=Path(result.path).name.removeprefix("trial-"), config=config,
+                 params={name: config[name] for name in searched}, status=status, epochs=epochs,
+                 metrics=dict(result.metrics or {}), error=one_line_error(result.error), history=history)
+
+
+def pick_best(trials: list[Trial], metric: str, mode: str) -> Trial:
+    """The best trial that ran its whole budget (its checkpoint is a finished model); ties go to
+    the lower validation loss, then to the earlier trial."""
+    completed = [t for t in trials if t.status == "completed" and t.metrics.get(metric) is not None]
+    if not completed:
+        errors = sorted({t.error for t in trials if t.error})
+        raise UserError(f"no trial of the search finished its epochs ({len(trials)} trials"
+                        + (f"; first error: {errors[0]}" if errors else "") + "): widen the space or fix the base config")
+    sign = 1 if mode == "max" else -1
+    return max(completed, key=lambda t: (sign * t.metrics[metric], -t.metrics.get("val_loss", 0.0)))
+
+
+def checkpoint_bytes(result, filesystem) -> bytes:
+    ckpt = result.checkpoint
+    if ckpt is None and result.metrics.get("checkpoint_path"):  # a multi-worker trial: Ray Train's own checkpoint
+        ckpt = tune.Checkpoint(result.metrics["checkpoint_path"], filesystem=filesystem)
+    if ckpt is None:
+        raise RuntimeError(f"trial {result.path} finished without a checkpoint")
+    with ckpt.as_directory() as folder:
+        return Path(folder, CHECKPOINT_FILE).read_bytes()
+
+
+def expected_trials(cfg: SearchConfig, space: dict) -> int:
+    """How many trials the whole search runs: num_samples times the size of the grid."""
+    grid = math.prod(len(v["grid_search"]) for v in space.values() if isinstance(v, dict) and "grid_search" in v)
+    return cfg.samples() * grid
+
+
+def make_tuner(cfg: SearchConfig, base: TrainConfig, specs: dict, storage_path: str, filesystem, fn) -> tune.Tuner:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    if cfg.resolved_scheduler() == "asha" and cfg.multi_worker():
+        warnings.warn("ASHA with multi-worker trials deadlocked on a 2-CPU machine (STACK-NOTES): "
+                      "use scheduler: fifo unless the cluster has CPUs to spare", stacklevel=3)
+    if cfg.resolved_scheduler() == "asha":
+        budget = max_epochs(base, specs)
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=budget,
+                                  grace_period=min(cfg.grace_period, budget), reduction_factor=cfg.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    if cfg.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg, limit = OptunaSearch(seed=cfg.seed), cfg.max_concurrent_trials
+    else:  # the variant generator takes its concurrency limit itself
+        search_alg, limit = BasicVariantGenerator(max_concurrent=cfg.max_concurrent_trials, random_state=cfg.seed), None
+    return tune.Tuner(
+        fn,
+        param_space=param_space(cfg, base, specs),
+        tune_config=tune.TuneConfig(
+            metric=cfg.metric, mode=cfg.resolved_mode(), scheduler=scheduler, search_alg=search_alg,
+            num_samples=cfg.samples(), max_concurrent_trials=limit,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.experiment_name(), storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=tune.FailureConfig(max_failures=0),  # a failed trial is recorded, not retried
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[TrialEvents()], verbose=0,
+        ),
+    )
+
+
+def run_search(cfg: SearchConfig, on_trial: Listener | None = None) -> dict:
+    """Run (or resume) the search; returns a JSON-able summary. `on_trial` hears of every trial's
+    reports ({"event": "result"}) and end ("complete" or "error")."""
+    global _listener
+    from tl_core.ray_cluster import init_ray, storage_for
+    from tl_core.train.ray_runner import preflight
+    from tl_core.tune.record import record_search
+
+    started = time.perf_counter()
+    base = base_config(cfg)
+    specs = check_space(cfg, base)
+    preflight(base)  # data, shots + validation images, backbone, strategy: fail here, not in every trial
+    name = cfg.experiment_name()
+
+    # Tune saves its state each time trials have checkpointed num_to_keep times, i.e. often here,
+    # and warns about it every time; that state is what a resumed search starts from.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    init_ray()
+    storage_path, filesystem = storage_for(cfg.storage_uri())
+    fn = trainable(cfg.cpus_per_trial, storage_path, filesystem)
+    experiment_path = f"{storage_path.rstrip('/')}/{name}"  # as Ray sees it: absolute, or bucket/key with a filesystem
+    experiment_uri = storage.join(cfg.storage_uri(), name) if storage.is_s3(cfg.storage_uri()) else experiment_path
+    resumed = tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
+    if resumed and not cfg.resume:
+        raise UserError(f"a search named {name} already exists in {cfg.storage_uri()}: add --resume to finish it "
+                        "(finished trials are kept), or set another name")
+    if resumed:  # finished trials stay as they are; unfinished ones go on from their latest checkpoint
+        tuner = tune.Tuner.restore(experiment_path, fn, resume_unfinished=True, resume_errored=False,
+                                   storage_filesystem=filesystem)
+    else:
+        tuner = make_tuner(cfg, base, specs, storage_path, filesystem, fn)
+
+    _listener = on_trial
+    try:
+        results = tuner.fit()
+    finally:
+        _listener = None
+
+    # A trial that ended on its own or by the scheduler's decision has a last result marked done;
+    # one cut short by an interruption has not (Tune stops it too, but it resumes next time).
+    expected = expected_trials(cfg, param_space(cfg, base, specs))
+    ended = sum(1 for r in results if r.error is not None or (r.metrics or {}).get("done"))
+    if ended < expected:
+        raise SearchInterrupted(f"the search {name} stopped with {ended} of {expected} trials finished: run it again "
+                                "with --resume to finish it (finished trials are kept)")
+
+    trials = [describe(result, list(specs)) for result in results]
+    best = pick_best(trials, cfg.metric, cfg.resolved_mode())
+    best_result = next(r for r, t in zip(results, trials) if t is best)
+    best_config = TrainConfig(**best.config)
+    out = storage.join(workdir(), "models", f"tune-{name}")
+    best_yaml = yaml.safe_dump(best_config.model_dump(), sort_keys=False)
+    ckpt = checkpoint_bytes(best_result, filesystem)
+    storage.write_bytes(storage.join(out, "best.yaml"), best_yaml.encode())
+    storage.write_bytes(storage.join(out, CHECKPOINT_FILE), ckpt)
+
+    summary = {
+        "name": name,
+        "storage": experiment_uri,
+        "resumed": resumed,
+        "search": cfg.search,
+        "scheduler": cfg.resolved_scheduler(),
+        "metric": cfg.metric,
+        "best_trial": best.trial_id,
+        "best_params": best.params,
+        "best_config": best_config.model_dump(),
+        "best_config_file": storage.join(out, "best.yaml"),
+        "best_checkpoint": storage.join(out, CHECKPOINT_FILE),
+        "best_val_accuracy": best.metrics.get("val_accuracy"),
+        f"best_{cfg.metric}": best.metrics.get(cfg.metric),
+        "best_test_accuracy": best.metrics.get("test_accuracy"),
+        "trials": [t.summary(cfg.metric) for t in trials],
+        "trials_completed": sum(t.status == "completed" for t in trials),
+        "trials_stopped": sum(t.status == "stopped" for t in trials),
+        "trials_failed": sum(t.status == "failed" for t in trials),
+        "trial_epochs_total": sum(t.epochs for t in trials),
+    }
+    summary["seconds"] = time.perf_counter() - started
+    summary["run_id"] = record_search(cfg, summary, trials, best_yaml, ckpt)
+    return summary

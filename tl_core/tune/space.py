@@ -1,0 +1,184 @@
+"""What a search is: `SearchConfig` (YAML for `tl tune`) and its search space, checked before any trial.
+
+    base:   a TrainConfig (data, strategy, backbone, shots, epochs, ...): every trial starts here
+    space:  setting -> spec, one of
+              {"loguniform": [lo, hi]}  {"uniform": [lo, hi]}  {"randint": [lo, hi]}  (hi excluded)
+              {"choice": [values]}      {"grid": [values]}
+    search: random | grid | optuna      scheduler: asha | fifo
+
+Lists of values mean what the search makes of them: `grid` tries every combination of `choice`
+and `grid` lists (it refuses continuous ranges); `random` samples `choice` lists and crosses
+`grid` lists with `num_samples`; `optuna` treats both as categorical.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any, Literal
+
+from pydantic import Field
+
+from tl_core import storage
+from tl_core.config import StepConfig, TrainConfig, validate, workdir
+from tl_core.errors import UserError
+
+KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
+RANGE_KINDS = ("loguniform", "uniform", "randint")
+
+# The metrics the training core reports every epoch; a search never looks at the test split.
+METRICS = {"val_accuracy": "max", "val_loss": "min", "train_loss": "min"}
+DEFAULT_VAL_PER_CLASS = 10
+DEFAULT_NUM_SAMPLES = 10
+
+
+class SearchConfig(StepConfig):
+    """`tl tune`: a hyperparameter search over the training core (named so, not TuneConfig, to
+    keep clear of Ray's class of that name)."""
+
+    base: dict = Field(..., description="the TrainConfig every trial starts from")
+    space: dict[str, dict[str, Any]] = Field(..., description="setting -> {kind: values}")
+    search: Literal["random", "grid", "optuna"] = "random"
+    scheduler: Literal["asha", "fifo"] | None = Field(
+        None, description="default: asha for one-process trials, fifo for multi-worker ones (see trial.py)")
+    num_samples: int | None = Field(None, ge=1, description=f"trials (random, optuna; default {DEFAULT_NUM_SAMPLES})")
+    max_concurrent_trials: int = Field(2, ge=1)
+    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs of one trial (shared by its workers)")
+    metric: str = "val_accuracy"
+    mode: Literal["max", "min"] | None = Field(None, description="default: max for accuracy, min for losses")
+    grace_period: int = Field(1, ge=1, description="asha: epochs before a trial can be stopped")
+    reduction_factor: float = Field(3.0, gt=1, description="asha: 1/rf of the trials go on at each rung")
+    seed: int = Field(0, description="seed of the random and optuna samplers")
+    name: str | None = Field(None, description="default: the strategy and a hash of the search")
+    storage: str | None = Field(None, description="folder or s3:// for Ray Tune's state; default $TL_WORKDIR/tune")
+    resume: bool = Field(False, description="continue the search of the same name where it stopped")
+
+    def experiment_name(self) -> str:
+        if self.name:
+            return self.name
+        # Settings that do not change which trials run are left out, so a resumed search keeps its name.
+        key = self.fingerprint(exclude={"resume", "max_concurrent_trials", "storage", "name"})
+        return f"{self.base.get('strategy', 'scratch')}-{key[:12]}"
+
+    def storage_uri(self) -> str:
+        return self.storage or storage.join(workdir(), "tune")
+
+    def resolved_mode(self) -> str:
+        return self.mode or METRICS[self.metric]
+
+    def samples(self) -> int:
+        """Tune's num_samples: a grid runs each point once; random and optuna draw this many."""
+        return 1 if self.search == "grid" else (self.num_samples or DEFAULT_NUM_SAMPLES)
+
+    def resolved_scheduler(self) -> str:
+        """ASHA unless trials start worker groups: the V2 Tune + Train pattern with ASHA
+        deadlocked on 2 CPUs (../shared/STACK-NOTES.md); FIFO did not."""
+        if self.scheduler:
+            return self.scheduler
+        return "fifo" if self.multi_worker() else "asha"
+
+    def multi_worker(self) -> bool:
+        return self.base.get("workers", 1) > 1 or "workers" in self.space
+
+
+def base_config(cfg: SearchConfig) -> TrainConfig:
+    """The TrainConfig every trial starts from. The search needs validation data (ASHA and the
+    final choice look at val accuracy, never test), so an unset val_per_class becomes 10."""
+    values = dict(cfg.base)
+    if not values.get("val_per_class"):
+        values["val_per_class"] = DEFAULT_VAL_PER_CLASS
+    base = validate(TrainConfig, values)
+    if base.eval_every != 1:
+        raise UserError(f"base.eval_every is {base.eval_every}: a search compares trials on {cfg.metric} "
+                        "after every epoch, leave it at 1")
+    # Trials run in Ray's worker processes, in another folder: local paths go there absolute.
+    from tl_core.train.ray_runner import _absolute
+
+    return base.model_copy(update={"data": _absolute(base.data), "backbone": _absolute(base.backbone),
+                                   "teacher": _absolute(base.teacher), "source_data": _absolute(base.source_data)})
+
+
+def _check_spec(name: str, spec: Any, search: str) -> tuple[str, list]:
+    """(kind, values) of one setting's spec, or a UserError naming what is wrong."""
+    where = f"space.{name}"
+    if name not in TrainConfig.model_fields:
+        close = difflib.get_close_matches(name, TrainConfig.model_fields, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"{where}: {name!r} is not a TrainConfig setting{hint}")
+    if name in ("eval_every", "data"):
+        raise UserError(f"{where}: {name} cannot be searched (every trial must see the same validation data)")
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
+        raise UserError(f"{where}: write one of {', '.join(f'{{{k}: ...}}' for k in KINDS)}, not {spec!r}")
+    kind, values = next(iter(spec.items()))
+    if not isinstance(values, list) or not values:
+        raise UserError(f"{where}: {kind} needs a non-empty list of values, not {values!r}")
+    if kind in RANGE_KINDS:
+        if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise UserError(f"{where}: {kind} needs [lo, hi] (two numbers), not {values!r}")
+        lo, hi = values
+        if lo >= hi:
+            raise UserError(f"{where}: {kind} needs lo < hi, got [{lo}, {hi}]")
+        if kind == "loguniform" and lo <= 0:
+            raise UserError(f"{where}: loguniform needs lo > 0 (a log scale), got {lo}")
+        if kind == "randint" and not all(isinstance(v, int) for v in values):
+            raise UserError(f"{where}: randint needs whole numbers, got {values!r}")
+        if search == "grid" and kind != "randint":
+            raise UserError(f"{where}: a grid search needs a list of values: use {{grid: [...]}} instead of {kind}")
+    return kind, values
+
+
+def _sample_points(kind: str, values: list) -> list:
+    """Values that stand for the whole spec when TrainConfig checks it: the ends and a middle."""
+    if kind == "uniform":
+        return [values[0], (values[0] + values[1]) / 2, values[1]]
+    if kind == "loguniform":
+        return [values[0], math.sqrt(values[0] * values[1]), values[1]]
+    if kind == "randint":
+        return [values[0], values[1] - 1]
+    return values
+
+
+def check_space(cfg: SearchConfig, base: TrainConfig) -> dict[str, tuple[str, list]]:
+    """Every spec well formed and every value one TrainConfig accepts; {name: (kind, values)}."""
+    if not cfg.space:
+        raise UserError("space is empty: name at least one setting to search, e.g. lr: {loguniform: [1e-4, 1e-2]}")
+    if cfg.metric not in METRICS:
+        raise UserError(f"metric {cfg.metric!r}: choose one of {sorted(METRICS)} (a search never looks at test data)")
+    if cfg.search == "grid" and (cfg.num_samples or 1) != 1:
+        raise UserError("a grid search runs every point once: leave num_samples unset")
+    specs = {name: _check_spec(name, spec, cfg.search) for name, spec in cfg.space.items()}
+    for name, (kind, values) in specs.items():
+        for value in _sample_points(kind, values):
+            try:
+                validate(TrainConfig, {**base.model_dump(), name: value})
+            except UserError as err:
+                raise UserError(f"space.{name}: {value!r} is refused ({err})") from None
+    return specs
+
+
+def max_epochs(base: TrainConfig, specs: dict[str, tuple[str, list]]) -> int:
+    """The longest trial's epochs: ASHA's budget per trial."""
+    if "epochs" not in specs:
+        return base.epochs
+    kind, values = specs["epochs"]
+    return int(max(values) - (1 if kind == "randint" else 0))
+
+
+def param_space(cfg: SearchConfig, base: TrainConfig, specs: dict[str, tuple[str, list]]) -> dict:
+    """Ray Tune's param_space: the base settings as constants, the searched ones as Tune domains."""
+    from ray import tune
+
+    def domain(kind: str, values: list):
+        if kind == "loguniform":
+            return tune.loguniform(*values)
+        if kind == "uniform":
+            return tune.uniform(*values)
+        if kind == "randint" and cfg.search == "grid":
+            return tune.grid_search(list(range(*values)))
+        if kind == "randint":
+            return tune.randint(*values)
+        if cfg.search == "grid" or (kind == "grid" and cfg.search == "random"):
+            return tune.grid_search(values)
+        return tune.choice(values)  # choice, or grid under optuna (which has no grid search)
+
+    return {**base.model_dump(), **{name: domain(kind, values) for name, (kind, values) in specs.items()}}

@@ -1,0 +1,103 @@
+"""One trial of a search: the training core (`loop.fit`) as a Ray Tune function trainable.
+
+A one-worker trial runs `fit` directly in the trial's process with a `TuneSession`: no worker
+group to start, so ASHA can stop trials and start new ones freely. (The V2 Tune + Train pattern,
+a TorchTrainer inside each trial, deadlocked here with ASHA on 2 CPUs: ../shared/STACK-NOTES.md.)
+
+A trial with `workers > 1` does need a worker group: it runs a TorchTrainer inside the trial with
+`TuneReportCallback`, which forwards every report of the workers to Tune. The trial's own process
+then only waits, so it asks for a token 0.01 CPU (Tune refuses 0) and its workers share the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tl_core.checkpoints import save_checkpoint
+from tl_core.config import TrainConfig
+from tl_core.train.session import CHECKPOINT_FILE, LocalSession
+
+TRIAL_PROCESS_CPU = 0.01
+
+
+class TuneSession(LocalSession):
+    """One process inside a Tune trial: metrics and checkpoints go to `ray.tune.report`, and a
+    resumed trial starts from its latest checkpoint (`ray.tune.get_checkpoint`)."""
+
+    def restore(self) -> dict | None:
+        from ray import tune
+
+        ckpt = tune.get_checkpoint()  # set when Tune restarts this trial after an interruption
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as folder:
+            return torch.load(Path(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+
+    def report(self, metrics: dict, checkpoint: dict | None = None) -> None:
+        from ray import tune
+
+        if checkpoint is None:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(checkpoint, os.path.join(folder, CHECKPOINT_FILE))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))  # copied to storage here
+
+
+def run_trial(config: dict, cpus: float, storage_path: str, storage_filesystem=None) -> None:
+    """The trainable: Tune calls it with one point of the search space (a whole TrainConfig)."""
+    cfg = TrainConfig(**config)
+    # Ray logs a line per checkpoint (one per epoch here) to the driver's terminal.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    if cfg.workers == 1:
+        from tl_core.train.loop import fit
+
+        torch.set_num_threads(max(1, int(cpus)))
+        fit(cfg, TuneSession(cfg.use_gpu))
+    else:
+        run_trial_on_ray_train(cfg, cpus, storage_path, storage_filesystem)
+
+
+def run_trial_on_ray_train(cfg: TrainConfig, cpus: float, storage_path: str, storage_filesystem) -> None:
+    from ray import train, tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from tl_core.ray_cluster import cluster_cpus_and_gpus
+    from tl_core.train.ray_runner import train_loop_per_worker
+
+    context = tune.get_context()
+    use_gpu = cluster_cpus_and_gpus()[1] > 0 if cfg.use_gpu is None else cfg.use_gpu
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.model_dump(),
+        scaling_config=train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                           resources_per_worker={"CPU": (cpus - TRIAL_PROCESS_CPU) / cfg.workers}),
+        # A resumed trial reruns this with the same name: Ray Train restarts from the run's latest checkpoint.
+        run_config=train.RunConfig(
+            name=f"{context.get_experiment_name()}-{context.get_trial_id()}",
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            checkpoint_config=train.CheckpointConfig(num_to_keep=1),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+def trainable(cpus_per_trial: float, storage_path: str, storage_filesystem=None):
+    """`run_trial` with its resources, as Tuner and Tuner.restore take it."""
+    from ray import tune
+
+    def resources(config: dict) -> dict:
+        # A multi-worker trial's process only waits on its workers (they take cpus_per_trial).
+        return {"cpu": TRIAL_PROCESS_CPU if config["workers"] > 1 else cpus_per_trial}
+
+    fn = tune.with_parameters(run_trial, cpus=cpus_per_trial, storage_path=storage_path,
+                              storage_filesystem=storage_filesystem)
+    return tune.with_resources(fn, resources)
