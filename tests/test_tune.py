@@ -1,0 +1,203 @@
+"""Hyperparameter search with a real Ray Tune over the training core (`tl tune`): no mocks.
+
+One local Ray and one pretrained digits backbone for the module; each search is a few trials of
+a few epochs of fine-tuning on 5 shots per class.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tl_core.cli import app
+from tl_core.config import PrepareConfig, TrainConfig, load_config
+from tl_core.tune import SearchConfig, run_search
+
+GOOD_LR, BAD_LR = 3e-3, 1e-7
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """One work directory (and SQLite MLflow store) for the module."""
+    root = tmp_path_factory.mktemp("tune")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TL_WORKDIR", str(root / "work"))
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mp.delenv("RAY_ADDRESS", raising=False)
+    yield root
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def local_ray(work):
+    import ray
+
+    from tl_core.ray_cluster import init_ray
+
+    init_ray()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def digits(work) -> dict:
+    """The base of every search: fine-tune a backbone pretrained (one epoch) on digits. Its seed
+    differs from the trials' so the new head does not start as the pretrained head did."""
+    from tl_core.data import prepare
+    from tl_core.train import train
+
+    data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
+    backbone = train(TrainConfig(data=data.path, epochs=1, seed=1, batch_size=128))
+    return {"data": data.path, "strategy": "finetune", "backbone": backbone.checkpoint_uri, "shots": 5, "epochs": 5,
+            "batch_size": 25}
+
+
+def search(base: dict, space: dict, **settings) -> SearchConfig:
+    return SearchConfig(base=base, space=space, **settings)
+
+
+def tl(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def write_yaml(path: Path, content: dict) -> Path:
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+@pytest.mark.slow
+def test_search_finds_the_good_learning_rate_and_logs_it_to_mlflow(work, local_ray, digits):
+    config = write_yaml(work / "lr.yaml", {"base": digits, "space": {"lr": {"choice": [BAD_LR, GOOD_LR]}},
+                                           "search": "grid", "scheduler": "fifo", "name": "lr"})
+    code, output = tl("tune", "--config", config, "--json")
+    assert code == 0, output
+    s = json.loads(output.strip().splitlines()[-1])
+    by_lr = {t["params"]["lr"]: t for t in s["trials"]}
+    assert set(by_lr) == {BAD_LR, GOOD_LR} and all(t["status"] == "completed" and t["epochs"] == 5 for t in s["trials"])
+    assert s["best_params"] == {"lr": GOOD_LR} and s["best_val_accuracy"] == by_lr[GOOD_LR]["val_accuracy"]
+    assert by_lr[GOOD_LR]["val_accuracy"] - by_lr[BAD_LR]["val_accuracy"] > 0.3
+    assert s["best_config"]["val_per_class"] == 10  # the search picked on held-out validation images
+    assert s["trial_epochs_total"] == 10
+
+    # The best config is a TrainConfig file `tl transfer --config` takes; it reproduces the trial.
+    best = load_config(TrainConfig, s["best_config_file"], {})
+    assert best.lr == GOOD_LR and best.strategy == "finetune"
+    code, output = tl("transfer", "--config", s["best_config_file"], "--no-baseline", "--json")
+    assert code == 0, output
+    again = json.loads(output.strip().splitlines()[-1])
+    assert abs(again["metrics"]["accuracy"] - s["best_test_accuracy"]) < 0.02
+
+    # MLflow: the search is a parent run, each trial a child run with its params and curve.
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{work / 'work' / 'mlflow.db'}")
+    parent = client.get_run(s["run_id"])
+    assert parent.data.tags["tl.step"] == "tune" and parent.data.params["space.lr.choice"] == str([BAD_LR, GOOD_LR])
+    assert parent.data.metrics["trial_epochs_total"] == 10
+    artifacts = {a.path for a in client.list_artifacts(s["run_id"])}
+    assert {"best.yaml", "trials.png", "search.json", "checkpoint"} <= artifacts
+    assert [a.path for a in client.list_artifacts(s["run_id"], "checkpoint")] == ["checkpoint/checkpoint.pt"]
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{s['run_id']}'")
+    assert sorted(float(c.data.params["lr"]) for c in children) == [BAD_LR, GOOD_LR]
+    for child in children:
+        assert child.data.tags["tl.trial_status"] == "completed"
+        assert child.data.params["strategy"] == "finetune" and child.data.params["val_per_class"] == "10"
+        curve = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert sorted(m.step for m in curve) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_asha_stops_poor_trials_early_and_runs_to_completion(work, local_ray, digits):
+    # Good learning rates first: by the time the poor ones reach ASHA's first rung, the good ones
+    # have set the bar there, so the poor ones stop after their first epochs.
+    cfg = search({**digits, "epochs": 8}, {"lr": {"grid": [GOOD_LR, 1e-2, BAD_LR, 1e-6]}}, search="grid",
+                 scheduler="asha", grace_period=1, reduction_factor=2, name="asha")
+    s = run_search(cfg)
+    assert len(s["trials"]) == 4 and s["scheduler"] == "asha"
+    stopped = [t for t in s["trials"] if t["status"] == "stopped"]
+    assert stopped and all(t["epochs"] < 8 for t in stopped)
+    assert {t["params"]["lr"] for t in stopped} >= {BAD_LR}
+    assert s["trial_epochs_total"] < 4 * 8
+    assert s["best_params"]["lr"] in (GOOD_LR, 1e-2)
+
+
+@pytest.mark.slow
+def test_a_crashing_trial_is_recorded_and_the_search_goes_on(work, local_ray, digits):
+    cfg = search(digits, {"lr": {"grid": [1e30, GOOD_LR]}}, search="grid", scheduler="fifo", name="crash")
+    s = run_search(cfg)
+    by_lr = {t["params"]["lr"]: t for t in s["trials"]}
+    assert by_lr[1e30]["status"] == "failed" and by_lr[1e30]["error"].startswith("FloatingPointError: the loss became")
+    assert by_lr[GOOD_LR]["status"] == "completed" and s["best_params"]["lr"] == GOOD_LR
+    assert s["trials_failed"] == 1
+
+
+@pytest.mark.slow
+def test_an_interrupted_search_resumes_without_rerunning_finished_trials(work, local_ray, digits):
+    from tl_core.tune.search import SearchInterrupted
+
+    # One trial at a time: a short one that finishes, then a long one interrupted halfway.
+    cfg = search(digits, {"epochs": {"grid": [3, 15]}}, search="grid", scheduler="fifo", max_concurrent_trials=1,
+                 name="resume")
+    seen = {}
+
+    def interrupt_the_long_trial_halfway(event: dict) -> None:
+        seen.setdefault(event["config"]["epochs"], event["trial_id"])
+        if event["event"] == "complete" and event["config"]["epochs"] == 3:
+            seen["short_ended"] = time.time()
+        if event["event"] == "result" and event["config"]["epochs"] == 15 and event["epochs"] == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)  # what Ctrl+C does: Tune saves its state and returns
+
+    with pytest.raises(SearchInterrupted, match="1 of 2 trials finished.*--resume"):
+        run_search(cfg, on_trial=interrupt_the_long_trial_halfway)
+    short_id, long_id = seen[3], seen[15]
+
+    with pytest.raises(Exception, match="already exists.*--resume"):  # no silent restart over it
+        run_search(cfg)
+    s = run_search(cfg.model_copy(update={"resume": True}))
+    assert s["resumed"] and [t["status"] for t in s["trials"]] == ["completed", "completed"]
+
+    def reports(trial_id: str) -> list[dict]:
+        lines = (Path(s["storage"]) / f"trial-{trial_id}" / "result.json").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    # The finished trial was not trained again: each epoch reported once, all before the resume.
+    short = reports(short_id)
+    assert [r["epoch"] for r in short] == [0, 1, 2] and max(r["timestamp"] for r in short) <= seen["short_ended"]
+    # The interrupted one went on in a new process from its checkpoint, not from epoch 0.
+    long = reports(long_id)
+    first_pid = long[0]["pid"]
+    after = [r["epoch"] for r in long if r["pid"] != first_pid]
+    assert after and after[0] > 0 and after[-1] == 14
+    assert {r["epoch"] for r in long} == set(range(15))
+
+
+BAD_SPACES = [
+    ({"lrr": {"loguniform": [1e-4, 1e-2]}}, "space.lrr: 'lrr' is not a TrainConfig setting (did you mean 'lr'?)"),
+    ({"lr": {"uniform": [0.1, 0.01]}}, "space.lr: uniform needs lo < hi"),
+    ({"lr": {"loguniform": [0, 0.1]}}, "space.lr: loguniform needs lo > 0"),
+    ({"freeze": {"choice": []}}, "space.freeze: choice needs a non-empty list"),
+    ({"optimizer": {"choice": ["adam", "adamx"]}}, "space.optimizer: 'adamx' is refused"),
+    ({"lr": {"normal": [0, 1]}}, "space.lr: write one of"),
+    ({"lr": {"uniform": [1e-4, 1e-2]}}, "grid search needs a list of values"),
+]
+
+
+@pytest.mark.parametrize("space,message", BAD_SPACES, ids=[m.split(":")[0] + str(i) for i, (_, m) in enumerate(BAD_SPACES)])
+def test_an_invalid_space_is_refused_before_any_trial(work, space, message):
+    config = write_yaml(work / "bad.yaml", {"base": {"data": "not-prepared-yet", "strategy": "finetune"},
+                                            "space": space, "search": "grid" if "grid" in message else "random",
+                                            "name": "bad"})
+    code, output = tl("tune", "--config", config)
+    assert code == 2, output
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert errors and message in errors[0], output
+    assert not (work / "work" / "tune" / "bad").exists()  # refused before Ray Tune wrote anything
