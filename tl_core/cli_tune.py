@@ -17,23 +17,27 @@ def _trial_line(event: dict, searched: list[str]) -> str:
 
 
 def show_search(s: dict) -> None:
+    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"search {s['name']} ({s['search']}, {s['scheduler']})", title_style="dim")
-    for col in ("trial", "params", "status", "epochs", "val acc", "error"):
-        table.add_column(col, no_wrap=col != "error")
+    for col in ("trial", "params", "status", "epochs", "val acc"):
+        table.add_column(col, no_wrap=True)
     for t in s["trials"]:
         best = t["trial_id"] == s["best_trial"]
         acc = "—" if t["val_accuracy"] is None else f"{t['val_accuracy']:.3f}"
         table.add_row(t["trial_id"] + (" [green]best[/green]" if best else ""),
                       " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items()),
-                      t["status"], str(t["epochs"]), acc, (t["error"] or "")[:80])
-    console = _console()
+                      t["status"], str(t["epochs"]), acc)
+    console = Console()
     console.print(table)
-    typer.echo(f"best {s['metric']} {s['best_' + s['metric']]:.4f} (test accuracy {s['best_test_accuracy']:.4f}); "
-               f"{s['trial_epochs_total']} trial-epochs in {s['seconds']:.0f}s\n"
-               f"best config {s['best_config_file']}  (tl transfer --config {s['best_config_file']})\n"
-               f"checkpoint {s['best_checkpoint']}  mlflow run {s['run_id']}")
+    for t in s["trials"]:
+        if t["error"]:
+            console.print(f"trial {t['trial_id']} failed: {t['error']}", highlight=False)
+    console.print(f"best {s['metric']} {s['best_' + s['metric']]:.4f} (test accuracy {s['best_test_accuracy']:.4f}); "
+                  f"{s['trial_epochs_total']} trial-epochs in {s['seconds']:.0f}s\n"
+                  f"best config {s['best_config_file']}  (tl transfer --config {s['best_config_file']})\n"
+                  f"checkpoint {s['best_checkpoint']}  mlflow run {s['run_id']}", highlight=False)
 
 
 @app.command()

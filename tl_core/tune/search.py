@@ -181,6 +181,7 @@ def make_tuner(cfg: SearchConfig, base: TrainConfig, specs: dict, storage_path: 
             metric=cfg.metric, mode=cfg.resolved_mode(), scheduler=scheduler, search_alg=search_alg,
             num_samples=cfg.samples(), max_concurrent_trials=limit,
             trial_dirname_creator=_trial_dirname,
+            reuse_actors=True,  # one process runs trial after trial: torch is imported once, not per trial
         ),
         run_config=tune.RunConfig(
             name=cfg.experiment_name(), storage_path=storage_path, storage_filesystem=filesystem,
@@ -208,6 +209,8 @@ def run_search(cfg: SearchConfig, on_trial: Listener | None = None) -> dict:
     # Tune saves its state each time trials have checkpointed num_to_keep times, i.e. often here,
     # and warns about it every time; that state is what a resumed search starts from.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's newer console output prints its header and paths even at verbose=0; TrialEvents reports instead.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     init_ray()
     storage_path, filesystem = storage_for(cfg.storage_uri())
     fn = trainable(cfg.cpus_per_trial, storage_path, filesystem)
