@@ -1,0 +1,259 @@
+"""`tl pipeline ...`: compile the transfer pipeline, run it on this machine with kfp.local,
+submit it to a KFP endpoint, or keep one recurring run of it per name.
+
+Every function returns a JSON-able summary dict; bad input and unreachable endpoints raise
+UserError (one line, exit 2 in the CLI). KFP's own chatter (links, step logs) goes to stderr so
+`--json` keeps stdout to one object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+
+from pipelines.transfer import NAME, PipelineConfig
+from tl_core import storage
+from tl_core.config import workdir
+from tl_core.errors import UserError
+
+MANAGED = "managed by `tl pipeline schedule`; fingerprint"  # recurring runs' description
+IN_FLIGHT = {"PENDING", "RUNNING", "CANCELING", "PAUSED"}
+
+
+@contextlib.contextmanager
+def _kfp_output_to_stderr():
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        # kfp.local warns for every step that the image's name has no "python" in it: it is ours.
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")  # display names
+        yield
+
+
+# -- compile -----------------------------------------------------------------------------------
+
+
+def compile_pipeline(output: str, cache: bool = True) -> dict:
+    """The pipeline as KFP YAML. cache=False: KFP's cache off for every step, nested ones included
+    (kfp.Client's enable_caching=False rewrites only the top-level tasks, and the compile-time
+    default of kfp#11092 does not override the steps that set their caching explicitly)."""
+    import yaml
+    from kfp import compiler
+
+    from components import IMAGE
+    from pipelines.transfer import transfer_pipeline
+
+    path = Path(output)
+    if path.suffix not in (".yaml", ".yml"):
+        raise UserError(f"--output {output}: the pipeline is written as YAML; name the file .yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(transfer_pipeline, package_path=str(path))
+    if not cache:
+        spec, *platform = yaml.safe_load_all(path.read_text())
+        for dag in [spec["root"]["dag"], *(c["dag"] for c in spec["components"].values() if "dag" in c)]:
+            for task in dag["tasks"].values():
+                task["cachingOptions"] = {}  # enableCache: false, as KFP writes it
+        path.write_text(yaml.safe_dump_all([spec, *platform], sort_keys=False))
+    return {"output": str(path), "pipeline": NAME, "image": IMAGE, "caching": cache,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+# -- run on this machine -----------------------------------------------------------------------
+
+
+def _local_root(root: str | None) -> Path:
+    """kfp.local's outputs (small JSON pointers and metrics) need a local folder: the work
+    directory's `kfp/` when it is local, else ./tl-kfp."""
+    if root:
+        return Path(root).resolve()
+    return (Path("tl-kfp") if storage.is_s3(workdir()) else Path(workdir(), "kfp")).resolve()
+
+
+def _step_outputs(run_dir: Path) -> dict:
+    """Each step's output parameters and metrics, from the executor_output.json kfp.local leaves."""
+    steps = {}
+    for output in sorted(run_dir.rglob("executor_output.json")):
+        result = json.loads(output.read_text())
+        values = dict(result.get("parameterValues", {}))
+        for name, artifacts in result.get("artifacts", {}).items():
+            metadata = artifacts["artifacts"][0].get("metadata", {})
+            values[name] = {k: v for k, v in metadata.items() if k != "confusionMatrix"}
+        steps[output.parent.relative_to(run_dir).as_posix()] = values
+    return steps
+
+
+def run_local(cfg: PipelineConfig, root: str | None = None) -> dict:
+    """The whole pipeline in subprocesses of this Python (kfp.local's SubprocessRunner): the
+    steps see this environment, so TL_WORKDIR, MLFLOW_TRACKING_URI and RAY_ADDRESS apply."""
+    from kfp import local
+
+    from pipelines.transfer import transfer_pipeline
+
+    base = _local_root(root)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(base),
+               workspace_root=str(base / "workspace"))
+    started, earlier = time.time(), set(base.glob(f"{NAME}-*"))
+    with _kfp_output_to_stderr():
+        try:
+            transfer_pipeline(**cfg.model_dump())
+        except RuntimeError as err:
+            raise UserError(f"{str(err).splitlines()[0]} (its log is above)") from None
+    (run_dir,) = set(base.glob(f"{NAME}-*")) - earlier  # kfp.local's folder for this run
+    steps = _step_outputs(run_dir)
+
+    def result(step: str):  # a step's return value, from whichever branch ran (evaluate, evaluate-2)
+        return next((v["Output"] for task, v in steps.items() if re.sub(r"-\d+$", "", task) == step), None)
+
+    return {"pipeline": NAME, "pipeline_root": str(run_dir), "arguments": cfg.model_dump(), "model": cfg.model_name,
+            "accuracy": result("evaluate"), "version": result("register"),
+            "decision": result("promote") or f"not promoted: below --min-accuracy {cfg.min_accuracy}",
+            "steps": steps, "seconds": time.time() - started}
+
+
+# -- a KFP endpoint ----------------------------------------------------------------------------
+
+
+def _check_endpoint(host: str) -> None:
+    """Fail in seconds with one line, before kfp.Client retries for half a minute."""
+    if not re.match(r"^https?://[^/\s]+", host):
+        raise UserError(f"--host {host!r} must be a URL such as http://localhost:8080 (the KFP UI or API service)")
+    url = f"{host.rstrip('/')}/apis/v2beta1/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=10):
+            return
+    except urllib.error.HTTPError as err:
+        raise UserError(f"{host} answered HTTP {err.code} on /apis/v2beta1/healthz: is it a Kubeflow Pipelines "
+                        "endpoint? (port-forward: kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80)") from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise UserError(f"cannot reach the KFP endpoint {host} ({reason}); check --host and that the endpoint is up "
+                        "(port-forward: kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80)") from None
+
+
+@contextlib.contextmanager
+def _kfp_errors(host: str, action: str):
+    """A failing KFP API call becomes one line: what failed and what the server said."""
+    import urllib3
+    from kfp_server_api.exceptions import ApiException
+
+    try:
+        with _kfp_output_to_stderr():
+            yield
+    except ApiException as err:
+        said = " ".join(str(err.body or err.reason).split())[:300]
+        raise UserError(f"KFP at {host} refused to {action}: HTTP {err.status}: {said}") from None
+    except (urllib3.exceptions.HTTPError, OSError) as err:
+        raise UserError(f"lost the KFP endpoint {host} while trying to {action} ({err.__class__.__name__})") from None
+
+
+def _client(host: str):
+    import kfp
+
+    _check_endpoint(host)
+    with _kfp_errors(host, "connect"):
+        return kfp.Client(host=host.rstrip("/"))
+
+
+def submit(cfg: PipelineConfig, host: str, experiment: str = "tl", cache: bool = True,
+           service_account: str | None = None) -> dict:
+    """One run of the pipeline on a KFP endpoint; cache=False: KFP's cache off for its every step."""
+    client = _client(host)
+    with tempfile.TemporaryDirectory() as folder, _kfp_errors(host, "create the run"):
+        package = compile_pipeline(str(Path(folder, "pipeline.yaml")), cache)["output"]
+        run = client.create_run_from_pipeline_package(
+            package, arguments=cfg.model_dump(), run_name=f"{NAME} {time.strftime('%Y-%m-%d %H:%M:%S')}",
+            experiment_name=experiment, service_account=service_account)
+    return {"run_id": run.run_id, "experiment": experiment, "host": host, "caching": cache,
+            "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}", "arguments": cfg.model_dump()}
+
+
+# -- a recurring run, idempotent by name ----------------------------------------------------------
+
+CRON_FIELDS = [("second", 59), ("minute", 59), ("hour", 23), ("day of month", 31), ("month", 12), ("day of week", 6)]
+
+
+def kfp_cron(expression: str) -> str:
+    """A cron expression as KFP takes it: six fields, seconds first. Five-field (crontab)
+    expressions get a leading 0 seconds."""
+    fields = expression.split()
+    if len(fields) == 5:
+        fields = ["0", *fields]
+    problem = None if len(fields) == 6 else f"has {len(expression.split())} fields, not 5 (crontab) or 6 (seconds first)"
+    for field, (what, top) in zip(fields if problem is None else [], CRON_FIELDS):
+        if not re.fullmatch(r"[0-9A-Za-z*?/,\-#]+", field) or any(int(n) > top for n in re.findall(r"\d+", field)):
+            problem = f"has a bad {what} field {field!r}"
+    if problem:
+        raise UserError(f"--cron {expression!r} {problem}; for example '0 3 * * 1' (Mondays 03:00 UTC)")
+    return " ".join(fields)
+
+
+def _fingerprint(package: Path, cron: str, arguments: dict, service_account: str | None) -> str:
+    """What the recurring run would do: the compiled pipeline and everything sent with it."""
+    settings = json.dumps({"cron": cron, "arguments": arguments, "sa": service_account}, sort_keys=True)
+    return hashlib.sha256(package.read_bytes() + settings.encode()).hexdigest()[:16]
+
+
+def _pages(list_call, field: str, **kwargs) -> list:
+    items, token = [], ""
+    while True:
+        page = list_call(page_token=token, page_size=100, **kwargs)
+        items += getattr(page, field) or []
+        token = page.next_page_token
+        if not token:
+            return items
+
+
+def _retire(client, experiment_id: str, old) -> dict:
+    """Stop an older recurring run of the same name from starting runs; delete it only when none
+    of its runs is in flight (deleting a recurring run would take its running workflows with it).
+    A disabled one left behind is deleted by a later `schedule` once its runs have finished."""
+    if old.status != "DISABLED":
+        client.disable_recurring_run(old.recurring_run_id)
+    runs = _pages(client.list_runs, "runs", experiment_id=experiment_id)
+    in_flight = sum(r.recurring_run_id == old.recurring_run_id and r.state in IN_FLIGHT for r in runs)
+    if not in_flight:
+        client.delete_recurring_run(old.recurring_run_id)
+    return {"recurring_run_id": old.recurring_run_id, "deleted": not in_flight, "runs_in_flight": in_flight}
+
+
+def schedule(cfg: PipelineConfig, host: str, name: str, cron: str, experiment: str = "tl", cache: bool = True,
+             service_account: str | None = None) -> dict:
+    """Make `name` a recurring run of the pipeline with these settings. KFP cannot update a
+    recurring run in place (kfp#3789), so: the same settings already scheduled -> nothing changes;
+    otherwise the new recurring run is created first (no gap in the schedule), then the older
+    ones of that name are disabled and deleted, except those with a run in flight."""
+    cron = kfp_cron(cron)
+    if not name.strip():
+        raise UserError("--name must not be empty: it is how later `schedule` calls find this recurring run")
+    client = _client(host)
+    arguments = cfg.model_dump()
+    with tempfile.TemporaryDirectory() as folder, _kfp_errors(host, f"schedule {name!r}"):
+        package = Path(compile_pipeline(str(Path(folder, "pipeline.yaml")), cache)["output"])
+        fingerprint = _fingerprint(package, cron, arguments, service_account)
+        experiment_id = client.create_experiment(experiment).experiment_id  # gets it when it exists
+        same_name = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
+        existing = [r for r in _pages(client.list_recurring_runs, "recurring_runs", experiment_id=experiment_id,
+                                      filter=same_name) if r.display_name == name]
+        current = next((r for r in existing if r.description == f"{MANAGED} {fingerprint}"), None)
+        if current is None:
+            current = client.create_recurring_run(
+                experiment_id, job_name=name, description=f"{MANAGED} {fingerprint}", cron_expression=cron,
+                max_concurrency=1, no_catchup=True, params=arguments, pipeline_package_path=str(package),
+                service_account=service_account)
+            action = "replaced" if existing else "created"
+        else:
+            if current.status == "DISABLED":
+                client.enable_recurring_run(current.recurring_run_id)
+            action = "unchanged"
+        retired = [_retire(client, experiment_id, r) for r in existing if r.recurring_run_id != current.recurring_run_id]
+    return {"name": name, "action": action, "recurring_run_id": current.recurring_run_id, "cron": cron,
+            "experiment": experiment, "fingerprint": fingerprint, "retired": retired, "host": host,
+            "arguments": arguments}
