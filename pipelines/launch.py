@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import re
 import sys
@@ -29,9 +30,24 @@ MANAGED = "managed by `tl pipeline schedule`; fingerprint"  # recurring runs' de
 IN_FLIGHT = {"PENDING", "RUNNING", "CANCELING", "PAUSED"}
 
 
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
 @contextlib.contextmanager
-def _kfp_output_to_stderr():
-    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+def _kfp_output_to_stderr(copy: io.StringIO | None = None):
+    """KFP's output (and, with kfp.local, the steps' logs) to stderr; also into `copy` if given."""
+    with contextlib.redirect_stdout(_Tee(sys.stderr, copy) if copy else sys.stderr), warnings.catch_warnings():
         # kfp.local warns for every step that the image's name has no "python" in it: it is ours.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")  # display names
@@ -100,12 +116,14 @@ def run_local(cfg: PipelineConfig, root: str | None = None) -> dict:
     base = _local_root(root)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(base),
                workspace_root=str(base / "workspace"))
-    started, earlier = time.time(), set(base.glob(f"{NAME}-*"))
-    with _kfp_output_to_stderr():
+    started, earlier, log = time.time(), set(base.glob(f"{NAME}-*")), io.StringIO()
+    with _kfp_output_to_stderr(copy=log):
         try:
             transfer_pipeline(**cfg.model_dump())
         except RuntimeError as err:
-            raise UserError(f"{str(err).splitlines()[0]} (its log is above)") from None
+            # A step that failed on bad input said why in a UserError line of its log: repeat it.
+            why = re.findall(r"UserError: (.+)", log.getvalue())
+            raise UserError(f"{str(err).splitlines()[0]} {why[-1] if why else '(its log is above)'}") from None
     (run_dir,) = set(base.glob(f"{NAME}-*")) - earlier  # kfp.local's folder for this run
     steps = _step_outputs(run_dir)
 

@@ -382,7 +382,7 @@ def test_schedule_is_idempotent_by_name_and_spares_runs_in_flight(kfp_server):
         "recurring_run_id"]
 
 
-def test_bad_input_and_unreachable_endpoints_are_one_line_errors(kfp_server):
+def test_bad_input_and_unreachable_endpoints_are_one_line_errors(kfp_server, work):
     assert "--cron 'every monday'" in tl_error("pipeline", "schedule", "--host", kfp_server.url, "--name", "n",
                                                "--cron", "every monday")
     assert "bad hour field '25'" in tl_error("pipeline", "schedule", "--host", kfp_server.url, "--name", "n",
@@ -393,4 +393,10 @@ def test_bad_input_and_unreachable_endpoints_are_one_line_errors(kfp_server):
     assert "search_space" in tl_error("pipeline", "submit", "--host", kfp_server.url, "--search-space", "{lr: 1")
     assert "unknown strategy" in tl_error("pipeline", "submit", "--host", kfp_server.url, "--strategy", "magic")
     assert "add --local" in tl_error("pipeline", "run")
+    # A step that fails on bad input stops the local run: its log (traceback included) comes
+    # first, then one error line that says which step failed and why.
+    failed = tl("pipeline", "run", "--local", "--target", "sklearn:nope")
+    last = failed.output.strip().splitlines()[-1]
+    assert failed.exit_code == 2 and last.startswith("error: ") and "Inner task failed: 'prepare'" in last
+    assert "only sklearn:digits ships with scikit-learn" in last
     assert kfp_server.state["runs"] == [] and kfp_server.state["recurring"] == {}  # nothing half-done
