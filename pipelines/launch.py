@@ -27,7 +27,7 @@ from tl_core.config import workdir
 from tl_core.errors import UserError
 
 MANAGED = "managed by `tl pipeline schedule`; fingerprint"  # recurring runs' description
-IN_FLIGHT = {"PENDING", "RUNNING", "CANCELING", "PAUSED"}
+FINISHED = {"SUCCEEDED", "FAILED", "SKIPPED", "CANCELED"}  # any other run state: in flight
 
 
 class _Tee(io.TextIOBase):
@@ -229,25 +229,27 @@ def _pages(list_call, field: str, **kwargs) -> list:
             return items
 
 
-def _retire(client, experiment_id: str, old) -> dict:
-    """Stop an older recurring run of the same name from starting runs; delete it only when none
-    of its runs is in flight (deleting a recurring run would take its running workflows with it).
-    A disabled one left behind is deleted by a later `schedule` once its runs have finished."""
-    if old.status != "DISABLED":
-        client.disable_recurring_run(old.recurring_run_id)
-    runs = _pages(client.list_runs, "runs", experiment_id=experiment_id)
-    in_flight = sum(r.recurring_run_id == old.recurring_run_id and r.state in IN_FLIGHT for r in runs)
-    if not in_flight:
+def _retire(client, old, runs: list) -> dict:
+    """Retire an older recurring run of the same name without stopping a run it started
+    (deleting a recurring run deletes its workflows, running ones too). Enabled: disable it, so
+    it starts no more runs. Already disabled (by an earlier call, or a person) and none of its
+    runs in flight: delete it. Never both in one call: KFP lists a run only once its persistence
+    agent has reported it, some seconds after it started."""
+    in_flight = sum(r.recurring_run_id == old.recurring_run_id and r.state not in FINISHED for r in runs)
+    deleted = old.status == "DISABLED" and not in_flight
+    if deleted:
         client.delete_recurring_run(old.recurring_run_id)
-    return {"recurring_run_id": old.recurring_run_id, "deleted": not in_flight, "runs_in_flight": in_flight}
+    elif old.status != "DISABLED":
+        client.disable_recurring_run(old.recurring_run_id)
+    return {"recurring_run_id": old.recurring_run_id, "deleted": deleted, "runs_in_flight": in_flight}
 
 
 def schedule(cfg: PipelineConfig, host: str, name: str, cron: str, experiment: str = "tl", cache: bool = True,
              service_account: str | None = None) -> dict:
     """Make `name` a recurring run of the pipeline with these settings. KFP cannot update a
-    recurring run in place (kfp#3789), so: the same settings already scheduled -> nothing changes;
-    otherwise the new recurring run is created first (no gap in the schedule), then the older
-    ones of that name are disabled and deleted, except those with a run in flight."""
+    recurring run in place (kfp#3789), so: the same settings already scheduled -> nothing is
+    created; otherwise the new recurring run is created first (no gap in the schedule). Either
+    way the older ones of that name are retired (`_retire`)."""
     cron = kfp_cron(cron)
     if not name.strip():
         raise UserError("--name must not be empty: it is how later `schedule` calls find this recurring run")
@@ -271,7 +273,9 @@ def schedule(cfg: PipelineConfig, host: str, name: str, cron: str, experiment: s
             if current.status == "DISABLED":
                 client.enable_recurring_run(current.recurring_run_id)
             action = "unchanged"
-        retired = [_retire(client, experiment_id, r) for r in existing if r.recurring_run_id != current.recurring_run_id]
+        older = [r for r in existing if r.recurring_run_id != current.recurring_run_id]
+        runs = _pages(client.list_runs, "runs", experiment_id=experiment_id) if older else []
+        retired = [_retire(client, r, runs) for r in older]
     return {"name": name, "action": action, "recurring_run_id": current.recurring_run_id, "cron": cron,
             "experiment": experiment, "fingerprint": fingerprint, "retired": retired, "host": host,
             "arguments": arguments}
