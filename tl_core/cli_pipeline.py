@@ -132,6 +132,6 @@ def schedule(cfg, cron: str = typer.Option(..., help="when, in UTC: crontab '0 3
     def show(s):
         kept = [r["recurring_run_id"] for r in s["retired"] if not r["deleted"]]
         typer.echo(f"{s['action']}: {s['name']} ({s['recurring_run_id']}) runs at '{s['cron']}'"
-                   + (f"; disabled, kept until their runs finish: {', '.join(kept)}" if kept else ""))
+                   + (f"; disabled, deleted by a later call once idle: {', '.join(kept)}" if kept else ""))
 
     _execute(work, as_json, show)
