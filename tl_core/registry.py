@@ -305,6 +305,11 @@ def _test_accuracy(name: str, version: str, data) -> float:
     return evaluate_loaded(load_checkpoint(uri), data, "test", uri).metrics["accuracy"]
 
 
+def _aliases(client, name: str) -> dict[str, str]:
+    """alias -> version, as strings (a SQLite store hands the versions back as ints, a server as strings)."""
+    return {alias: str(version) for alias, version in _registered_model(client, name).aliases.items()}
+
+
 def promote(name: str, data_uri: str, min_accuracy: float = 0.5, min_absolute_change: float = 0.0,
             min_relative_change: float = 0.0, version: int | None = None) -> dict:
     """Evaluate the challenger (or `version`) and the champion on `data_uri`'s test split; move
@@ -315,7 +320,7 @@ def promote(name: str, data_uri: str, min_accuracy: float = 0.5, min_absolute_ch
     started = time.perf_counter()
     client = _client()
     with _mlflow_errors(f"promoting {name}"):
-        aliases = _registered_model(client, name).aliases
+        aliases = _aliases(client, name)
         candidate = str(version) if version is not None else aliases.get(CHALLENGER)
         if candidate is None:
             raise UserError(f"{name} has no {CHALLENGER}: register a model first (`tl register --checkpoint URI "
@@ -331,7 +336,7 @@ def promote(name: str, data_uri: str, min_accuracy: float = 0.5, min_absolute_ch
         passed, reason = check_gate(score, champion_score, min_accuracy, min_absolute_change, min_relative_change)
 
         with promotion_lock(client, name):
-            current = _registered_model(client, name).aliases.get(CHAMPION)  # re-read under the lock
+            current = _aliases(client, name).get(CHAMPION)  # re-read under the lock
             if current != champion:
                 decision = "lost"
                 reason = (f"another promotion made version {current} the {CHAMPION} while this one compared "
@@ -357,7 +362,7 @@ def promote(name: str, data_uri: str, min_accuracy: float = 0.5, min_absolute_ch
             for key, value in record.items():
                 client.set_model_version_tag(name, candidate, key, value)
             # A decided challenger is no longer waiting; a lost one is (it was never judged against the winner).
-            if decision != "lost" and client.get_registered_model(name).aliases.get(CHALLENGER) == candidate:
+            if decision != "lost" and _aliases(client, name).get(CHALLENGER) == candidate:
                 client.delete_registered_model_alias(name, CHALLENGER)
     return {"model": name, "decision": decision, "promoted": decision == "promoted", "version": int(candidate),
             "accuracy": score, "champion_version": int(champion) if champion else None,
@@ -372,7 +377,7 @@ def rollback(name: str) -> dict:
     with _mlflow_errors(f"rolling back {name}"):
         _registered_model(client, name)
         with promotion_lock(client, name):
-            current = client.get_registered_model(name).aliases.get(CHAMPION)
+            current = _aliases(client, name).get(CHAMPION)
             if current is None:
                 raise UserError(f"{name} has no {CHAMPION} to roll back; promote one with `tl promote --model {name}`")
             previous = _version(client, name, current).tags.get(PREVIOUS_CHAMPION, "none")
