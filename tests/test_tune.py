@@ -16,6 +16,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from tests import servers
 from tl_core.cli import app
 from tl_core.config import PrepareConfig, TrainConfig, load_config
 from tl_core.tune import SearchConfig, run_search
@@ -36,7 +37,8 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def local_ray(work):
+def local_ray(work, s3_endpoint):
+    """One local Ray for the module, started after the S3 server so its workers get its endpoint."""
     import ray
 
     from tl_core.ray_cluster import init_ray
@@ -177,6 +179,32 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(work, l
     after = [r["epoch"] for r in long if r["pid"] != first_pid]
     assert after and after[0] > 0 and after[-1] == 14
     assert {r["epoch"] for r in long} == set(range(15))
+
+
+@pytest.mark.slow
+def test_a_multi_worker_trial_trains_on_ray_train_inside_the_search(work, local_ray, digits):
+    from tl_core.checkpoints import load_checkpoint
+
+    cfg = search({**digits, "epochs": 2, "workers": 2}, {"lr": {"grid": [GOOD_LR]}}, search="grid", name="workers")
+    s = run_search(cfg)
+    assert s["scheduler"] == "fifo"  # the default when trials start worker groups (ASHA deadlocked on 2 CPUs)
+    (trial,) = s["trials"]
+    assert trial["status"] == "completed" and trial["epochs"] == 2 and trial["val_accuracy"] is not None
+    ckpt = load_checkpoint(s["best_checkpoint"])  # Ray Train's checkpoint, found through the trial's last report
+    assert ckpt["metrics"]["workers"] == 2 and ckpt["metrics"]["replica_spread"] == 0.0
+
+
+@pytest.mark.slow
+def test_a_search_keeps_its_state_on_s3(work, local_ray, digits, s3_endpoint):
+    from tl_core import storage
+
+    servers.make_bucket(s3_endpoint, "searches")
+    cfg = search({**digits, "epochs": 2}, {"lr": {"grid": [BAD_LR, GOOD_LR]}}, search="grid", scheduler="fifo",
+                 name="on-s3", storage="s3://searches/tune")
+    s = run_search(cfg)
+    assert s["storage"] == "s3://searches/tune/on-s3" and s["best_params"] == {"lr": GOOD_LR}
+    files = storage.list_files(s["storage"])
+    assert "tuner.pkl" in files and any(f.endswith("/checkpoint.pt") for f in files)  # what a resume needs
 
 
 BAD_SPACES = [

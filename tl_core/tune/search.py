@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from tl_core.tune.space import SearchConfig, base_config, check_space, max_epoch
 from tl_core.tune.trial import trainable
 
 Listener = Callable[[dict], None]
-_listener: Listener | None = None  # who hears about finished trials in this process (see TrialEvents)
+_listener: Listener | None = None  # who hears of trial events in this process (see TrialEvents)
 
 
 class SearchInterrupted(UserError):
@@ -88,15 +89,17 @@ class Trial:
 
 
 def one_line_error(err: BaseException | None) -> str | None:
-    """`FloatingPointError: the loss became nan...` rather than a remote traceback."""
+    """`FloatingPointError: the loss became nan...` rather than a remote traceback: the last line of
+    the error's text that names an exception (Ray wraps a trial's exception in a RayTaskError, and a
+    worker's in a WorkerGroupError), else the error's type and first line."""
     if err is None:
         return None
-    cause = getattr(err, "cause", None) or err  # Ray wraps the trial's exception in a RayTaskError
-    text = str(cause).strip()
-    if cause is err:  # no cause kept: the last line of the traceback names the exception
-        lines = [line for line in text.splitlines() if line.strip()]
-        return lines[-1].strip() if lines else type(err).__name__
-    return f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}".strip()
+    cause = getattr(err, "cause", None) or err
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    named = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line)]
+    if named:
+        return named[-1]
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}".strip()
 
 
 def history_of(result) -> list[dict]:
@@ -171,9 +174,9 @@ def make_tuner(cfg: SearchConfig, base: TrainConfig, specs: dict, storage_path: 
     if cfg.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg, limit = OptunaSearch(seed=cfg.seed), cfg.max_concurrent_trials
+        search_alg, limit = OptunaSearch(seed=cfg.sampler_seed), cfg.max_concurrent_trials
     else:  # the variant generator takes its concurrency limit itself
-        search_alg, limit = BasicVariantGenerator(max_concurrent=cfg.max_concurrent_trials, random_state=cfg.seed), None
+        search_alg, limit = BasicVariantGenerator(max_concurrent=cfg.max_concurrent_trials, random_state=cfg.sampler_seed), None
     return tune.Tuner(
         fn,
         param_space=param_space(cfg, base, specs),

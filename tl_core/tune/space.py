@@ -48,7 +48,7 @@ class SearchConfig(StepConfig):
     mode: Literal["max", "min"] | None = Field(None, description="default: max for accuracy, min for losses")
     grace_period: int = Field(1, ge=1, description="asha: epochs before a trial can be stopped")
     reduction_factor: float = Field(3.0, gt=1, description="asha: 1/rf of the trials go on at each rung")
-    seed: int = Field(0, description="seed of the random and optuna samplers")
+    sampler_seed: int = Field(0, description="seed of the random and optuna samplers (the trials take base.seed)")
     name: str | None = Field(None, description="default: the strategy and a hash of the search")
     storage: str | None = Field(None, description="folder or s3:// for Ray Tune's state; default $TL_WORKDIR/tune")
     resume: bool = Field(False, description="continue the search of the same name where it stopped")

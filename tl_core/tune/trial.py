@@ -49,9 +49,10 @@ class TuneSession(LocalSession):
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))  # copied to storage here
 
 
-def run_trial(config: dict, cpus: float, storage_path: str, storage_filesystem=None) -> None:
+def run_trial(config: dict, cpus: float, workdir: str, storage_path: str, storage_filesystem=None) -> None:
     """The trainable: Tune calls it with one point of the search space (a whole TrainConfig)."""
     cfg = TrainConfig(**config)
+    os.environ["TL_WORKDIR"] = workdir  # the search's work directory (caches), as Ray Train runs carry theirs
     # Ray logs a line per checkpoint (one per epoch here) to the driver's terminal.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     if cfg.workers == 1:
@@ -60,10 +61,10 @@ def run_trial(config: dict, cpus: float, storage_path: str, storage_filesystem=N
         torch.set_num_threads(max(1, int(cpus)))
         fit(cfg, TuneSession(cfg.use_gpu))
     else:
-        run_trial_on_ray_train(cfg, cpus, storage_path, storage_filesystem)
+        run_trial_on_ray_train(cfg, cpus, workdir, storage_path, storage_filesystem)
 
 
-def run_trial_on_ray_train(cfg: TrainConfig, cpus: float, storage_path: str, storage_filesystem) -> None:
+def run_trial_on_ray_train(cfg: TrainConfig, cpus: float, workdir: str, storage_path: str, storage_filesystem) -> None:
     from ray import train, tune
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -75,7 +76,7 @@ def run_trial_on_ray_train(cfg: TrainConfig, cpus: float, storage_path: str, sto
     use_gpu = cluster_cpus_and_gpus()[1] > 0 if cfg.use_gpu is None else cfg.use_gpu
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=cfg.model_dump(),
+        train_loop_config={**cfg.model_dump(), "workdir": workdir},  # as fit_on_ray sends it
         scaling_config=train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                            resources_per_worker={"CPU": (cpus - TRIAL_PROCESS_CPU) / cfg.workers}),
         # A resumed trial reruns this with the same name: Ray Train restarts from the run's latest checkpoint.
@@ -94,10 +95,12 @@ def trainable(cpus_per_trial: float, storage_path: str, storage_filesystem=None)
     """`run_trial` with its resources, as Tuner and Tuner.restore take it."""
     from ray import tune
 
+    from tl_core.ray_cluster import absolute_workdir
+
     def resources(config: dict) -> dict:
         # A multi-worker trial's process only waits on its workers (they take cpus_per_trial).
         return {"cpu": TRIAL_PROCESS_CPU if config["workers"] > 1 else cpus_per_trial}
 
-    fn = tune.with_parameters(run_trial, cpus=cpus_per_trial, storage_path=storage_path,
+    fn = tune.with_parameters(run_trial, cpus=cpus_per_trial, workdir=absolute_workdir(), storage_path=storage_path,
                               storage_filesystem=storage_filesystem)
     return tune.with_resources(fn, resources)
