@@ -1,7 +1,8 @@
 """Where the training core runs: in this process, or as one worker of a Ray Train run.
 
 `fit` talks only to a session, so the same loop runs unchanged on a laptop (one process, no
-Ray start-up cost) and on N Ray Train workers on CPUs or GPUs, one machine or a cluster.
+Ray start-up cost) and on N Ray Train workers on CPUs or GPUs, one machine or a cluster. The
+session knows its rank and world size; the loop shards the in-memory data by them.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def auto_device(use_gpu: bool | None) -> torch.device:
 
 
 class LocalSession:
-    """One process: no DDP, no distributed sampler; reports go to an optional callback."""
+    """One process: no DDP; reports go to an optional callback."""
 
     world_size = 1
     rank = 0
@@ -36,12 +37,6 @@ class LocalSession:
 
     def prepare_model(self, net):
         return net.to(self.device)
-
-    def prepare_loader(self, loader):
-        return loader
-
-    def set_epoch(self, loader, epoch: int) -> None:
-        pass
 
     def restore(self) -> dict | None:
         return None  # resuming an interrupted run is Ray Train's job (see RaySession.restore)
@@ -55,7 +50,8 @@ class LocalSession:
 
 
 class RaySession:
-    """One Ray Train worker: DDP through Ray's prepare helpers, checkpoints through ray.train.report."""
+    """One Ray Train worker: DDP through Ray's prepare_model (the loop shards the data itself),
+    checkpoints through ray.train.report."""
 
     def __init__(self):
         import ray.train
@@ -70,16 +66,6 @@ class RaySession:
         import ray.train.torch
 
         return ray.train.torch.prepare_model(net)
-
-    def prepare_loader(self, loader):
-        import ray.train.torch
-
-        return ray.train.torch.prepare_data_loader(loader)
-
-    def set_epoch(self, loader, epoch: int) -> None:
-        sampler = getattr(loader, "sampler", None)
-        if self.world_size > 1 and hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every worker
 
     def restore(self) -> dict | None:
         import ray.train
