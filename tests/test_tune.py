@@ -118,12 +118,13 @@ def test_search_finds_the_good_learning_rate_and_logs_it_to_mlflow(work, local_r
 
 @pytest.mark.slow
 def test_asha_stops_poor_trials_early_and_runs_to_completion(work, local_ray, digits):
-    # Good learning rates first: by the time the poor ones reach ASHA's first rung, the good ones
-    # have set the bar there, so the poor ones stop after their first epochs.
+    # One trial at a time, good learning rates first (the grid's shuffle with sampler_seed 9): by the
+    # time the poor ones reach ASHA's first rung, the good ones have set the bar there.
     cfg = search({**digits, "epochs": 8}, {"lr": {"grid": [GOOD_LR, 1e-2, BAD_LR, 1e-6]}}, search="grid",
-                 scheduler="asha", grace_period=1, reduction_factor=2, name="asha")
+                 scheduler="asha", grace_period=1, reduction_factor=2, max_concurrent_trials=1, sampler_seed=9,
+                 name="asha")
     s = run_search(cfg)
-    assert len(s["trials"]) == 4 and s["scheduler"] == "asha"
+    assert [t["params"]["lr"] for t in s["trials"]] == [GOOD_LR, 1e-2, BAD_LR, 1e-6] and s["scheduler"] == "asha"
     stopped = [t for t in s["trials"] if t["status"] == "stopped"]
     assert stopped and all(t["epochs"] < 8 for t in stopped)
     assert {t["params"]["lr"] for t in stopped} >= {BAD_LR}
@@ -133,7 +134,9 @@ def test_asha_stops_poor_trials_early_and_runs_to_completion(work, local_ray, di
 
 @pytest.mark.slow
 def test_a_crashing_trial_is_recorded_and_the_search_goes_on(work, local_ray, digits):
-    cfg = search(digits, {"lr": {"grid": [1e30, GOOD_LR]}}, search="grid", scheduler="fifo", name="crash")
+    # A random search crosses `grid` lists with its samples: here, exactly these two trials.
+    cfg = search(digits, {"lr": {"grid": [1e30, GOOD_LR]}}, search="random", num_samples=1, scheduler="fifo",
+                 name="crash")
     s = run_search(cfg)
     by_lr = {t["params"]["lr"]: t for t in s["trials"]}
     assert by_lr[1e30]["status"] == "failed" and by_lr[1e30]["error"].startswith("FloatingPointError: the loss became")
@@ -145,7 +148,8 @@ def test_a_crashing_trial_is_recorded_and_the_search_goes_on(work, local_ray, di
 def test_an_interrupted_search_resumes_without_rerunning_finished_trials(work, local_ray, digits):
     from tl_core.tune.search import SearchInterrupted
 
-    # One trial at a time: a short one that finishes, then a long one interrupted halfway.
+    # One trial at a time (the grid's shuffle with sampler_seed 0 keeps this order): a short one that
+    # finishes, then a long one interrupted halfway.
     cfg = search(digits, {"epochs": {"grid": [3, 15]}}, search="grid", scheduler="fifo", max_concurrent_trials=1,
                  name="resume")
     seen = {}
@@ -154,7 +158,7 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(work, l
         seen.setdefault(event["config"]["epochs"], event["trial_id"])
         if event["event"] == "complete" and event["config"]["epochs"] == 3:
             seen["short_ended"] = time.time()
-        if event["event"] == "result" and event["config"]["epochs"] == 15 and event["epochs"] == 3:
+        if event["event"] == "result" and event["config"]["epochs"] == 15 and event["epochs"] == 3 and "short_ended" in seen:
             os.kill(os.getpid(), signal.SIGUSR1)  # what Ctrl+C does: Tune saves its state and returns
 
     with pytest.raises(SearchInterrupted, match="1 of 2 trials finished.*--resume"):

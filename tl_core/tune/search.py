@@ -28,7 +28,7 @@ from tl_core import storage
 from tl_core.config import TrainConfig, workdir
 from tl_core.errors import UserError
 from tl_core.train.session import CHECKPOINT_FILE
-from tl_core.tune.space import SearchConfig, base_config, check_space, max_epochs, param_space
+from tl_core.tune.space import SearchConfig, base_config, check_space, grid_points, max_epochs, param_space, trial_count
 from tl_core.tune.trial import trainable
 
 Listener = Callable[[dict], None]
@@ -152,12 +152,6 @@ def checkpoint_bytes(result, filesystem) -> bytes:
         return Path(folder, CHECKPOINT_FILE).read_bytes()
 
 
-def expected_trials(cfg: SearchConfig, space: dict) -> int:
-    """How many trials the whole search runs: num_samples times the size of the grid."""
-    grid = math.prod(len(v["grid_search"]) for v in space.values() if isinstance(v, dict) and "grid_search" in v)
-    return cfg.samples() * grid
-
-
 def make_tuner(cfg: SearchConfig, base: TrainConfig, specs: dict, storage_path: str, filesystem, fn) -> tune.Tuner:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -176,13 +170,16 @@ def make_tuner(cfg: SearchConfig, base: TrainConfig, specs: dict, storage_path: 
 
         search_alg, limit = OptunaSearch(seed=cfg.sampler_seed), cfg.max_concurrent_trials
     else:  # the variant generator takes its concurrency limit itself
-        search_alg, limit = BasicVariantGenerator(max_concurrent=cfg.max_concurrent_trials, random_state=cfg.sampler_seed), None
+        points = grid_points(cfg, specs) if cfg.search == "grid" else None
+        search_alg = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=cfg.max_concurrent_trials,
+                                           random_state=cfg.sampler_seed)
+        limit = None
     return tune.Tuner(
         fn,
         param_space=param_space(cfg, base, specs),
         tune_config=tune.TuneConfig(
             metric=cfg.metric, mode=cfg.resolved_mode(), scheduler=scheduler, search_alg=search_alg,
-            num_samples=cfg.samples(), max_concurrent_trials=limit,
+            num_samples=trial_count(cfg, specs) if cfg.search == "grid" else cfg.samples(), max_concurrent_trials=limit,
             trial_dirname_creator=_trial_dirname,
             reuse_actors=True,  # one process runs trial after trial: torch is imported once, not per trial
         ),
@@ -237,7 +234,7 @@ def run_search(cfg: SearchConfig, on_trial: Listener | None = None) -> dict:
 
     # A trial that ended on its own or by the scheduler's decision has a last result marked done;
     # one cut short by an interruption has not (Tune stops it too, but it resumes next time).
-    expected = expected_trials(cfg, param_space(cfg, base, specs))
+    expected = trial_count(cfg, specs)
     ended = sum(1 for r in results if r.error is not None or (r.metrics or {}).get("done"))
     if ended < expected:
         raise SearchInterrupted(f"the search {name} stopped with {ended} of {expected} trials finished: run it again "
