@@ -70,21 +70,12 @@ class RaySession:
     def restore(self) -> dict | None:
         import ray.train
 
-        ckpt = ray.train.get_checkpoint()  # set when a run with this name and storage path resumes
-        if ckpt is None:
-            return None
-        with ckpt.as_directory() as folder:
-            return torch.load(Path(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        return read_ray_checkpoint(ray.train.get_checkpoint())  # set when a run of this name resumes
 
     def report(self, metrics: dict, checkpoint: dict | None = None) -> None:
         import ray.train
 
-        if checkpoint is None:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            save_checkpoint(checkpoint, os.path.join(folder, CHECKPOINT_FILE))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        report_to_ray(ray.train.report, metrics, checkpoint)
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
@@ -92,3 +83,24 @@ class RaySession:
         parts = [torch.zeros_like(t) for _ in range(self.world_size)]
         dist.all_gather(parts, t)
         return torch.stack(parts)
+
+
+# Shared by Ray Train workers and Ray Tune trials (tl_core.tune.trial.TuneSession).
+def read_ray_checkpoint(ckpt) -> dict | None:
+    """The checkpoint dict inside a Ray Checkpoint (a folder holding checkpoint.pt), or None."""
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as folder:
+        return torch.load(Path(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+
+
+def report_to_ray(report, metrics: dict, checkpoint: dict | None) -> None:
+    """`report` is ray.train.report or ray.tune.report; a checkpoint dict travels as a folder."""
+    import ray.train
+
+    if checkpoint is None:
+        report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        save_checkpoint(checkpoint, os.path.join(folder, CHECKPOINT_FILE))
+        report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))  # copied to storage here

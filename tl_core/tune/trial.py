@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-from pathlib import Path
 
 import torch
 
-from tl_core.checkpoints import save_checkpoint
 from tl_core.config import TrainConfig
-from tl_core.train.session import CHECKPOINT_FILE, LocalSession
+from tl_core.train.session import LocalSession, read_ray_checkpoint, report_to_ray
 
 TRIAL_PROCESS_CPU = 0.01
 
@@ -32,21 +29,12 @@ class TuneSession(LocalSession):
     def restore(self) -> dict | None:
         from ray import tune
 
-        ckpt = tune.get_checkpoint()  # set when Tune restarts this trial after an interruption
-        if ckpt is None:
-            return None
-        with ckpt.as_directory() as folder:
-            return torch.load(Path(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        return read_ray_checkpoint(tune.get_checkpoint())  # set when Tune restarts this trial
 
     def report(self, metrics: dict, checkpoint: dict | None = None) -> None:
         from ray import tune
 
-        if checkpoint is None:
-            tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            save_checkpoint(checkpoint, os.path.join(folder, CHECKPOINT_FILE))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))  # copied to storage here
+        report_to_ray(tune.report, metrics, checkpoint)
 
 
 def run_trial(config: dict, cpus: float, workdir: str, storage_path: str, storage_filesystem=None) -> None:
