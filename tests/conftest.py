@@ -28,6 +28,19 @@ def workdir(tmp_path, monkeypatch) -> Path:
     return tmp_path / "work"
 
 
+@pytest.fixture(scope="module")
+def module_workdir(tmp_path_factory, request) -> Path:
+    """One TL_WORKDIR (and SQLite MLflow store) shared by a whole module: creating one costs seconds.
+    Returns the folder that holds it (TL_WORKDIR is <it>/work)."""
+    root = tmp_path_factory.mktemp(request.module.__name__.split(".")[-1])
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TL_WORKDIR", str(root / "work"))
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mp.delenv("RAY_ADDRESS", raising=False)
+    yield root
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """A moto S3 server on 127.0.0.1 for the whole session; boto3 reaches it through AWS_ENDPOINT_URL."""

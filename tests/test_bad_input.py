@@ -11,15 +11,8 @@ from tl_core.cli import app
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    """One work directory (and MLflow store) for the whole module: creating one costs seconds."""
-    root = tmp_path_factory.mktemp("bad-input")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TL_WORKDIR", str(root / "work"))
-    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    mp.delenv("RAY_ADDRESS", raising=False)
-    yield root
-    mp.undo()
+def work(module_workdir):
+    return module_workdir
 
 
 def tl(*args: str):

@@ -25,15 +25,8 @@ GOOD_LR, BAD_LR = 3e-3, 1e-7
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    """One work directory (and SQLite MLflow store) for the module."""
-    root = tmp_path_factory.mktemp("tune")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TL_WORKDIR", str(root / "work"))
-    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    mp.delenv("RAY_ADDRESS", raising=False)
-    yield root
-    mp.undo()
+def work(module_workdir):
+    return module_workdir
 
 
 @pytest.fixture(scope="module")
