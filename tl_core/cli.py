@@ -78,11 +78,14 @@ def _split(text: str | None) -> list[str] | None:
 
 @app.command()
 def prepare(
-    uri: str = typer.Argument(..., help="sklearn:digits, fonts:digits, idx:DIR, npz:FILE, imagefolder:DIR|s3://..., torchvision:NAME"),
+    uri: str = typer.Argument(..., help="sklearn:digits, fonts:digits, idx:DIR, npz:FILE, imagefolder:DIR|s3://..., "
+                                         "torchvision:NAME, omniglot:ZIP"),
     classes: Optional[str] = typer.Option(None, help="keep these classes, comma-separated names or ids"),
     image_size: Optional[int] = typer.Option(None, help="resize to SIZE x SIZE"),
     channels: Optional[int] = typer.Option(None, help="1 (grey) or 3 (RGB)"),
     test_fraction: Optional[float] = typer.Option(None, help="held-out share when the source has no test split"),
+    test_split: Optional[str] = typer.Option(None, help="images (default) or classes: hold out whole classes for "
+                                                         "few-shot episodes on unseen classes"),
     max_per_class: Optional[int] = typer.Option(None, help="cap training images per class"),
     seed: Optional[int] = typer.Option(None),
     output: Optional[str] = typer.Option(None, help="folder for prepared datasets (local or s3://)"),
@@ -97,7 +100,7 @@ def prepare(
 
         cfg = load_config(PrepareConfig, config, dict(uri=uri, classes=_split(classes), image_size=image_size,
                                                        channels=channels, test_fraction=test_fraction,
-                                                       max_per_class=max_per_class, seed=seed, output=output))
+                                                       test_split=test_split, max_per_class=max_per_class, seed=seed, output=output))
         return prepare_step(cfg)
 
     _execute(work, as_json, lambda s: typer.echo(
@@ -183,8 +186,22 @@ def transfer(
     alpha: Optional[float] = typer.Option(None, help="distill: weight of the soft-label term"),
     use_unlabeled: Optional[bool] = typer.Option(None, "--use-unlabeled/--labelled-only",
                                                  help="distill: learn soft labels on the unlabeled train pool too"),
-    source_data: Optional[str] = typer.Option(None, help="multitask: prepared source dataset"),
+    source_data: Optional[str] = typer.Option(None, help="multitask, dann, mcc, simclr: prepared source dataset"),
     source_weight: Optional[float] = typer.Option(None, help="multitask: weight of the source loss"),
+    adapt_weight: Optional[float] = typer.Option(None, help="dann, mcc: weight of the adaptation loss"),
+    mcc_temperature: Optional[float] = typer.Option(None, help="mcc: temperature of the class-confusion term"),
+    contrastive_temperature: Optional[float] = typer.Option(None, help="simclr: NT-Xent temperature tau"),
+    projection_dim: Optional[int] = typer.Option(None, help="simclr: projection head output size"),
+    ways: Optional[int] = typer.Option(None, help="few-shot: classes per episode (N-way)"),
+    episode_shots: Optional[int] = typer.Option(None, help="few-shot: support images per class (K-shot)"),
+    episode_queries: Optional[int] = typer.Option(None, help="few-shot: query images per class"),
+    episodes_per_epoch: Optional[int] = typer.Option(None, help="few-shot: training episodes per epoch"),
+    eval_episodes: Optional[int] = typer.Option(None, help="few-shot: test episodes behind an accuracy"),
+    inner_steps: Optional[int] = typer.Option(None, help="maml: inner gradient steps"),
+    inner_lr: Optional[float] = typer.Option(None, help="maml: inner learning rate"),
+    first_order: Optional[bool] = typer.Option(None, "--first-order/--second-order", help="maml: first-order (FOMAML)"),
+    attributes: Optional[str] = typer.Option(None, help="zero-shot: class descriptions file (default: seven-segment)"),
+    unseen_classes: Optional[str] = typer.Option(None, help="zero-shot: classes never seen with labels, comma-separated"),
     val_per_class: Optional[int] = COMMON["val_per_class"], workers: Optional[int] = COMMON["workers"],
     runner: Optional[str] = COMMON["runner"], output: Optional[str] = COMMON["output"],
     config: Optional[str] = COMMON["config"], force: bool = COMMON["force"],
@@ -198,7 +215,11 @@ def transfer(
         backbone_lr_mult=backbone_lr_mult, freeze=freeze, head_warmup_epochs=head_warmup_epochs,
         unfreeze_every=unfreeze_every, l2sp_alpha=l2sp_alpha, l2sp_beta=l2sp_beta, teacher=teacher,
         temperature=temperature, alpha=alpha, use_unlabeled=use_unlabeled, source_data=source_data,
-        source_weight=source_weight, val_per_class=val_per_class, workers=workers, runner=runner, output=output)
+        source_weight=source_weight, adapt_weight=adapt_weight, mcc_temperature=mcc_temperature,
+        contrastive_temperature=contrastive_temperature, projection_dim=projection_dim, ways=ways,
+        episode_shots=episode_shots, episode_queries=episode_queries, episodes_per_epoch=episodes_per_epoch,
+        eval_episodes=eval_episodes, inner_steps=inner_steps, inner_lr=inner_lr, first_order=first_order,
+        attributes=attributes, unseen_classes=_split(unseen_classes), val_per_class=val_per_class, workers=workers, runner=runner, output=output)
     _train_command("transfer", overrides, config, force, baseline, as_json)
 
 

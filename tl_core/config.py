@@ -42,6 +42,9 @@ class PrepareConfig(StepConfig):
     image_size: int | None = Field(None, description="resize images to SIZE x SIZE")
     channels: int | None = Field(None, description="convert to 1 (grey) or 3 (RGB) channels")
     test_fraction: float = Field(0.3, gt=0, lt=1, description="held-out share when the source has no test split")
+    test_split: Literal["images", "classes"] = Field(
+        "images", description="images: hold out images of every class; classes: hold out whole classes (few-shot "
+        "episodes on classes never seen in training), test_fraction of them")
     max_per_class: int | None = Field(None, description="cap the training images of each class")
     seed: int = 0
     output: str | None = Field(None, description="folder (local or s3://) for prepared datasets")
@@ -55,7 +58,8 @@ class TrainConfig(StepConfig):
     model: str | None = Field(None, description="architecture; default: the backbone's, else small_cnn")
     model_kwargs: dict = Field(default_factory=dict)
     backbone: str | None = Field(None, description="pretrained checkpoint: path, s3://, runs:/ or models:/")
-    shots: int | None = Field(None, ge=1, description="labelled images per class; None = all")
+    shots: int | None = Field(None, ge=0, description="labelled images per class; None = all; 0 = none (domain "
+                              "adaptation and self-supervised pretraining learn from unlabeled images)")
     val_per_class: int = Field(0, ge=0, description="held-out validation images per class from the train pool")
     seed: int = 0
     epochs: int = Field(30, ge=1)
@@ -75,8 +79,22 @@ class TrainConfig(StepConfig):
     temperature: float = Field(4.0, gt=0, description="distill: softmax temperature T of the soft labels")
     alpha: float = Field(0.7, ge=0, le=1, description="distill: weight of the soft-label term (1 - alpha on hard labels)")
     use_unlabeled: bool = Field(False, description="distill: also learn the teacher's soft labels on unlabeled target images")
-    source_data: str | None = Field(None, description="multitask: the prepared source dataset trained alongside")
+    source_data: str | None = Field(None, description="multitask, dann, mcc, simclr: the prepared source dataset trained alongside")
     source_weight: float = Field(1.0, ge=0, description="multitask: weight of the source task's loss")
+    adapt_weight: float = Field(1.0, ge=0, description="dann, mcc: weight of the domain-adaptation loss")
+    mcc_temperature: float = Field(2.5, gt=0, description="mcc: softmax temperature of the class-confusion term")
+    contrastive_temperature: float = Field(0.5, gt=0, description="simclr: temperature tau of the NT-Xent loss")
+    projection_dim: int = Field(64, ge=1, description="simclr: output size of the projection head")
+    ways: int = Field(5, ge=2, description="protonet, maml, episodic-finetune: classes per episode (N-way)")
+    episode_shots: int = Field(1, ge=1, description="few-shot: labelled support images per class in an episode (K-shot)")
+    episode_queries: int = Field(5, ge=1, description="few-shot: query images per class in an episode")
+    episodes_per_epoch: int = Field(100, ge=1, description="few-shot: training episodes per epoch")
+    eval_episodes: int = Field(300, ge=1, description="few-shot: test episodes (fixed by the seed) behind an accuracy")
+    inner_steps: int = Field(5, ge=1, description="maml: gradient steps on an episode's support set")
+    inner_lr: float = Field(0.4, gt=0, description="maml: learning rate of the inner steps")
+    first_order: bool = Field(False, description="maml: drop second-order terms (FOMAML), cheaper")
+    attributes: str | None = Field(None, description="zero-shot: class descriptions file (default: seven-segment digits)")
+    unseen_classes: list[str] = Field(default_factory=list, description="zero-shot: classes never seen with labels")
     # Where and how it runs.
     workers: int = Field(1, ge=1, description="Ray Train workers; 1 runs in this process")
     runner: Literal["auto", "local", "ray"] = "auto"
@@ -108,12 +126,14 @@ class TrainConfig(StepConfig):
     # baseline serves every strategy trained on the same labels.
     STRATEGY_OPTIONS: ClassVar[tuple[str, ...]] = (
         "backbone_lr_mult", "freeze", "head_warmup_epochs", "unfreeze_every", "l2sp_alpha", "l2sp_beta",
-        "teacher", "temperature", "alpha", "use_unlabeled", "source_data", "source_weight",
+        "teacher", "temperature", "alpha", "use_unlabeled", "source_data", "source_weight", "adapt_weight",
+        "mcc_temperature", "contrastive_temperature", "projection_dim", "inner_steps", "inner_lr", "first_order",
+        "attributes", "unseen_classes",
     )
 
     def baseline(self) -> "TrainConfig":
         """The scratch baseline for this run: same data, labels, budget and architecture."""
-        defaults = {name: TrainConfig.model_fields[name].default for name in self.STRATEGY_OPTIONS}
+        defaults = {name: TrainConfig.model_fields[name].get_default(call_default_factory=True) for name in self.STRATEGY_OPTIONS}
         return self.model_copy(update={"strategy": "scratch", "output": None, **defaults})
 
     def resolved_runner(self) -> str:

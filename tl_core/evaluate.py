@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 from tl_core.checkpoints import load_checkpoint, load_state
+from tl_core.config import TrainConfig
 from tl_core.data import PreparedDataset, load_prepared
 from tl_core.errors import UserError
 from tl_core.models import build_from_spec
-from tl_core.train.loop import predict
+from tl_core.strategies import STRATEGIES
 
 ECE_BINS = 15
 
@@ -60,15 +61,12 @@ def classification_metrics(logits: torch.Tensor, y: torch.Tensor, classes: list[
 
 
 def check_fits(ckpt: dict, data: PreparedDataset, uri: str) -> None:
-    spec = ckpt["model_spec"]
-    if spec["num_classes"] != len(data.classes):
-        raise UserError(
-            f"the model's head has {spec['num_classes']} classes but {data.path} has {len(data.classes)} "
-            f"({data.classes}): evaluate on data with the model's classes {ckpt['data']['classes']}"
-        )
     trained = ckpt["data"]["classes"]
     if trained != data.classes:
-        raise UserError(f"the model was trained on classes {trained} but {data.path} has {data.classes}: use matching data")
+        raise UserError(
+            f"{uri} was trained on data with {len(trained)} classes {trained} but {data.path} has {len(data.classes)} "
+            f"{data.classes}: evaluate on data with the model's classes"
+        )
     if list(ckpt["data"]["shape"]) != list(data.shape):
         raise UserError(
             f"the model takes images of shape {ckpt['data']['shape']} but {data.path} has {data.shape}: "
@@ -88,8 +86,13 @@ def evaluate_loaded(ckpt: dict, data: PreparedDataset, split: str = "test", uri:
     # Normalise as the model was trained: with its training data's statistics.
     mean = torch.tensor(ckpt["data"]["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(ckpt["data"]["std"]).view(1, -1, 1, 1)
-    logits = predict(model, (torch.from_numpy(x).float() / 255.0 - mean) / std, torch.device("cpu"))
-    return classification_metrics(logits, torch.from_numpy(y), data.classes)
+    images = (torch.from_numpy(x).float() / 255.0 - mean) / std
+    # Scored as the model's strategy scores it: logits over the classes by default, episodes for
+    # few-shot models, attribute signatures for zero-shot ones.
+    cfg = TrainConfig(**ckpt["config"])
+    logits, labels, classes = STRATEGIES[cfg.strategy].predict(model, cfg, images, torch.from_numpy(y), data.classes,
+                                                               torch.device("cpu"))
+    return classification_metrics(logits, labels, classes)
 
 
 def negative_transfer(accuracy: float, scratch_accuracy: float, tolerance: float = 0.0) -> bool:

@@ -171,7 +171,7 @@ def with_teachers_first(strategies: list[str]) -> list[str]:
 
 def strategy_inputs(strategy: str, source: dict, done: dict[str, dict]) -> dict:
     """What a strategy needs beyond the common settings inside `tl run`."""
-    if strategy == "multitask":
+    if strategy in ("multitask", "dann", "mcc", "simclr"):
         return {"source_data": source["path"]}
     if strategy == "distill":
         return {"teacher": done["finetune"]["checkpoint"], "use_unlabeled": True}

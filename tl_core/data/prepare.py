@@ -82,6 +82,20 @@ def _stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator) 
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
+def _class_split(x, y, tx, ty, num_classes: int, cfg: PrepareConfig, rng: np.random.Generator):
+    """Hold out whole classes: the test split has every image of test_fraction of the classes,
+    the train split every image of the others, so few-shot episodes on the test split only see
+    classes never trained on. Labels keep their dataset ids."""
+    if num_classes < 2:
+        raise UserError(f"{cfg.uri}: --test-split classes needs at least 2 classes, it has {num_classes}")
+    if tx is not None:  # the source's own test images join their classes
+        x, y = np.concatenate([x, convert_channels(resize(tx, x.shape[-2:]), x.shape[1])]), np.concatenate([y, ty])
+    n_test = min(max(int(round(cfg.test_fraction * num_classes)), 1), num_classes - 1)
+    test_classes = rng.permutation(num_classes)[:n_test]
+    held_out = np.isin(y, test_classes)
+    return x[~held_out], y[~held_out], x[held_out], y[held_out]
+
+
 def build_arrays(raw: RawData, cfg: PrepareConfig) -> tuple[dict[str, np.ndarray], list[str]]:
     """Class subset, test split, per-class cap, channels, size: the whole transformation."""
     rng = np.random.default_rng(cfg.seed)
@@ -101,7 +115,9 @@ def build_arrays(raw: RawData, cfg: PrepareConfig) -> tuple[dict[str, np.ndarray
     if (counts == 0).any():
         missing = classes[int(np.flatnonzero(counts == 0)[0])]
         raise UserError(f"{cfg.uri}: class {missing!r} has no training images; add images or drop the class with --classes")
-    if tx is None:
+    if cfg.test_split == "classes":
+        x, y, tx, ty = _class_split(x, y, tx, ty, len(classes), cfg, rng)
+    elif tx is None:
         train_idx, test_idx = _stratified_split(y, cfg.test_fraction, rng)
         x, y, tx, ty = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
     if cfg.max_per_class:

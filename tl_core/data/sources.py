@@ -9,6 +9,7 @@
 | `npz:FILE`              | `x_train/y_train/x_test/y_test` or `x/y` arrays                    |
 | `imagefolder:DIR`       | DIR/<class>/<image> or DIR/{train,test}/<class>/<image>; DIR may be s3:// |
 | `torchvision:NAME`      | a torchvision dataset (MNIST, FashionMNIST, CIFAR10, USPS...): downloads |
+| `omniglot:ZIP`          | an Omniglot zip (`images_*/<alphabet>/<character>/*.png`); ZIP may be s3:// |
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def read_source(uri: str) -> RawData:
         "npz": read_npz,
         "imagefolder": read_imagefolder,
         "torchvision": read_torchvision,
+        "omniglot": read_omniglot,
     }
     if scheme not in readers:
         raise UserError(f"unknown data scheme {scheme!r} in {uri!r}: use one of {', '.join(sorted(readers))}")
@@ -104,6 +106,37 @@ def read_sklearn(name: str) -> RawData:
         train_y=digits.target.astype(np.int64),
         classes=[str(c) for c in digits.target_names],
     )
+
+
+def read_omniglot(location: str) -> RawData:
+    """Omniglot's handwritten characters: one class per `<alphabet>/<character>` folder.
+
+    The drawings are black strokes on white; they are inverted to bright strokes on black, as
+    MNIST's digits are. Few-shot use holds out whole characters: `tl prepare --test-split classes`.
+    """
+    import zipfile
+
+    if not storage.exists(location):
+        raise UserError(f"omniglot:{location}: no such file; give the path of an Omniglot zip such as "
+                        "images_background_small1.zip")
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(storage.read_bytes(location)))
+    except zipfile.BadZipFile as err:
+        raise UserError(f"omniglot:{location} is not a zip file ({err}): give an Omniglot zip") from None
+    by_class: dict[str, list[str]] = {}
+    for name in archive.namelist():
+        parts = name.split("/")
+        if len(parts) >= 3 and Path(name).suffix.lower() == ".png":
+            by_class.setdefault("/".join(parts[-3:-1]), []).append(name)
+    if not by_class:
+        raise UserError(f"omniglot:{location}: no <alphabet>/<character>/*.png images in the zip")
+    classes = sorted(by_class)
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for member in sorted(by_class[name]):
+            images.append(255 - _decode_image(archive.read(member), f"{location}:{member}"))
+            labels.append(label)
+    return RawData(np.stack(images), np.asarray(labels, dtype=np.int64), classes)
 
 
 def read_fonts(name: str) -> RawData:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tl_core.checkpoints import load_state
+from tl_core.data.batches import ShuffledBatches
 from tl_core.errors import UserError
 from tl_core.models import Classifier, create_model, model_spec
 
@@ -61,6 +62,11 @@ class Strategy:
         an unlabeled example."""
         return x, y
 
+    def batches(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, rank: int, world_size: int):
+        """One worker's training batches, an iterable with `set_epoch` and `len`: shuffled
+        mini-batches by default; episodes for the few-shot strategies."""
+        return ShuffledBatches(x, y, batch_size, self.cfg.seed, rank, world_size)
+
     def param_groups(self, net: nn.Module) -> list[dict]:
         return [{"params": [p for p in net.parameters() if p.requires_grad], "lr": self.cfg.lr}]
 
@@ -70,6 +76,18 @@ class Strategy:
 
     def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(net(x), y)
+
+    @classmethod
+    def predict(cls, model: Classifier, cfg, x: torch.Tensor, y: torch.Tensor, classes: list[str],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """What evaluation scores: logits, the labels they are scored against, and the class
+        names of the logits' columns. By default the model's logits over the dataset's classes.
+        A classmethod, so a checkpoint can be evaluated from its config alone; strategies whose
+        model is no classifier over the dataset's classes (few-shot episodes, zero-shot
+        attributes) override it."""
+        from tl_core.train.loop import predict
+
+        return predict(model, x, device), y, classes
 
     # State beyond the model's own weights (e.g. an extra head), saved in checkpoints for resume.
     def extra_state(self, net: nn.Module) -> dict:

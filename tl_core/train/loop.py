@@ -7,7 +7,6 @@ Ray Train `TorchTrainer` (`RaySession`): the session is the only thing that know
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from tl_core.checkpoints import FORMAT, load_checkpoint, load_state
 from tl_core.config import TrainConfig
 from tl_core.data import load_prepared, sample_shots
+from tl_core.errors import UserError
 from tl_core.strategies import create_strategy
 
 
@@ -31,40 +31,6 @@ def random_shift(x: torch.Tensor, pixels: int, generator: torch.Generator) -> to
     batch = torch.arange(n, device=x.device).view(n, 1, 1, 1).expand(n, c, h, w)
     chan = torch.arange(c, device=x.device).view(1, c, 1, 1).expand(n, c, h, w)
     return padded[batch, chan, rows, cols]
-
-
-class ShuffledBatches:
-    """Mini-batches of tensors already in memory, for one worker of `world_size`.
-
-    Each epoch draws a new permutation from (seed, epoch), the same on every worker, and each
-    worker takes its own shard of it, padded so all shards are equally long, as PyTorch's
-    DistributedSampler does (DDP needs the same number of steps on every worker). A batch is
-    one indexing operation, not a Python call per image: for small images and cached features
-    a DataLoader's per-item collation cost more than the training step.
-    """
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.x, self.y, self.batch_size = x, y, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def shard(self) -> torch.Tensor:
-        order = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        per_worker = math.ceil(len(order) / self.world_size)
-        padded = torch.cat([order, order])[: per_worker * self.world_size]  # padding repeats the first indices
-        return padded[self.rank :: self.world_size]
-
-    def __len__(self) -> int:
-        return math.ceil(math.ceil(len(self.y) / self.world_size) / self.batch_size)
-
-    def __iter__(self):
-        shard = self.shard()
-        for start in range(0, len(shard), self.batch_size):
-            idx = shard[start : start + self.batch_size]
-            yield self.x[idx], self.y[idx]
 
 
 def train_one_epoch(net, strategy, loader, optimizer, device, augment: int, generator, amp: bool) -> dict:
@@ -101,9 +67,10 @@ def predict(model, x: torch.Tensor, device, batch_size: int = 1024) -> torch.Ten
     return torch.cat([model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
 
 
-def evaluate(model, x: torch.Tensor, y: torch.Tensor, device) -> dict:
-    logits = predict(model, x, device)
-    return {"loss": F.cross_entropy(logits, y).item(), "accuracy": (logits.argmax(1) == y).float().mean().item()}
+def evaluate(strategy, model, x: torch.Tensor, y: torch.Tensor, classes: list[str], device) -> dict:
+    """Loss and accuracy of the model on (x, y), scored as its strategy scores it."""
+    logits, labels, _ = strategy.predict(model, strategy.cfg, x, y, classes, device)
+    return {"loss": F.cross_entropy(logits, labels).item(), "accuracy": (logits.argmax(1) == labels).float().mean().item()}
 
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
@@ -150,12 +117,15 @@ def fit(cfg: TrainConfig, session) -> dict:
         unlabeled = data.normalise(train_pool_x[rest])
     train_x, train_y = strategy.train_set(model, data.normalise(train_pool_x[train_idx]),
                                           torch.from_numpy(train_pool_y[train_idx]), unlabeled)
+    if not len(train_y):
+        raise UserError(f"strategy {cfg.strategy} has no training images with shots={cfg.shots}: give it labels "
+                        "(--shots N) or use a strategy that learns from unlabeled images (dann, mcc, simclr)")
 
     model = model.to(device)
     net = session.prepare_model(strategy.trainable(model))
     optimizer = make_optimizer(cfg, strategy.param_groups(net))
     per_worker_batch = max(1, cfg.batch_size // session.world_size)
-    loader = ShuffledBatches(train_x, train_y, per_worker_batch, cfg.seed, session.rank, session.world_size)
+    loader = strategy.batches(train_x, train_y, per_worker_batch, session.rank, session.world_size)
     generator = torch.Generator().manual_seed(cfg.seed + session.rank)  # augmentation differs per worker
     amp = cfg.amp and device.type == "cuda"
 
@@ -190,14 +160,14 @@ def fit(cfg: TrainConfig, session) -> dict:
         metrics["epoch_seconds"] = time.perf_counter() - epoch_start
         last = epoch == cfg.epochs - 1
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            result = evaluate(model, eval_x, eval_y, device)
+            result = evaluate(strategy, model, eval_x, eval_y, data.classes, device)
             metrics.update({f"{eval_name}_accuracy": result["accuracy"], f"{eval_name}_loss": result["loss"]})
         history.append(metrics)
         if not last:  # the last epoch is reported below, with the final test metrics
             save = cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0
             session.report(metrics, checkpoint(epoch, metrics) if save and session.rank == 0 else None)
 
-    final = evaluate(model, test_x, test_y, device)
+    final = evaluate(strategy, model, test_x, test_y, data.classes, device)
     summary = {
         "test_accuracy": final["accuracy"],
         "test_loss": final["loss"],
@@ -206,7 +176,7 @@ def fit(cfg: TrainConfig, session) -> dict:
         "workers": session.world_size,
     }
     if len(val_idx):
-        summary.update({f"val_{k}": v for k, v in evaluate(model, val_x, val_y, device).items()})
+        summary.update({f"val_{k}": v for k, v in evaluate(strategy, model, val_x, val_y, data.classes, device).items()})
     if session.world_size > 1:
         summary["replica_spread"] = replica_spread(net, session)
     if getattr(strategy, "cache_hit", None) is not None:

@@ -1,0 +1,112 @@
+"""Batches for the training core, drawn from tensors already in memory.
+
+`ShuffledBatches` gives plain mini-batches; `Episodes` gives few-shot episodes (N classes, K
+support + Q query images each). A strategy picks one with `Strategy.batches`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from tl_core.errors import UserError
+
+
+class ShuffledBatches:
+    """Mini-batches of tensors already in memory, for one worker of `world_size`.
+
+    Each epoch draws a new permutation from (seed, epoch), the same on every worker, and each
+    worker takes its own shard of it, padded so all shards are equally long, as PyTorch's
+    DistributedSampler does (DDP needs the same number of steps on every worker). A batch is
+    one indexing operation, not a Python call per image: for small images and cached features
+    a DataLoader's per-item collation cost more than the training step.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def shard(self) -> torch.Tensor:
+        order = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        per_worker = math.ceil(len(order) / self.world_size)
+        padded = torch.cat([order, order])[: per_worker * self.world_size]  # padding repeats the first indices
+        return padded[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        return math.ceil(math.ceil(len(self.y) / self.world_size) / self.batch_size)
+
+    def __iter__(self):
+        shard = self.shard()
+        for start in range(0, len(shard), self.batch_size):
+            idx = shard[start : start + self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+
+class Episodes:
+    """N-way K-shot episodes from the images `x` with labels `y`.
+
+    An episode picks `ways` classes among those in `y`, then `shots` support and `queries` query
+    images of each, all different. It is one batch laid out as
+
+        x = [support of class 0..N-1 (K each), query of class 0..N-1 (Q each)]
+        y = episode labels 0..N-1 in the same order (not the dataset's labels)
+
+    so `split_episode` recovers the parts. Episodes only ever draw from the (x, y) they are
+    given: pass the train split to train and the test split (classes never trained on, with
+    `tl prepare --test-split classes`) to evaluate. Each epoch's episodes come from (seed,
+    epoch), and every worker takes its own share of them.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, ways: int, shots: int, queries: int, episodes: int,
+                 seed: int, rank: int = 0, world_size: int = 1):
+        self.x, self.ways, self.shots, self.queries = x, ways, shots, queries
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        self.episodes = math.ceil(episodes / world_size)
+        labels = y.numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+        need = shots + queries
+        self.by_class = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
+        self.by_class = {c: idx for c, idx in self.by_class.items() if len(idx) >= need}
+        if len(self.by_class) < ways:
+            raise UserError(
+                f"a {ways}-way {shots}-shot episode with {queries} queries needs {ways} classes with at least {need} "
+                f"images each; these images have only {len(self.by_class)}: lower --ways, --episode-shots or "
+                "--episode-queries"
+            )
+        self.classes = sorted(self.by_class)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.episodes
+
+    def episode_indices(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Image indices of one episode (support then query) and the dataset classes it uses."""
+        classes = rng.choice(self.classes, self.ways, replace=False)
+        picks = [rng.choice(self.by_class[int(c)], self.shots + self.queries, replace=False) for c in classes]
+        support = np.concatenate([p[: self.shots] for p in picks])
+        query = np.concatenate([p[self.shots :] for p in picks])
+        return np.concatenate([support, query]), classes
+
+    def episode_labels(self) -> torch.Tensor:
+        ways = torch.arange(self.ways)
+        return torch.cat([ways.repeat_interleave(self.shots), ways.repeat_interleave(self.queries)])
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+        labels = self.episode_labels()
+        for _ in range(self.episodes):
+            idx, _ = self.episode_indices(rng)
+            yield self.x[torch.from_numpy(idx)], labels
+
+
+def split_episode(x: torch.Tensor, y: torch.Tensor, ways: int, shots: int) -> tuple[torch.Tensor, ...]:
+    """(support_x, support_y, query_x, query_y) of a batch laid out by `Episodes`."""
+    n = ways * shots
+    return x[:n], y[:n], x[n:], y[n:]
