@@ -169,6 +169,10 @@ class RunConfig(StepConfig):
         unknown = [n for n in names if n not in STRATEGIES]
         if unknown:
             raise ValueError(f"unknown strategy {unknown[0]!r}; choose from {sorted(STRATEGIES)}")
+        other_tasks = [n for n in names if not STRATEGIES[n].classifies_dataset_classes]
+        if other_tasks:
+            raise ValueError(f"strategy {other_tasks[0]!r} does not classify the target's classes (few-shot episodes or "
+                             "zero-shot), so tl run cannot compare it with scratch: run it with tl transfer")
         return [n for n in names if n != "scratch"]  # scratch is always the baseline
 
 

@@ -30,6 +30,7 @@ from tl_core.checkpoints import load_checkpoint, read_checkpoint_bytes
 from tl_core.data import load_prepared
 from tl_core.errors import UserError
 from tl_core.evaluate import evaluate_loaded
+from tl_core.strategies import STRATEGIES
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -186,6 +187,10 @@ def register_model(checkpoint_uri: str, name: str, data_uri: str | None = None, 
     started = time.perf_counter()
     client = _client()  # the server answers, or we stop before logging anything
     ckpt = load_checkpoint(checkpoint_uri)
+    strategy = ckpt["config"]["strategy"]
+    if not STRATEGIES[strategy].classifies_dataset_classes:
+        raise UserError(f"{checkpoint_uri} is a {strategy} model: it does not predict its dataset's classes, and the "
+                        "registry serves classifiers only; register a model trained with a classification strategy")
     data = load_prepared(data_uri) if data_uri else None
     evaluation = evaluate_loaded(ckpt, data, "test", checkpoint_uri) if data else None  # also: classes fit
     tags = lineage_tags(ckpt, checkpoint_uri)

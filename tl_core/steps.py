@@ -121,7 +121,12 @@ def pretrain_step(cfg: TrainConfig, on_report: Progress | None = None, force: bo
 
 def transfer_step(cfg: TrainConfig, on_report: Progress | None = None, force: bool = False, baseline: bool = True) -> dict:
     """Transfer with `cfg.strategy`, measured against the scratch baseline on the same labels."""
-    if cfg.strategy == "scratch" or not baseline:
+    from tl_core.strategies import STRATEGIES
+
+    # No scratch baseline where it cannot be trained (no labels) or scores something else than
+    # the strategy does (few-shot episodes, zero-shot); those report against their own baselines.
+    comparable = STRATEGIES[cfg.strategy].classifies_dataset_classes and cfg.shots != 0
+    if cfg.strategy == "scratch" or not baseline or not comparable:
         return train_step(cfg, "transfer", on_report, force)
     scratch = train_step(cfg.baseline(), "transfer", on_report)
     result = train_step(cfg, "transfer", on_report, force, scratch_accuracy=scratch["metrics"]["accuracy"])

@@ -19,6 +19,10 @@ class Strategy:
     needs_backbone = True  # False: trains from random init (the backbone only names the architecture)
     trains_on_images = True  # False: trains on cached features, so no image augmentation
     uses_unlabeled = False  # True: the loop hands it the train pool's unlabeled images too
+    # False where the model is no classifier of the dataset's classes (few-shot episodes on unseen
+    # classes, zero-shot attribute signatures): then there is no scratch baseline on the same
+    # labels, no `tl run`, and no registry pyfunc (which predicts the dataset's classes).
+    classifies_dataset_classes = True
 
     def __init__(self, cfg):
         self.cfg = cfg
