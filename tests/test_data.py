@@ -109,3 +109,25 @@ def test_imagefolder_on_s3_through_boto3(tmp_path, workdir, s3_endpoint):
     assert any(k.endswith("manifest.json") for k in keys) and len(keys) == 5
     again = load_prepared(data.path)
     assert again.hash == data.hash and (again.split("train")[0] == data.split("train")[0]).all()
+
+
+def test_omniglot_zip_one_class_per_character_bright_strokes(shared_data):
+    raw = read_source(f"omniglot:{shared_data / 'omniglot-small1' / 'images_background_small1.zip'}")
+    assert len(raw.classes) == 136 and all(c.count("/") == 1 for c in raw.classes)  # <alphabet>/<character>
+    assert raw.train_x.shape == (2720, 1, 105, 105)
+    assert np.bincount(raw.train_y).tolist() == [20] * 136
+    assert raw.train_x.mean() < 40  # inverted: dark background, bright strokes (as MNIST)
+    with pytest.raises(UserError, match="no such file"):
+        read_source(f"omniglot:{shared_data / 'missing.zip'}")
+
+
+def test_class_split_holds_out_whole_classes(workdir):
+    data, _ = prepare(PrepareConfig(uri="sklearn:digits", test_split="classes", test_fraction=0.3, seed=1))
+    train_classes, test_classes = set(data.split("train")[1]), set(data.split("test")[1])
+    assert not train_classes & test_classes
+    assert len(test_classes) == 3 and train_classes | test_classes == set(range(10))
+    assert len(data.split("train")[1]) + len(data.split("test")[1]) == 1797  # every image kept
+    other, _ = prepare(PrepareConfig(uri="sklearn:digits", test_split="classes", test_fraction=0.3, seed=2))
+    assert set(other.split("test")[1]) != test_classes  # the seed picks the held-out classes
+    with pytest.raises(UserError, match="at least 2 classes"):
+        prepare(PrepareConfig(uri="sklearn:digits", classes=["3"], test_split="classes"))
