@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tl_core.checkpoints import load_state
+from tl_core.data import load_prepared
 from tl_core.data.batches import ShuffledBatches
 from tl_core.errors import UserError
 from tl_core.models import Classifier, create_model, model_spec
@@ -78,6 +79,10 @@ class Strategy:
         """Before each epoch: train mode, and any schedule (unfreezing, warm-up)."""
         net.train()
 
+    def on_epoch_end(self, net: nn.Module, epoch: int) -> None:
+        """After each epoch's training steps, before it is evaluated (e.g. re-estimate batch-norm
+        statistics)."""
+
     def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(net(x), y)
 
@@ -105,6 +110,24 @@ def backbone_state(ckpt: dict) -> dict:
     """The backbone's part of a checkpoint's state_dict (the head is left behind)."""
     prefix = "backbone."
     return {k[len(prefix) :]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+
+
+def load_source(cfg, strategy: str) -> tuple:
+    """The labelled source task (`--source-data`) that a strategy trains beside the target
+    (multitask, dann, mcc): the prepared dataset, and its train split as normalised images and labels."""
+    if not cfg.source_data:
+        raise UserError(f"strategy {strategy} needs the source task: pass --source-data with a prepared dataset")
+    source = load_prepared(cfg.source_data)
+    x, y = source.split("train")
+    return source, source.normalise(x), torch.from_numpy(y)
+
+
+def draw_batch(x: torch.Tensor, y: torch.Tensor, n: int, generator: torch.Generator,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` examples drawn with replacement: a batch of a second dataset beside the loader's, which
+    sets the epoch's length (the source task's images; a few labelled shots among many unlabeled)."""
+    pick = torch.randint(0, len(y), (n,), generator=generator)
+    return x[pick].to(device), y[pick].to(device)
 
 
 def unwrap(net: nn.Module) -> nn.Module:

@@ -12,11 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tl_core.data import load_prepared
 from tl_core.errors import UserError
 from tl_core.models import Classifier
 from tl_core.strategies import register_strategy
-from tl_core.strategies.base import Strategy, unwrap
+from tl_core.strategies.base import Strategy, draw_batch, load_source, unwrap
 
 
 class MultitaskNet(nn.Module):
@@ -39,11 +38,7 @@ class Multitask(Strategy):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.needs_backbone = cfg.backbone is not None
-        if not cfg.source_data:
-            raise UserError("strategy multitask needs the source task: pass --source-data with a prepared dataset")
-        source = load_prepared(cfg.source_data)
-        x, y = source.split("train")
-        self.source_x, self.source_y = source.normalise(x), torch.from_numpy(y)
+        source, self.source_x, self.source_y = load_source(cfg, self.name)
         self.source_classes = len(source.classes)
         self.source_shape = source.shape
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -59,8 +54,7 @@ class Multitask(Strategy):
         return MultitaskNet(model, self.source_classes)
 
     def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        pick = torch.randint(0, len(self.source_y), (len(x),), generator=self.generator)
-        xs, ys = self.source_x[pick].to(x.device), self.source_y[pick].to(x.device)
+        xs, ys = draw_batch(self.source_x, self.source_y, len(x), self.generator, x.device)
         if xs.shape[-2:] != x.shape[-2:]:
             raise UserError(f"source images are {tuple(xs.shape[-2:])}, target images {tuple(x.shape[-2:])}: "
                             "prepare both with the same --image-size")

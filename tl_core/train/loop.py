@@ -157,6 +157,7 @@ def fit(cfg: TrainConfig, session) -> dict:
         epoch_start = time.perf_counter()
         strategy.on_epoch_start(net, optimizer, epoch)
         metrics = {"epoch": epoch, **train_one_epoch(net, strategy, loader, optimizer, device, cfg.augment, generator, amp)}
+        strategy.on_epoch_end(net, epoch)
         metrics["epoch_seconds"] = time.perf_counter() - epoch_start
         last = epoch == cfg.epochs - 1
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
