@@ -112,3 +112,27 @@ def test_negative_transfer_is_flagged_on_a_backbone_pretrained_on_shuffled_label
 
     assert mlflow.get_run(result["run_id"]).data.tags["negative_transfer"] == "true"
     assert result["baseline"]["strategy"] == "scratch" and result["baseline"]["metrics"]["accuracy"] > 0.85
+
+
+def test_strategies_that_score_other_tasks_skip_scratch_and_are_refused_where_a_classifier_is_needed(workdir):
+    """A few-shot model is scored on episodes of unseen classes: no scratch baseline on the same
+    labels, `tl run` and the registry refuse it with a clear error. A zero-label transfer has no
+    scratch baseline either (nothing to train it on)."""
+    from tl_core.config import RunConfig, validate
+    from tl_core.errors import UserError
+    from tl_core.registry import register_model
+    from tl_core.steps import transfer_step
+
+    episodes, _ = prepare(PrepareConfig(uri="sklearn:digits", test_split="classes", test_fraction=0.5))
+    result = transfer_step(TrainConfig(data=episodes.path, strategy="protonet", epochs=2, episodes_per_epoch=20,
+                                       eval_episodes=40))
+    assert "baseline" not in result and result["metrics"]["accuracy"] > 0.4  # 5-way episodes: chance 0.2
+    assert result["metrics"]["n"] == 40 * 5 * 5  # queries of the 40 episodes, scored by the strategy
+    with pytest.raises(UserError, match="registry serves classifiers"):
+        register_model(result["checkpoint"], "digits-protonet")
+    with pytest.raises(UserError, match="tl run cannot compare"):
+        validate(RunConfig, {"strategies": ["finetune", "protonet"]})
+
+    digits, _ = prepare(PrepareConfig(uri="sklearn:digits"))
+    unlabeled = transfer_step(TrainConfig(data=digits.path, strategy="mcc", source_data=digits.path, shots=0, epochs=1))
+    assert "baseline" not in unlabeled and unlabeled["metrics"]["accuracy"] > 0.5
