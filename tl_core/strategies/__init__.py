@@ -27,3 +27,7 @@ def create_strategy(cfg) -> Strategy:
 
 
 from tl_core.strategies import distill, finetune, linear_probe, multitask, scratch  # noqa: E402,F401
+from tl_core.strategies import domain_adaptation  # noqa: E402,F401  (dann, mcc)
+from tl_core.strategies import fewshot  # noqa: E402,F401  (protonet, maml, episodic-finetune)
+from tl_core.strategies import simclr  # noqa: E402,F401
+from tl_core.strategies import zero_shot  # noqa: E402,F401

@@ -1,0 +1,220 @@
+"""`zero-shot`: recognise classes never seen with labels, from a description of each class.
+
+Direct attribute prediction (DAP; Lampert, Nickisch & Harmeling 2009, "Learning to Detect
+Unseen Object Classes by Between-Class Attribute Transfer", and TPAMI 2014). Every class is
+described by a 0/1 signature over M attributes, here the seven segments a..g of a
+seven-segment display that a digit lights (`seven_segment.yaml`, packaged beside this file;
+`--attributes FILE` replaces it). Then:
+
+- training sees only the labelled images of the *seen* classes (every class not in
+  `--unseen-classes`). The model has one output per attribute (built with num_classes = M),
+  and learns each attribute independently: binary cross-entropy of its M logits against the
+  signature of the image's class. Random init, or the backbone of `--backbone`.
+- an image of an unseen class is classified by the attribute signature it fits best: with
+  p_m = sigmoid(logit_m) the predicted probability that attribute m is on, class c scores the
+  log-likelihood of its signature s^c, sum_m log p(a_m = s^c_m), where p(a_m = 1) = p_m and
+  p(a_m = 0) = 1 - p_m (attributes independent given the image, a uniform class prior; we
+  leave out the paper's division by the attribute priors). The scores are the logits that
+  `predict` returns, so a model's accuracy is its zero-shot accuracy among the unseen classes
+  (chance: 1/U) and `tl evaluate` gives their confusion matrix.
+- `generalized_scores` / `generalized_accuracy`: the harder generalized setting, where every
+  class (seen and unseen) is a candidate for every test image.
+
+An attribute that is constant over the seen classes (with unseen {0, 2, 6, 8}, no seen digit
+lights e) cannot be learnt: its predictor only learns "always off", which says nothing about
+an image. Such an attribute is left out of the scores, with a warning; if two unseen classes
+then differ only in left-out attributes, that is an error (nothing could tell them apart).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from tl_core import storage
+from tl_core.errors import UserError
+from tl_core.models import Classifier
+from tl_core.strategies import register_strategy
+from tl_core.strategies.base import Strategy
+
+DEFAULT_DESCRIPTIONS = Path(__file__).with_name("seven_segment.yaml")
+
+
+@dataclass(frozen=True)
+class ClassDescriptions:
+    """A class descriptions file: attribute names, and each class's 0/1 signature over them."""
+
+    path: str
+    attributes: list[str]
+    signatures: dict[str, list[int]]
+
+
+def load_descriptions(path: str | None) -> ClassDescriptions:
+    """Read and check a class descriptions file (None: the packaged seven-segment digits)."""
+    file = Path(path) if path else DEFAULT_DESCRIPTIONS
+    fix = f"see {DEFAULT_DESCRIPTIONS.name} (packaged with tl_core) for the format"
+    if not file.is_file():
+        raise UserError(f"class descriptions file {file} does not exist: check --attributes ({fix})")
+    try:
+        content = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"class descriptions file {file} is not valid YAML: {err}") from None
+    if not isinstance(content, dict) or not isinstance(content.get("attributes"), list) \
+            or not isinstance(content.get("classes"), dict):
+        raise UserError(f"class descriptions file {file} needs an `attributes:` list and a `classes:` mapping ({fix})")
+    attributes = [str(a) for a in content["attributes"]]
+    if not attributes or len(set(attributes)) != len(attributes):
+        raise UserError(f"{file}: `attributes` must name at least one attribute, each once; got {attributes}")
+    signatures = {}
+    for name, signature in content["classes"].items():
+        name = str(name)  # YAML reads an unquoted 3: as the number 3; class names are strings
+        if not isinstance(signature, list) or len(signature) != len(attributes):
+            raise UserError(f"{file}: class {name!r} has the signature {signature!r}; it needs one 0/1 value per "
+                            f"attribute, {len(attributes)} in all ({', '.join(attributes)})")
+        if any(isinstance(v, bool) or v not in (0, 1) for v in signature):
+            raise UserError(f"{file}: class {name!r} has the signature {signature}; every value must be 0 or 1")
+        signatures[name] = [int(v) for v in signature]
+    return ClassDescriptions(str(file), attributes, signatures)
+
+
+@dataclass(frozen=True)
+class ZeroShotTask:
+    """The class descriptions checked against a dataset's classes and the unseen classes."""
+
+    attributes: list[str]
+    signatures: torch.Tensor  # (dataset classes, M) float 0/1, row k for dataset label k
+    seen: list[int]  # dataset labels
+    unseen: list[int]  # dataset labels, in the order of --unseen-classes
+    scored: torch.Tensor  # (M,) bool: attributes that vary over the seen classes, so could be learnt
+
+
+def zero_shot_task(cfg, classes: list[str]) -> ZeroShotTask:
+    """Check `cfg.attributes` and `cfg.unseen_classes` against the dataset's `classes`."""
+    descriptions = load_descriptions(cfg.attributes)
+    source = descriptions.path
+    missing = [c for c in classes if c not in descriptions.signatures]
+    if missing:
+        raise UserError(f"{source} has no signature for the dataset's classes {missing}: add them under `classes:` "
+                        f"(the dataset's classes are {classes})")
+    unseen_names = list(cfg.unseen_classes)
+    if len(unseen_names) < 2:
+        raise UserError(f"zero-shot needs at least 2 unseen classes, got {unseen_names}: pass --unseen-classes with "
+                        f"two or more of {classes}, e.g. --unseen-classes {','.join(classes[-3:])}")
+    unknown = [c for c in unseen_names if c not in classes]
+    if unknown:
+        raise UserError(f"unseen classes {unknown} are not classes of the dataset: choose from {classes}")
+    if len(set(unseen_names)) != len(unseen_names):
+        raise UserError(f"--unseen-classes names a class twice: {unseen_names}")
+    unseen = [classes.index(c) for c in unseen_names]
+    seen = [k for k in range(len(classes)) if k not in unseen]
+    if len(seen) < 2:
+        raise UserError(f"with unseen classes {unseen_names}, fewer than 2 classes of {classes} are left to train the "
+                        "attribute predictors on: leave at least 2 classes seen")
+    signatures = torch.tensor([descriptions.signatures[c] for c in classes], dtype=torch.float32)
+    by_signature: dict[tuple, str] = {}
+    for k in unseen:
+        other = by_signature.setdefault(tuple(signatures[k].tolist()), classes[k])
+        if other != classes[k]:
+            raise UserError(f"unseen classes {other!r} and {classes[k]!r} have the same signature in {source}: no "
+                            "attribute tells them apart; give them different signatures or leave one seen")
+    seen_values = signatures[seen]
+    scored = seen_values.min(0).values != seen_values.max(0).values
+    if not scored.all():
+        constant = [f"{a} (always {int(seen_values[0, m])})" for m, a in enumerate(descriptions.attributes)
+                    if not scored[m]]
+        warnings.warn(f"attributes {', '.join(constant)} do not vary over the seen classes, so cannot be learnt: they "
+                      "are left out of the zero-shot scores", stacklevel=2)
+        by_scored: dict[tuple, str] = {}
+        for k in unseen:
+            other = by_scored.setdefault(tuple(signatures[k][scored].tolist()), classes[k])
+            if other != classes[k]:
+                raise UserError(f"unseen classes {other!r} and {classes[k]!r} differ only in attributes that do not "
+                                f"vary over the seen classes ({', '.join(constant)}), so nothing learnt tells them "
+                                "apart: choose other unseen classes")
+    return ZeroShotTask(descriptions.attributes, signatures, seen, unseen, scored)
+
+
+def dataset_classes(data_uri: str) -> list[str]:
+    """The class names of a prepared dataset, from its manifest alone (no images read)."""
+    return json.loads(storage.read_bytes(storage.join(data_uri, "manifest.json")))["classes"]
+
+
+def dap_scores(attribute_logits: torch.Tensor, signatures: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """DAP: the log-likelihood of each class's signature under the predicted attributes,
+    sum over scored attributes m of log p(a_m = s^c_m). attribute_logits (N, M), signatures
+    (C, M) 0/1, scored (M,) bool -> scores (N, C)."""
+    log_on = F.logsigmoid(attribute_logits[:, scored])  # log p_m, computed stably from the logit
+    log_off = F.logsigmoid(-attribute_logits[:, scored])  # log (1 - p_m)
+    s = signatures[:, scored]
+    return log_on @ s.T + log_off @ (1 - s).T
+
+
+def attribute_logits(model: Classifier, x: torch.Tensor, device) -> torch.Tensor:
+    from tl_core.train.loop import predict
+
+    return predict(model.to(device), x, device)
+
+
+@register_strategy
+class ZeroShot(Strategy):
+    name = "zero-shot"
+    classifies_dataset_classes = False  # it scores unseen classes by their descriptions
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.needs_backbone = cfg.backbone is not None
+        self.task = zero_shot_task(cfg, dataset_classes(cfg.data))
+
+    def build_model(self, num_classes, in_channels, backbone):
+        # One output per attribute, not per class: the head predicts the signature.
+        return super().build_model(len(self.task.attributes), in_channels, backbone)
+
+    def train_set(self, model, x, y, unlabeled):
+        seen = torch.isin(y, torch.tensor(self.task.seen))  # the unseen classes' labels are never used
+        return x[seen], y[seen]
+
+    def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        targets = self.task.signatures.to(y.device)[y]
+        return F.binary_cross_entropy_with_logits(net(x), targets)
+
+    @classmethod
+    def predict(cls, model, cfg, x, y, classes, device):
+        task = zero_shot_task(cfg, classes)
+        unseen = torch.tensor(task.unseen)
+        keep = torch.isin(y, unseen)
+        if not keep.any():
+            raise UserError(f"the evaluated images hold no image of the unseen classes "
+                            f"{[classes[k] for k in task.unseen]}: evaluate on a split that has them")
+        scores = dap_scores(attribute_logits(model, x[keep], device), task.signatures[unseen], task.scored)
+        labels = (y[keep].unsqueeze(1) == unseen).int().argmax(1)  # dataset label -> its place among the unseen
+        return scores, labels, [classes[k] for k in task.unseen]
+
+
+def generalized_scores(model: Classifier, cfg, x: torch.Tensor, y: torch.Tensor, classes: list[str],
+                       device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Generalized zero-shot: every class of the dataset, seen or unseen, is a candidate for every
+    image. Returns DAP scores over all classes (N, K), the labels y unchanged, and the classes.
+    Classes whose signatures agree on every scored attribute tie (the first one wins)."""
+    task = zero_shot_task(cfg, classes)
+    return dap_scores(attribute_logits(model, x, device), task.signatures, task.scored), y, classes
+
+
+def generalized_accuracy(model: Classifier, cfg, x: torch.Tensor, y: torch.Tensor, classes: list[str],
+                         device) -> dict:
+    """Generalized zero-shot accuracy (all classes candidates) on the images of the seen classes,
+    on those of the unseen classes, and their harmonic mean (the usual summary: high only when
+    both are; DAP tends to favour the seen classes, whose attributes it was trained on)."""
+    scores, labels, _ = generalized_scores(model, cfg, x, y, classes, device)
+    correct = (scores.argmax(1) == labels).float()
+    unseen = torch.isin(labels, torch.tensor([classes.index(c) for c in cfg.unseen_classes]))
+    seen_acc = correct[~unseen].mean().item() if (~unseen).any() else float("nan")
+    unseen_acc = correct[unseen].mean().item() if unseen.any() else float("nan")
+    harmonic = 2 * seen_acc * unseen_acc / (seen_acc + unseen_acc) if seen_acc + unseen_acc > 0 else 0.0
+    return {"seen": seen_acc, "unseen": unseen_acc, "harmonic": harmonic}
