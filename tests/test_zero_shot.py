@@ -155,3 +155,13 @@ def test_an_attribute_constant_over_the_seen_classes_is_left_out_with_a_warning(
     with pytest.warns(UserWarning, match=r"c \(always 1\), e \(always 0\)"):
         task = zero_shot_task(config(digits, ["0", "2", "6", "8"]), digits.classes)
     assert task.scored.tolist() == [True, True, False, True, False, True, True]
+
+
+def test_editing_the_description_file_in_place_trains_again(digits, tmp_path):
+    """A run is cached by the file's content, not its name: an edited file is a new run."""
+    path = write(tmp_path, SEVEN_SEGMENT)
+    first = train(config(digits, ["2", "6"], attributes=path, epochs=2))
+    assert train(config(digits, ["2", "6"], attributes=path, epochs=2)).cached
+    write(tmp_path, SEVEN_SEGMENT.replace('"2"', '"x"').replace('"6"', '"2"').replace('"x"', '"6"'))
+    edited = train(config(digits, ["2", "6"], attributes=path, epochs=2))
+    assert not edited.cached and edited.checkpoint_uri != first.checkpoint_uri

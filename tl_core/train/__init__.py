@@ -24,11 +24,17 @@ class TrainResult:
 
 def output_folder(cfg: TrainConfig) -> str:
     """Where a run's checkpoint goes: named by the strategy and a hash of everything that
-    changes the result (the settings, the dataset, the backbone's bytes)."""
+    changes the result (the settings, the dataset, the bytes of the backbone, teacher and class
+    descriptions)."""
     if cfg.output:
         return cfg.output
-    backbone_sha = storage.sha256_bytes(read_checkpoint_bytes(cfg.backbone)) if cfg.backbone else ""
-    key = storage.sha256_bytes((cfg.fingerprint(exclude={"output"}) + backbone_sha).encode())[:16]
+    # Files whose content can change under the same name: their bytes, not their names, count.
+    # (Prepared datasets need not be here: their folder names carry their content hash.)
+    inputs = [read_checkpoint_bytes(uri) for uri in (cfg.backbone, cfg.teacher) if uri]
+    if cfg.attributes:
+        inputs.append(storage.read_bytes(cfg.attributes))
+    inputs_sha = "".join(storage.sha256_bytes(data) for data in inputs)
+    key = storage.sha256_bytes((cfg.fingerprint(exclude={"output"}) + inputs_sha).encode())[:16]
     return storage.join(workdir(), "models", f"{cfg.strategy}-{key}")
 
 
