@@ -13,7 +13,7 @@ import torch
 
 from tl_core.checkpoints import load_checkpoint, load_state
 from tl_core.config import TrainConfig
-from tl_core.data import PreparedDataset, load_prepared
+from tl_core.data import PreparedDataset, load_prepared, normalise
 from tl_core.errors import UserError
 from tl_core.models import build_from_spec
 from tl_core.strategies import STRATEGIES
@@ -83,10 +83,7 @@ def evaluate_loaded(ckpt: dict, data: PreparedDataset, split: str = "test", uri:
     model = build_from_spec(ckpt["model_spec"])
     load_state(model, ckpt["model"], uri)
     x, y = data.split(split)
-    # Normalise as the model was trained: with its training data's statistics.
-    mean = torch.tensor(ckpt["data"]["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(ckpt["data"]["std"]).view(1, -1, 1, 1)
-    images = (torch.from_numpy(x).float() / 255.0 - mean) / std
+    images = normalise(x, ckpt["data"])  # as the model was trained: with its training data's statistics
     # Scored as the model's strategy scores it: logits over the classes by default, episodes for
     # few-shot models, attribute signatures for zero-shot ones.
     cfg = TrainConfig(**ckpt["config"])

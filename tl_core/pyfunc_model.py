@@ -19,7 +19,7 @@ import torch
 from mlflow.pyfunc import PythonModel
 
 from tl_core.checkpoints import load_checkpoint, load_state
-from tl_core.data import PreparedDataset
+from tl_core.data import normalise
 from tl_core.data.sources import as_uint8_images  # the conversion training data went through
 from tl_core.data.transforms import convert_channels, resize
 from tl_core.models import build_from_spec
@@ -32,17 +32,13 @@ class ImageClassifier(PythonModel):
         self.model = build_from_spec(self.checkpoint["model_spec"])
         load_state(self.model, self.checkpoint["model"], context.artifacts["checkpoint"])
         self.model.eval()
-        data = self.checkpoint["data"]
-        self.classes = list(data["classes"])
-        # The checkpoint's data dict is the training manifest's hash, classes, shape, mean, std:
-        # PreparedDataset.normalise reads mean and std from it as training did.
-        self.training_data = PreparedDataset(data.get("uri", "training data"), data, {})
+        self.classes = list(self.checkpoint["data"]["classes"])
 
     def prepare(self, images: np.ndarray) -> torch.Tensor:
         channels, height, width = self.checkpoint["data"]["shape"]
         x = as_uint8_images(np.asarray(images), "model input")
         x = resize(convert_channels(x, channels), (height, width))
-        return self.training_data.normalise(x)
+        return normalise(x, self.checkpoint["data"])  # with the training data's mean and std
 
     # An ndarray hint: MLflow then neither infers a schema from it nor warns that hints are missing.
     def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:

@@ -48,12 +48,18 @@ class PreparedDataset:
 
     def normalise(self, x: np.ndarray) -> torch.Tensor:
         """uint8 images -> float tensor scaled by this dataset's mean and std."""
-        mean = torch.tensor(self.manifest["mean"]).view(1, -1, 1, 1)
-        std = torch.tensor(self.manifest["std"]).view(1, -1, 1, 1)
-        return (torch.from_numpy(x).float() / 255.0 - mean) / std
+        return normalise(x, self.manifest)
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         return self.arrays[f"{name}_x"], self.arrays[f"{name}_y"]
+
+
+def normalise(x: np.ndarray, stats: dict) -> torch.Tensor:
+    """uint8 images -> float tensor scaled by `stats`' per-channel mean and std: a dataset's
+    manifest, or a checkpoint's `data` dict (to feed a model as its training data was)."""
+    mean = torch.tensor(stats["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(stats["std"]).view(1, -1, 1, 1)
+    return (torch.from_numpy(x).float() / 255.0 - mean) / std
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:

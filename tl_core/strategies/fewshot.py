@@ -246,22 +246,20 @@ def few_shot_accuracy(ckpt_or_model, cfg, data, ways: int | None = None, shots: 
     """
     from tl_core.checkpoints import load_checkpoint, load_state
     from tl_core.config import TrainConfig
-    from tl_core.data import load_prepared
+    from tl_core.data import load_prepared, normalise
     from tl_core.models import build_from_spec
     from tl_core.strategies import STRATEGIES
 
     data = load_prepared(data) if isinstance(data, str) else data
     x, y = data.split(split)
-    images = torch.from_numpy(x).float() / 255.0
     if isinstance(ckpt_or_model, nn.Module):
-        model, mean, std = ckpt_or_model, data.manifest["mean"], data.manifest["std"]
+        model, images = ckpt_or_model, data.normalise(x)
     else:
         ckpt = load_checkpoint(ckpt_or_model) if isinstance(ckpt_or_model, str) else ckpt_or_model
         model = build_from_spec(ckpt["model_spec"])
         load_state(model, ckpt["model"], "the checkpoint")
         cfg = cfg or TrainConfig(**ckpt["config"])
-        mean, std = ckpt["data"]["mean"], ckpt["data"]["std"]  # normalised as the model was trained
-    images = (images - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+        images = normalise(x, ckpt["data"])  # as the model was trained
     update = {k: v for k, v in {"ways": ways, "episode_shots": shots, "eval_episodes": episodes,
                                 "episode_queries": queries}.items() if v is not None}
     cfg = cfg.model_copy(update=update)
