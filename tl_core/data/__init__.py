@@ -1,5 +1,5 @@
 """Data: sources by URI, the prepare step, prepared datasets and k-shot sampling."""
 
-from tl_core.data.prepare import PreparedDataset, load_prepared, normalise, prepare, sample_shots
+from tl_core.data.prepare import PreparedDataset, load_manifest, load_prepared, normalise, prepare, sample_shots
 
-__all__ = ["PreparedDataset", "load_prepared", "normalise", "prepare", "sample_shots"]
+__all__ = ["PreparedDataset", "load_manifest", "load_prepared", "normalise", "prepare", "sample_shots"]

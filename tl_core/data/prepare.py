@@ -179,14 +179,20 @@ def prepare(cfg: PrepareConfig) -> tuple[PreparedDataset, bool]:
     return PreparedDataset(out, manifest, arrays), False
 
 
-def load_prepared(uri: str) -> PreparedDataset:
-    """Read a prepared dataset (local or s3://) and check every file against its sha256."""
+def load_manifest(uri: str) -> dict:
+    """A prepared dataset's manifest alone (classes, shape, counts...), without reading its images."""
     manifest_uri = storage.join(uri, "manifest.json")
     if not storage.exists(manifest_uri):
         raise UserError(f"{uri} is not a prepared dataset (no manifest.json): run `tl prepare` first")
     manifest = json.loads(storage.read_bytes(manifest_uri))
     if manifest.get("format") != FORMAT:
         raise UserError(f"{uri}: manifest format {manifest.get('format')!r} is not {FORMAT!r}; prepare it again")
+    return manifest
+
+
+def load_prepared(uri: str) -> PreparedDataset:
+    """Read a prepared dataset (local or s3://) and check every file against its sha256."""
+    manifest = load_manifest(uri)
     arrays = {}
     for name in ARRAYS:
         data = storage.read_bytes(storage.join(uri, f"{name}.npy"))

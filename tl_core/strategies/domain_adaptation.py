@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tl_core.checkpoints import load_state
-from tl_core.data import load_prepared
+from tl_core.data import load_manifest
 from tl_core.errors import UserError
 from tl_core.models import Classifier
 from tl_core.strategies import register_strategy
@@ -146,14 +146,15 @@ class DomainAdaptation(Strategy):
         super().__init__(cfg)
         self.needs_backbone = cfg.backbone is not None  # random init unless --backbone
         source, self.source_x, self.source_y = load_source(cfg, self.name)
-        target = load_prepared(cfg.data)
-        if source.classes != target.classes:
+        target = load_manifest(cfg.data)  # fit loads its images; here only its classes and shape
+        target_classes, target_shape = target["classes"], list(target["shape"])
+        if source.classes != target_classes:
             raise UserError(f"the source {cfg.source_data} has classes {source.classes}, the target {cfg.data} "
-                            f"{target.classes}: domain adaptation needs the same classes in the same order "
+                            f"{target_classes}: domain adaptation needs the same classes in the same order "
                             "(prepare both with the same --classes)")
-        if list(source.shape) != list(target.shape):
+        if list(source.shape) != target_shape:
             raise UserError(f"the source {cfg.source_data} has images of shape {list(source.shape)}, the target "
-                            f"{list(target.shape)}: prepare both with the same --image-size and --channels")
+                            f"{target_shape}: prepare both with the same --image-size and --channels")
         self.labelled_x = self.labelled_y = self.target_x = None
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.steps_per_epoch, self.epoch, self.step, self.optimizer = 1, 0, 0, None

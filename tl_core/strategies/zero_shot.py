@@ -28,7 +28,6 @@ then differ only in left-out attributes, that is an error (nothing could tell th
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from tl_core import storage
+from tl_core.data import load_manifest
 from tl_core.errors import UserError
 from tl_core.models import Classifier
 from tl_core.strategies import register_strategy
@@ -141,11 +140,6 @@ def zero_shot_task(cfg, classes: list[str]) -> ZeroShotTask:
     return ZeroShotTask(descriptions.attributes, signatures, seen, unseen, scored)
 
 
-def dataset_classes(data_uri: str) -> list[str]:
-    """The class names of a prepared dataset, from its manifest alone (no images read)."""
-    return json.loads(storage.read_bytes(storage.join(data_uri, "manifest.json")))["classes"]
-
-
 def dap_scores(attribute_logits: torch.Tensor, signatures: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
     """DAP: the log-likelihood of each class's signature under the predicted attributes,
     sum over scored attributes m of log p(a_m = s^c_m). attribute_logits (N, M), signatures
@@ -170,7 +164,7 @@ class ZeroShot(Strategy):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.needs_backbone = cfg.backbone is not None
-        self.task = zero_shot_task(cfg, dataset_classes(cfg.data))
+        self.task = zero_shot_task(cfg, load_manifest(cfg.data)["classes"])
 
     def build_model(self, num_classes, in_channels, backbone):
         # One output per attribute, not per class: the head predicts the signature.
