@@ -9,10 +9,10 @@ import torch
 from tl_core.checkpoints import load_checkpoint
 from tl_core.config import PrepareConfig, TrainConfig
 from tl_core.data import prepare
+from tl_core.data.transforms import random_shift
 from tl_core.evaluate import evaluate_checkpoint
 from tl_core.models import create_model
 from tl_core.train import train
-from tl_core.train.loop import random_shift
 
 
 def test_scratch_learns_digits_and_checkpoint_is_a_plain_dict(workdir):

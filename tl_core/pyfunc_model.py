@@ -22,8 +22,7 @@ from tl_core.checkpoints import load_checkpoint, load_state
 from tl_core.data import normalise
 from tl_core.data.sources import as_uint8_images  # the conversion training data went through
 from tl_core.data.transforms import convert_channels, resize
-from tl_core.models import build_from_spec
-from tl_core.train.loop import predict
+from tl_core.models import build_from_spec, predict_logits
 
 
 class ImageClassifier(PythonModel):
@@ -43,7 +42,7 @@ class ImageClassifier(PythonModel):
     # An ndarray hint: MLflow then neither infers a schema from it nor warns that hints are missing.
     def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
         with torch.no_grad():
-            logits = predict(self.model, self.prepare(model_input), torch.device("cpu"))
+            logits = predict_logits(self.model, self.prepare(model_input), torch.device("cpu"))
         probs = torch.softmax(logits, dim=1).numpy()
         best = probs.argmax(axis=1)
         table = pd.DataFrame({"label": [self.classes[i] for i in best], "probability": probs.max(axis=1)})

@@ -1,4 +1,5 @@
-"""Image transforms on uint8 N x C x H x W arrays: resize, channel conversion, class subsets."""
+"""Image transforms: on uint8 N x C x H x W arrays, resize, channel conversion and class subsets
+(preparing data); on float tensors, the training augmentation `random_shift`."""
 
 from __future__ import annotations
 
@@ -50,3 +51,16 @@ def select_classes(classes: list[str], wanted: list[str], what: str) -> list[int
     if len(set(ids)) != len(ids):
         raise UserError(f"{what}: a class is listed twice in {wanted}")
     return ids
+
+
+def random_shift(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image by up to `pixels` in x and y, zero-padded: cheap augmentation for small images."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pixels, pixels, pixels, pixels))
+    dx = torch.randint(0, 2 * pixels + 1, (n,), generator=generator).to(x.device)
+    dy = torch.randint(0, 2 * pixels + 1, (n,), generator=generator).to(x.device)
+    rows = (dy.view(n, 1, 1, 1) + torch.arange(h, device=x.device).view(1, 1, h, 1)).expand(n, c, h, w)
+    cols = (dx.view(n, 1, 1, 1) + torch.arange(w, device=x.device).view(1, 1, 1, w)).expand(n, c, h, w)
+    batch = torch.arange(n, device=x.device).view(n, 1, 1, 1).expand(n, c, h, w)
+    chan = torch.arange(c, device=x.device).view(1, c, 1, 1).expand(n, c, h, w)
+    return padded[batch, chan, rows, cols]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from tl_core.models import Classifier, register_model
+from tl_core.models._registry import register_architecture
+from tl_core.models.classifier import Classifier
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -24,7 +25,7 @@ def conv_block(c_in: int, c_out: int, norm: str, pool: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-@register_model("small_cnn")
+@register_architecture("small_cnn")
 def small_cnn(num_classes: int, in_channels: int = 1, width: int = 32, norm: str = "batch") -> Classifier:
     backbone = nn.Sequential(
         conv_block(in_channels, width, norm, pool=True),

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from tl_core.errors import UserError
-from tl_core.models import Classifier, register_model
+from tl_core.models._registry import register_architecture
+from tl_core.models.classifier import Classifier
 
 
 def _load_torchvision(builder, weights: str | None, name: str) -> nn.Module:
@@ -83,7 +84,7 @@ def _register():
         def factory(num_classes, in_channels=3, weights=None, small_input=True, _b=builder, _n=name, _m=make):
             return _m(_b, _n, num_classes, in_channels, weights=weights, small_input=small_input)
 
-        register_model(name)(factory)
+        register_architecture(name)(factory)
 
 
 _register()

@@ -10,7 +10,7 @@ from tl_core.checkpoints import load_state
 from tl_core.data import load_prepared
 from tl_core.data.batches import ShuffledBatches
 from tl_core.errors import UserError
-from tl_core.models import Classifier, create_model, model_spec
+from tl_core.models import Classifier, create_model, model_spec, predict_logits
 
 DEFAULT_MODEL = "small_cnn"
 
@@ -94,9 +94,7 @@ class Strategy:
         A classmethod, so a checkpoint can be evaluated from its config alone; strategies whose
         model is no classifier over the dataset's classes (few-shot episodes, zero-shot
         attributes) override it."""
-        from tl_core.train.loop import predict
-
-        return predict(model, x, device), y, classes
+        return predict_logits(model, x, device), y, classes
 
     # State beyond the model's own weights (e.g. an extra head), saved in checkpoints for resume.
     def extra_state(self, net: nn.Module) -> dict:

@@ -19,7 +19,7 @@ from torch import nn
 from tl_core.checkpoints import load_checkpoint, load_state
 from tl_core.errors import UserError
 from tl_core.models import build_from_spec
-from tl_core.strategies import register_strategy
+from tl_core.strategies._registry import register_strategy
 from tl_core.strategies.base import Strategy
 
 UNLABELED = -1

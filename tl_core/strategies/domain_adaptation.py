@@ -52,9 +52,10 @@ from torch import nn
 
 from tl_core.checkpoints import load_state
 from tl_core.data import load_manifest
+from tl_core.data.transforms import random_shift
 from tl_core.errors import UserError
 from tl_core.models import Classifier
-from tl_core.strategies import register_strategy
+from tl_core.strategies._registry import register_strategy
 from tl_core.strategies.base import Strategy, draw_batch, load_source, unwrap
 from tl_core.strategies.distill import UNLABELED
 
@@ -215,9 +216,6 @@ class DomainAdaptation(Strategy):
 
     def draw(self, x: torch.Tensor, y: torch.Tensor, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch drawn with replacement, shifted as the loop shifts the loader's batch."""
-        # Imported here, not at the top: the loop imports the strategies.
-        from tl_core.train.loop import random_shift
-
         xb, yb = draw_batch(x, y, n, self.generator, device)
         if self.cfg.augment:
             xb = random_shift(xb, self.cfg.augment, self.generator)

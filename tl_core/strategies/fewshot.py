@@ -44,10 +44,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from tl_core.checkpoints import load_checkpoint, load_state
+from tl_core.config import TrainConfig
+from tl_core.data import load_prepared, normalise
 from tl_core.data.batches import Episodes, split_episode
 from tl_core.errors import UserError
-from tl_core.models import Classifier
-from tl_core.strategies import register_strategy
+from tl_core.models import Classifier, build_from_spec
+from tl_core.strategies._registry import STRATEGIES, register_strategy
 from tl_core.strategies.base import Strategy, unwrap
 from tl_core.strategies.linear_probe import extract_features
 
@@ -244,12 +247,6 @@ def few_shot_accuracy(ckpt_or_model, cfg, data, ways: int | None = None, shots: 
     `ckpt_or_model`: a checkpoint (dict or URI; `cfg` may then be None: the checkpoint's) or a
     model (with its `cfg`). `data`: a prepared dataset or its path.
     """
-    from tl_core.checkpoints import load_checkpoint, load_state
-    from tl_core.config import TrainConfig
-    from tl_core.data import load_prepared, normalise
-    from tl_core.models import build_from_spec
-    from tl_core.strategies import STRATEGIES
-
     data = load_prepared(data) if isinstance(data, str) else data
     x, y = data.split(split)
     if isinstance(ckpt_or_model, nn.Module):

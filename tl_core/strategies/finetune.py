@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tl_core.models import Classifier
-from tl_core.strategies import register_strategy
+from tl_core.strategies._registry import register_strategy
 from tl_core.strategies.base import Strategy, unwrap
 
 

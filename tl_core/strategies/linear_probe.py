@@ -16,7 +16,7 @@ from torch import nn
 from tl_core import storage
 from tl_core.config import workdir
 from tl_core.models import Classifier
-from tl_core.strategies import register_strategy
+from tl_core.strategies._registry import register_strategy
 from tl_core.strategies.base import Strategy
 
 FEATURE_BATCH = 512

@@ -14,7 +14,7 @@ from torch import nn
 
 from tl_core.errors import UserError
 from tl_core.models import Classifier
-from tl_core.strategies import register_strategy
+from tl_core.strategies._registry import register_strategy
 from tl_core.strategies.base import Strategy, draw_batch, load_source, unwrap
 
 

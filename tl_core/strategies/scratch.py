@@ -1,6 +1,6 @@
 """`scratch`: the same architecture from random init, same labels and budget: the baseline."""
 
-from tl_core.strategies import register_strategy
+from tl_core.strategies._registry import register_strategy
 from tl_core.strategies.base import Strategy
 
 

@@ -39,8 +39,8 @@ from torch import nn
 
 from tl_core.data import load_manifest
 from tl_core.errors import UserError
-from tl_core.models import Classifier
-from tl_core.strategies import register_strategy
+from tl_core.models import Classifier, predict_logits
+from tl_core.strategies._registry import register_strategy
 from tl_core.strategies.base import Strategy
 
 DEFAULT_DESCRIPTIONS = Path(__file__).with_name("seven_segment.yaml")
@@ -151,9 +151,7 @@ def dap_scores(attribute_logits: torch.Tensor, signatures: torch.Tensor, scored:
 
 
 def attribute_logits(model: Classifier, x: torch.Tensor, device) -> torch.Tensor:
-    from tl_core.train.loop import predict
-
-    return predict(model.to(device), x, device)
+    return predict_logits(model.to(device), x, device)
 
 
 @register_strategy

@@ -16,21 +16,9 @@ import torch.nn.functional as F
 from tl_core.checkpoints import FORMAT, load_checkpoint, load_state
 from tl_core.config import TrainConfig
 from tl_core.data import load_prepared, sample_shots
+from tl_core.data.transforms import random_shift
 from tl_core.errors import UserError
 from tl_core.strategies import create_strategy
-
-
-def random_shift(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
-    """Shift each image by up to `pixels` in x and y, zero-padded: cheap augmentation for small images."""
-    n, c, h, w = x.shape
-    padded = F.pad(x, (pixels, pixels, pixels, pixels))
-    dx = torch.randint(0, 2 * pixels + 1, (n,), generator=generator).to(x.device)
-    dy = torch.randint(0, 2 * pixels + 1, (n,), generator=generator).to(x.device)
-    rows = (dy.view(n, 1, 1, 1) + torch.arange(h, device=x.device).view(1, 1, h, 1)).expand(n, c, h, w)
-    cols = (dx.view(n, 1, 1, 1) + torch.arange(w, device=x.device).view(1, 1, 1, w)).expand(n, c, h, w)
-    batch = torch.arange(n, device=x.device).view(n, 1, 1, 1).expand(n, c, h, w)
-    chan = torch.arange(c, device=x.device).view(1, c, 1, 1).expand(n, c, h, w)
-    return padded[batch, chan, rows, cols]
 
 
 def train_one_epoch(net, strategy, loader, optimizer, device, augment: int, generator, amp: bool) -> dict:
@@ -58,13 +46,6 @@ def train_one_epoch(net, strategy, loader, optimizer, device, augment: int, gene
         total_loss += loss.item() * len(y)
         seen += len(y)
     return {"train_loss": total_loss / max(seen, 1)}
-
-
-@torch.no_grad()
-def predict(model, x: torch.Tensor, device, batch_size: int = 1024) -> torch.Tensor:
-    """Logits of the whole model on images, in eval mode."""
-    model.eval()
-    return torch.cat([model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
 
 
 def evaluate(strategy, model, x: torch.Tensor, y: torch.Tensor, classes: list[str], device) -> dict:
