@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
-
-import torch
+from typing import Sequence
 
 from tl_core import storage
+from tl_core.checkpoints import load_checkpoint
 from tl_core.config import TrainConfig, workdir
+from tl_core.data import load_prepared, sample_shots
 from tl_core.errors import UserError
-from tl_core.train.session import CHECKPOINT_FILE
+from tl_core.strategies import create_strategy
+from tl_core.train.loop import fit
+from tl_core.train.session import RaySession, read_ray_checkpoint
 
 
 def train_loop_per_worker(config: dict) -> None:
-    from tl_core.train.loop import fit
-    from tl_core.train.session import RaySession
-
     # The run's work directory travels with its config: one Ray can serve runs of several.
     os.environ["TL_WORKDIR"] = config.pop("workdir")
     fit(TrainConfig(**config), RaySession())
@@ -31,10 +30,6 @@ def train_loop_per_worker(config: dict) -> None:
 def preflight(cfg: TrainConfig) -> None:
     """Check data, shots and backbone here, before paying for a worker group: bad input fails in
     a second with a clear message instead of inside a remote worker."""
-    from tl_core.checkpoints import load_checkpoint
-    from tl_core.data import load_prepared, sample_shots
-    from tl_core.strategies import create_strategy
-
     data = load_prepared(cfg.data)
     sample_shots(data.split("train")[1], cfg.shots, cfg.seed, data.classes, cfg.val_per_class)
     backbone = load_checkpoint(cfg.backbone) if cfg.backbone else None
@@ -54,31 +49,44 @@ def _user_error_in(err: BaseException) -> str | None:
     return match.group(1).strip() if match else None
 
 
-def fit_on_ray(cfg: TrainConfig, run_name: str) -> dict:
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+def make_trainer(cfg: TrainConfig, run_name: str, run_workdir: str, storage_path: str, storage_filesystem,
+                 cpus_per_worker: float, callbacks: Sequence = (), num_to_keep: int = 2):
+    """The one `TorchTrainer` set-up, for `fit_on_ray` and for multi-worker Tune trials: `cfg.workers`
+    workers running `train_loop_per_worker`, on GPUs where the cluster has them (unless
+    `cfg.use_gpu` says), checkpoints kept in `storage_path` under `run_name` (the same name
+    again resumes from the run's latest checkpoint)."""
+    from ray import train
     from ray.train.torch import TorchTrainer
 
+    from tl_core.ray_cluster import cluster_cpus_and_gpus
+
+    use_gpu = cluster_cpus_and_gpus()[1] > 0 if cfg.use_gpu is None else cfg.use_gpu
+    return TorchTrainer(
+        train_loop_per_worker,
+        # The run's work directory travels with its config (see train_loop_per_worker).
+        train_loop_config={**cfg.model_dump(), "workdir": run_workdir},
+        scaling_config=train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                           resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=train.RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            checkpoint_config=train.CheckpointConfig(num_to_keep=num_to_keep),
+            callbacks=list(callbacks) or None,
+        ),
+    )
+
+
+def fit_on_ray(cfg: TrainConfig, run_name: str) -> dict:
     from tl_core.ray_cluster import absolute_workdir, cluster_cpus_and_gpus, init_ray, storage_for
 
     preflight(cfg)
     cfg = cfg.model_copy(update={"data": _absolute(cfg.data), "backbone": _absolute(cfg.backbone)})
     init_ray()
-    cpus, gpus = cluster_cpus_and_gpus()
-    use_gpu = gpus > 0 if cfg.use_gpu is None else cfg.use_gpu
     # Each worker gets an equal share of the CPUs (Ray sets its torch threads to that share).
-    cpus_per_worker = max(1, cpus // cfg.workers)
+    cpus_per_worker = max(1, cluster_cpus_and_gpus()[0] // cfg.workers)
     storage_path, filesystem = storage_for(storage.join(workdir(), "ray"))
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={**cfg.model_dump(), "workdir": absolute_workdir()},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage_path,
-            storage_filesystem=filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
+    trainer = make_trainer(cfg, run_name, absolute_workdir(), storage_path, filesystem, cpus_per_worker)
     try:
         result = trainer.fit()
     except Exception as err:
@@ -86,7 +94,7 @@ def fit_on_ray(cfg: TrainConfig, run_name: str) -> dict:
         if message:
             raise UserError(message) from None
         raise
-    if result.checkpoint is None:
+    ckpt = read_ray_checkpoint(result.checkpoint)
+    if ckpt is None:
         raise RuntimeError(f"the Ray Train run {run_name} finished without a checkpoint")
-    with result.checkpoint.as_directory() as folder:
-        return torch.load(Path(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+    return ckpt

@@ -53,30 +53,16 @@ def run_trial(config: dict, cpus: float, workdir: str, storage_path: str, storag
 
 
 def run_trial_on_ray_train(cfg: TrainConfig, cpus: float, workdir: str, storage_path: str, storage_filesystem) -> None:
-    from ray import train, tune
-    from ray.train.torch import TorchTrainer
+    from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from tl_core.ray_cluster import cluster_cpus_and_gpus
-    from tl_core.train.ray_runner import train_loop_per_worker
+    from tl_core.train.ray_runner import make_trainer
 
     context = tune.get_context()
-    use_gpu = cluster_cpus_and_gpus()[1] > 0 if cfg.use_gpu is None else cfg.use_gpu
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={**cfg.model_dump(), "workdir": workdir},  # as fit_on_ray sends it
-        scaling_config=train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
-                                           resources_per_worker={"CPU": (cpus - TRIAL_PROCESS_CPU) / cfg.workers}),
-        # A resumed trial reruns this with the same name: Ray Train restarts from the run's latest checkpoint.
-        run_config=train.RunConfig(
-            name=f"{context.get_experiment_name()}-{context.get_trial_id()}",
-            storage_path=storage_path,
-            storage_filesystem=storage_filesystem,
-            checkpoint_config=train.CheckpointConfig(num_to_keep=1),
-            callbacks=[TuneReportCallback()],
-        ),
-    )
-    trainer.fit()
+    # A resumed trial reruns this with the same name: Ray Train restarts from the run's latest checkpoint.
+    make_trainer(cfg, f"{context.get_experiment_name()}-{context.get_trial_id()}", workdir, storage_path,
+                 storage_filesystem, cpus_per_worker=(cpus - TRIAL_PROCESS_CPU) / cfg.workers,
+                 callbacks=[TuneReportCallback()], num_to_keep=1).fit()
 
 
 def trainable(cpus_per_trial: float, storage_path: str, storage_filesystem=None):
