@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -129,26 +128,6 @@ def list_files(uri: str) -> list[str]:
     if not root.is_dir():
         raise UserError(f"{uri} is not a folder: check the path")
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-
-
-def download_dir(uri: str, local: str) -> str:
-    """Copy a folder (local or s3://) to a local folder; return the local path."""
-    if not is_s3(uri):
-        return uri
-    for rel in list_files(uri):
-        target = Path(local, rel)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(read_bytes(join(uri, rel)))
-    return local
-
-
-def upload_dir(local: str, uri: str) -> None:
-    """Copy a local folder to `uri` (local or s3://)."""
-    if is_s3(uri):
-        for rel in list_files(local):
-            write_bytes(join(uri, rel), Path(local, rel).read_bytes())
-    else:
-        shutil.copytree(local, uri, dirs_exist_ok=True)
 
 
 def sha256_bytes(data: bytes) -> str:
