@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -9,6 +10,35 @@ from tests import servers
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+# -- the `tl` CLI in this process (tests import these: `from tests.conftest import tl, tl_json, tl_error`) --
+
+
+def tl(*args):
+    """Run `tl <args>` in this process; returns click's Result (exit_code, output, stdout)."""
+    from typer.testing import CliRunner
+
+    from tl_core.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def tl_json(*args) -> dict:
+    """Run `tl <args> --json`, which must succeed; returns its JSON summary (the last line)."""
+    result = tl(*args, "--json")
+    assert result.exit_code == 0, result.output[-5000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def tl_error(*args) -> str:
+    """Run a command that must fail as bad input: exit 2, one `error:` line, no traceback; returns that line."""
+    result = tl(*args)
+    assert result.exit_code == 2, result.output[-5000:]
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.output
+    return lines[0]
 
 
 @pytest.fixture(scope="session")

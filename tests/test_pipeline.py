@@ -5,7 +5,6 @@ that implements the endpoints kfp.Client calls (there is no KFP server here)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,38 +16,13 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from tests import servers
-from tl_core.cli import app
-
-# The pipeline's optional HPO step needs tl_core.tune (issue 4); without it that branch is skipped
-# and says so (test_hpo_branch_when_tl_core_tune_is_there).
-HPO = importlib.util.find_spec("tl_core.tune") is not None
+from tests.conftest import tl, tl_error, tl_json
 
 # Small enough for CI: one pretraining epoch on the rendered fonts, a short fine-tune on 5 shots.
 FAST = ["--pretrain-epochs", "1", "--epochs", "10"]
 SPACE = json.dumps({"lr": {"choice": [0.001, 0.003]}})
-
-
-def tl(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def tl_json(*args) -> dict:
-    result = tl(*args, "--json")
-    assert result.exit_code == 0, result.output[-5000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def tl_error(*args) -> str:
-    """A command that must fail as bad input: exit 2, one `error:` line, no traceback."""
-    result = tl(*args)
-    assert result.exit_code == 2, result.output[-3000:]
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -160,26 +134,26 @@ def test_compiled_pipeline_has_the_expected_dag(tmp_path):
 
 @pytest.fixture(scope="module")
 def first_run(work):
-    """The embedded default end to end, with HPO when tl_core.tune is there."""
-    return tl_json("pipeline", "run", "--local", *FAST, *(["--search-space", SPACE, "--num-samples", 2] if HPO else []))
+    """The embedded default end to end, with the HPO branch (a search space)."""
+    return tl_json("pipeline", "run", "--local", *FAST, "--search-space", SPACE, "--num-samples", 2)
 
 
 @pytest.mark.slow
 def test_local_run_registers_and_promotes_a_champion(first_run):
     accuracy = first_run["accuracy"]
     assert accuracy > 0.5 and first_run["version"] == 1 and first_run["decision"] == "promoted"
-    steps, release = first_run["steps"], "-2" if not HPO else ""  # the tasks of the branch that ran
+    steps = first_run["steps"]  # the tasks of the HPO branch (the other branch's are named "<task>-2")
     # Metrics and the confusion matrix as KFP artifacts; the checkpoint as a pointer, not a blob.
-    assert steps[f"evaluate{release}"]["metrics"]["accuracy"] == accuracy
-    assert steps[f"transfer{release}"]["metrics"]["gain_over_scratch"] == pytest.approx(
-        accuracy - steps[f"transfer{release}"]["metrics"]["scratch_accuracy"], abs=1e-6)
+    assert steps["evaluate"]["metrics"]["accuracy"] == accuracy
+    assert steps["transfer"]["metrics"]["gain_over_scratch"] == pytest.approx(
+        accuracy - steps["transfer"]["metrics"]["scratch_accuracy"], abs=1e-6)
     run_dir = Path(first_run["pipeline_root"])
-    confusion = json.loads((run_dir / f"evaluate{release}" / "executor_output.json").read_text())
+    confusion = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())
     matrix = confusion["artifacts"]["confusion"]["artifacts"][0]["metadata"]["confusionMatrix"]
     assert [c["displayName"] for c in matrix["annotationSpecs"]] == [str(d) for d in range(10)]
-    assert sum(map(sum, (row["row"] for row in matrix["rows"]))) == steps[f"evaluate{release}"]["metrics"]["n"]
-    pointer = json.loads((run_dir / f"transfer{release}" / "checkpoint").read_text())
-    assert Path(pointer["uri"]).is_file() and (run_dir / f"transfer{release}" / "checkpoint").stat().st_size < 20_000
+    assert sum(map(sum, (row["row"] for row in matrix["rows"]))) == steps["evaluate"]["metrics"]["n"]
+    pointer = json.loads((run_dir / "transfer" / "checkpoint").read_text())
+    assert Path(pointer["uri"]).is_file() and (run_dir / "transfer" / "checkpoint").stat().st_size < 20_000
 
     name = first_run["arguments"]["model_name"]
     assert aliases(name)["champion"] == 1
@@ -187,9 +161,7 @@ def test_local_run_registers_and_promotes_a_champion(first_run):
 
 
 @pytest.mark.slow
-def test_hpo_branch_when_tl_core_tune_is_there(first_run):
-    if not HPO:
-        pytest.skip("tl_core.tune (issue 4) is not importable: the HPO branch was not run")
+def test_the_hpo_branch_picks_on_validation_data(first_run):
     tuned = json.loads(first_run["steps"]["tune"]["Output"])
     assert tuned["lr"] in (0.001, 0.003) and tuned["val_per_class"] > 0  # a search picks on validation data
     assert "best_val_accuracy" in first_run["steps"]["tune"]["metrics"]

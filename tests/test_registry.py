@@ -12,11 +12,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from tests import servers
+from tests.conftest import tl, tl_error, tl_json
 from tl_core import registry
-from tl_core.cli import app
 from tl_core.config import PrepareConfig, TrainConfig
 from tl_core.data import prepare
 from tl_core.errors import UserError
@@ -56,26 +55,6 @@ def models(services):
         good=fit(epochs=6, model_kwargs={"width": 16}),  # about 0.97
         good2=fit(epochs=4, model_kwargs={"width": 16}, seed=1),
     )
-
-
-def tl(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def tl_json(*args) -> dict:
-    result = tl(*args, "--json")
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def tl_error(*args) -> str:
-    """Run a command that must fail as bad input: exit 2, one `error:` line, no traceback."""
-    result = tl(*args)
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 def client():

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from tests import servers
-from tl_core.cli import app
+from tests.conftest import tl_error, tl_json
 from tl_core.config import PrepareConfig, TrainConfig, load_config
 from tl_core.tune import SearchConfig, run_search
 
@@ -58,11 +57,6 @@ def search(base: dict, space: dict, **settings) -> SearchConfig:
     return SearchConfig(base=base, space=space, **settings)
 
 
-def tl(*args) -> tuple[int, str]:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
 def write_yaml(path: Path, content: dict) -> Path:
     path.write_text(yaml.safe_dump(content))
     return path
@@ -72,9 +66,7 @@ def write_yaml(path: Path, content: dict) -> Path:
 def test_search_finds_the_good_learning_rate_and_logs_it_to_mlflow(work, local_ray, digits):
     config = write_yaml(work / "lr.yaml", {"base": digits, "space": {"lr": {"choice": [BAD_LR, GOOD_LR]}},
                                            "search": "grid", "scheduler": "fifo", "name": "lr"})
-    code, output = tl("tune", "--config", config, "--json")
-    assert code == 0, output
-    s = json.loads(output.strip().splitlines()[-1])
+    s = tl_json("tune", "--config", config)
     by_lr = {t["params"]["lr"]: t for t in s["trials"]}
     assert set(by_lr) == {BAD_LR, GOOD_LR} and all(t["status"] == "completed" and t["epochs"] == 5 for t in s["trials"])
     assert s["best_params"] == {"lr": GOOD_LR} and s["best_val_accuracy"] == by_lr[GOOD_LR]["val_accuracy"]
@@ -85,9 +77,7 @@ def test_search_finds_the_good_learning_rate_and_logs_it_to_mlflow(work, local_r
     # The best config is a TrainConfig file `tl transfer --config` takes; it reproduces the trial.
     best = load_config(TrainConfig, s["best_config_file"], {})
     assert best.lr == GOOD_LR and best.strategy == "finetune"
-    code, output = tl("transfer", "--config", s["best_config_file"], "--no-baseline", "--json")
-    assert code == 0, output
-    again = json.loads(output.strip().splitlines()[-1])
+    again = tl_json("transfer", "--config", s["best_config_file"], "--no-baseline")
     assert abs(again["metrics"]["accuracy"] - s["best_test_accuracy"]) < 0.02
 
     # MLflow: the search is a parent run, each trial a child run with its params and curve.
@@ -220,9 +210,5 @@ def test_an_invalid_space_is_refused_before_any_trial(work, space, message):
     config = write_yaml(work / "bad.yaml", {"base": {"data": "not-prepared-yet", "strategy": "finetune"},
                                             "space": space, "search": "grid" if "grid" in message else "random",
                                             "name": "bad"})
-    code, output = tl("tune", "--config", config)
-    assert code == 2, output
-    assert "Traceback" not in output
-    errors = [line for line in output.splitlines() if line.startswith("error: ")]
-    assert errors and message in errors[0], output
+    assert message in tl_error("tune", "--config", config)
     assert not (work / "work" / "tune" / "bad").exists()  # refused before Ray Tune wrote anything
