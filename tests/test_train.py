@@ -37,11 +37,11 @@ def test_identical_run_is_reused_and_force_retrains(workdir):
     cfg = TrainConfig(data=data.path, epochs=1, shots=5)
     first = train(cfg)
     again = train(cfg)
-    assert not first.cached and again.cached and again.checkpoint_uri == first.checkpoint_uri
+    assert not first.reused and again.reused and again.checkpoint_uri == first.checkpoint_uri
     other = train(cfg.model_copy(update={"seed": 1}))
-    assert not other.cached and other.checkpoint_uri != first.checkpoint_uri
+    assert not other.reused and other.checkpoint_uri != first.checkpoint_uri
     forced = train(cfg, force=True)
-    assert not forced.cached and load_checkpoint(forced.checkpoint_uri)["epoch"] == 0
+    assert not forced.reused and load_checkpoint(forced.checkpoint_uri)["epoch"] == 0
 
 
 def test_finetune_freeze_keeps_blocks_fixed(workdir):

@@ -161,7 +161,7 @@ def test_editing_the_description_file_in_place_trains_again(digits, tmp_path):
     """A run is cached by the file's content, not its name: an edited file is a new run."""
     path = write(tmp_path, SEVEN_SEGMENT)
     first = train(config(digits, ["2", "6"], attributes=path, epochs=2))
-    assert train(config(digits, ["2", "6"], attributes=path, epochs=2)).cached
+    assert train(config(digits, ["2", "6"], attributes=path, epochs=2)).reused
     write(tmp_path, SEVEN_SEGMENT.replace('"2"', '"x"').replace('"6"', '"2"').replace('"x"', '"6"'))
     edited = train(config(digits, ["2", "6"], attributes=path, epochs=2))
-    assert not edited.cached and edited.checkpoint_uri != first.checkpoint_uri
+    assert not edited.reused and edited.checkpoint_uri != first.checkpoint_uri

@@ -19,7 +19,12 @@ class TrainResult:
     checkpoint_uri: str
     checkpoint: dict
     seconds: float
-    cached: bool  # True: an identical run's checkpoint already existed and was reused
+    reused: bool  # True: an identical run's checkpoint already existed and was reused
+
+    @property
+    def cached(self) -> bool:
+        """The old name of `reused` (steps.py reads it until it says `reused`)."""
+        return self.reused
 
 
 def output_folder(cfg: TrainConfig) -> str:
@@ -48,7 +53,7 @@ def train(cfg: TrainConfig, on_report: Callable[[dict], None] | None = None, for
     out = output_folder(cfg)
     ckpt_uri = storage.join(out, CHECKPOINT_FILE)
     if storage.exists(ckpt_uri) and not force:
-        return TrainResult(ckpt_uri, load_checkpoint(ckpt_uri), time.perf_counter() - started, cached=True)
+        return TrainResult(ckpt_uri, load_checkpoint(ckpt_uri), time.perf_counter() - started, reused=True)
     if cfg.resolved_runner() == "local":
         ckpt = fit(cfg, LocalSession(cfg.use_gpu, on_report))
     else:
@@ -60,7 +65,7 @@ def train(cfg: TrainConfig, on_report: Callable[[dict], None] | None = None, for
         ckpt = fit_on_ray(cfg, run_name=name)
     storage.write_bytes(storage.join(out, "config.json"), json.dumps(cfg.model_dump(), indent=2).encode())
     ckpt["sha256"] = save_checkpoint(ckpt, ckpt_uri)  # the checkpoint last: its presence means done
-    return TrainResult(ckpt_uri, ckpt, time.perf_counter() - started, cached=False)
+    return TrainResult(ckpt_uri, ckpt, time.perf_counter() - started, reused=False)
 
 
 __all__ = ["TrainResult", "train", "fit"]
