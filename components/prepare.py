@@ -9,11 +9,15 @@ from components import tl_component
 
 @tl_component
 def prepare(uri: str, dataset: Output[Dataset], like: Optional[Input[Dataset]] = None):
-    """Prepare `uri`; with `like`, at that dataset's image shape (the source at the target's)."""
+    """Prepare the target `uri`; with `like`, prepare the source `uri` at that dataset's shape, as
+    `tl run` does."""
     from components import artifacts
-    from tl_core.config import PrepareConfig
+    from tl_core.config import ExperimentSettings
     from tl_core.steps import prepare_step
 
-    shape = artifacts.summary(like)["shape"] if like else [None, None]
-    result = prepare_step(PrepareConfig(uri=uri, channels=shape[0], image_size=shape[-1]))
+    if like:
+        cfg = ExperimentSettings(source=uri).source_prepare(artifacts.summary(like)["shape"])
+    else:
+        cfg = ExperimentSettings(target=uri).target_prepare()
+    result = prepare_step(cfg)
     artifacts.save(dataset, result["path"], result)

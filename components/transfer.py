@@ -7,18 +7,24 @@ from components import tl_component
 
 
 @tl_component
-def transfer(data: Input[Dataset], backbone: Input[Model], strategy: str, shots: int, epochs: int, lr: float,
-             workers: int, tuned: str, checkpoint: Output[Model], metrics: Output[Metrics]):
-    """Train on `shots` labelled images per class (0: all). `tuned`: the HPO step's best config
-    (JSON), which overrides the settings given here; "{}" keeps them."""
+def transfer(data: Input[Dataset], backbone: Input[Model], source: Input[Dataset], strategy: str, shots: int,
+             epochs: int, lr: float, batch_size: int, augment: int, workers: int, tuned: str,
+             checkpoint: Output[Model], metrics: Output[Metrics]):
+    """Train on `shots` labelled images per class (0: none, for dann and mcc; -1: all), configured
+    as `tl run` does; the source goes to the strategies that train on it. `tuned`: the HPO step's
+    best config (a whole TrainConfig, JSON) to train instead; "{}" for none."""
     import json
 
     from components import artifacts
-    from tl_core.config import TrainConfig
+    from tl_core.config import ExperimentSettings, TrainConfig
     from tl_core.steps import transfer_step
 
-    settings = dict(strategy=strategy, shots=shots or None, epochs=epochs, lr=lr, workers=workers) | json.loads(tuned)
-    result = transfer_step(TrainConfig(**settings | dict(data=artifacts.uri(data), backbone=artifacts.uri(backbone))))
+    best = json.loads(tuned)
+    settings = ExperimentSettings(shots=shots, epochs=epochs, lr=lr, batch_size=batch_size, augment=augment,
+                                  workers=workers)
+    cfg = TrainConfig(**best) if best else settings.transfer(
+        artifacts.uri(data), artifacts.uri(backbone), strategy, source_data=artifacts.uri(source))
+    result = transfer_step(cfg)
     artifacts.save(checkpoint, result["checkpoint"], result)
     gain = {k: v for k, v in result.items() if k in ("scratch_accuracy", "gain_over_scratch")}  # not for scratch
     artifacts.log_metrics(metrics, result["metrics"] | gain)

@@ -6,17 +6,22 @@ from components import tl_component
 
 
 @tl_component
-def tune(data: Input[Dataset], backbone: Input[Model], strategy: str, shots: int, epochs: int, lr: float,
-         workers: int, search_space: str, num_samples: int, metrics: Output[Metrics]) -> str:
+def tune(data: Input[Dataset], backbone: Input[Model], source: Input[Dataset], strategy: str, shots: int, epochs: int,
+         lr: float, batch_size: int, augment: int, workers: int, search_space: str, num_samples: int,
+         metrics: Output[Metrics]) -> str:
     """Search `search_space` (JSON: setting -> {"loguniform": [lo, hi]} | {"choice": [...]} | ...)
-    around the base transfer config; returns the best config (TrainConfig JSON)."""
+    around the transfer config `tl run` would train; returns the best config (TrainConfig JSON)."""
     import json
 
     from components import artifacts
+    from tl_core.config import ExperimentSettings
     from tl_core.tune import SearchConfig, run_search
 
-    base = dict(data=artifacts.uri(data), backbone=artifacts.uri(backbone), strategy=strategy, shots=shots or None,
-                epochs=epochs, lr=lr, workers=workers)
-    result = run_search(SearchConfig(base=base, space=json.loads(search_space), num_samples=num_samples))
+    settings = ExperimentSettings(shots=shots, epochs=epochs, lr=lr, batch_size=batch_size, augment=augment,
+                                  workers=workers)
+    base = settings.transfer(artifacts.uri(data), artifacts.uri(backbone), strategy, source_data=artifacts.uri(source))
+    # A search compares trials on validation accuracy after every epoch.
+    base = base.model_copy(update={"eval_every": 1})
+    result = run_search(SearchConfig(base=base.model_dump(), space=json.loads(search_space), num_samples=num_samples))
     metrics.log_metric("best_val_accuracy", float(result["best_val_accuracy"]))
     return json.dumps(result["best_config"])

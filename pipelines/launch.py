@@ -21,7 +21,8 @@ import urllib.request
 import warnings
 from pathlib import Path
 
-from pipelines.transfer import NAME, PipelineConfig
+from pipelines.transfer import NAME, arguments
+from tl_core.config import PipelineConfig
 from tl_core import storage
 from tl_core.config import workdir
 from tl_core.errors import UserError
@@ -119,7 +120,7 @@ def run_local(cfg: PipelineConfig, root: str | None = None) -> dict:
     started, earlier, log = time.time(), set(base.glob(f"{NAME}-*")), io.StringIO()
     with _kfp_output_to_stderr(copy=log):
         try:
-            transfer_pipeline(**cfg.model_dump())
+            transfer_pipeline(**arguments(cfg))
         except RuntimeError as err:
             # A step that failed on bad input said why in a UserError line of its log: repeat it.
             why = re.findall(r"UserError: (.+)", log.getvalue())
@@ -130,7 +131,7 @@ def run_local(cfg: PipelineConfig, root: str | None = None) -> dict:
     def result(step: str):  # a step's return value, from whichever branch ran (evaluate, evaluate-2)
         return next((v["Output"] for task, v in steps.items() if re.sub(r"-\d+$", "", task) == step), None)
 
-    return {"pipeline": NAME, "pipeline_root": str(run_dir), "arguments": cfg.model_dump(), "model": cfg.model_name,
+    return {"pipeline": NAME, "pipeline_root": str(run_dir), "arguments": arguments(cfg), "model": cfg.model_name,
             "accuracy": result("evaluate"), "version": result("register"),
             "decision": result("promote") or f"not promoted: below --min-accuracy {cfg.min_accuracy}",
             "steps": steps, "seconds": time.time() - started}
@@ -187,10 +188,10 @@ def submit(cfg: PipelineConfig, host: str, experiment: str = "tl", cache: bool =
     with tempfile.TemporaryDirectory() as folder, _kfp_errors(host, "create the run"):
         package = compile_pipeline(str(Path(folder, "pipeline.yaml")), cache)["output"]
         run = client.create_run_from_pipeline_package(
-            package, arguments=cfg.model_dump(), run_name=f"{NAME} {time.strftime('%Y-%m-%d %H:%M:%S')}",
+            package, arguments=arguments(cfg), run_name=f"{NAME} {time.strftime('%Y-%m-%d %H:%M:%S')}",
             experiment_name=experiment, service_account=service_account)
     return {"run_id": run.run_id, "experiment": experiment, "host": host, "caching": cache,
-            "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}", "arguments": cfg.model_dump()}
+            "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}", "arguments": arguments(cfg)}
 
 
 # -- a recurring run, idempotent by name ----------------------------------------------------------
@@ -254,10 +255,10 @@ def schedule(cfg: PipelineConfig, host: str, name: str, cron: str, experiment: s
     if not name.strip():
         raise UserError("--name must not be empty: it is how later `schedule` calls find this recurring run")
     client = _client(host)
-    arguments = cfg.model_dump()
+    values = arguments(cfg)
     with tempfile.TemporaryDirectory() as folder, _kfp_errors(host, f"schedule {name!r}"):
         package = Path(compile_pipeline(str(Path(folder, "pipeline.yaml")), cache)["output"])
-        fingerprint = _fingerprint(package, cron, arguments, service_account)
+        fingerprint = _fingerprint(package, cron, values, service_account)
         experiment_id = client.create_experiment(experiment).experiment_id  # gets it when it exists
         same_name = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
         existing = [r for r in _pages(client.list_recurring_runs, "recurring_runs", experiment_id=experiment_id,
@@ -266,7 +267,7 @@ def schedule(cfg: PipelineConfig, host: str, name: str, cron: str, experiment: s
         if current is None:
             current = client.create_recurring_run(
                 experiment_id, job_name=name, description=f"{MANAGED} {fingerprint}", cron_expression=cron,
-                max_concurrency=1, no_catchup=True, params=arguments, pipeline_package_path=str(package),
+                max_concurrency=1, no_catchup=True, params=values, pipeline_package_path=str(package),
                 service_account=service_account)
             action = "replaced" if existing else "created"
         else:
@@ -278,4 +279,4 @@ def schedule(cfg: PipelineConfig, host: str, name: str, cron: str, experiment: s
         retired = [_retire(client, r, runs) for r in older]
     return {"name": name, "action": action, "recurring_run_id": current.recurring_run_id, "cron": cron,
             "experiment": experiment, "fingerprint": fingerprint, "retired": retired, "host": host,
-            "arguments": arguments}
+            "arguments": values}

@@ -11,10 +11,9 @@ definition (kfp.local cannot pass an artifact out of an If/Else through dsl.OneO
 branches would otherwise repeat four steps).
 """
 
-import json
+import inspect
 
 from kfp import dsl
-from pydantic import Field, field_validator
 
 from components.evaluate import evaluate
 from components.prepare import prepare
@@ -22,52 +21,9 @@ from components.pretrain import pretrain
 from components.registry import promote, register
 from components.transfer import transfer
 from components.tune import tune
-from tl_core.config import StepConfig, TrainConfig
+from tl_core.config import PipelineConfig
 
 NAME = "tl-transfer"
-
-
-class PipelineConfig(StepConfig):
-    """The pipeline's parameters: validated here before a run is compiled, sent or scheduled."""
-
-    source: str = Field("fonts:digits", description="source data URI to pretrain on")
-    target: str = Field("sklearn:digits", description="target data URI to transfer to")
-    model: str = Field("small_cnn", description="architecture of the backbone")
-    strategy: str = Field("finetune", description="transfer strategy")
-    shots: int = Field(5, ge=0, description="labelled target images per class (0: all)")
-    pretrain_epochs: int = Field(15, ge=1)
-    epochs: int = Field(100, ge=1, description="transfer epochs")
-    lr: float = Field(1e-3, gt=0, description="transfer learning rate")
-    workers: int = Field(1, ge=1, description="Ray Train workers per training run")
-    search_space: str = Field("", description='HPO search space, JSON: {"lr": {"loguniform": [1e-4, 1e-2]}}; '
-                                              '"" skips HPO')
-    num_samples: int = Field(8, ge=1, description="HPO trials")
-    min_accuracy: float = Field(0.5, ge=0, le=1, description="promotion floor on the target's test accuracy")
-    min_delta: float = Field(0.0, ge=0, description="promotion: beat the champion by at least this much accuracy")
-    model_name: str = Field("tl-transfer", pattern=r"^[^/:]+$", description="registered model name")
-
-    # The training core's own checks, so a typo fails here and not in the middle of a run.
-    _strategy = field_validator("strategy")(TrainConfig._known_strategy.__func__)
-    _model = field_validator("model")(TrainConfig._known_model.__func__)
-
-    @field_validator("search_space")
-    @classmethod
-    def _search_space(cls, text: str) -> str:
-        if not text.strip():
-            return ""
-        try:
-            space = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"not JSON ({err})") from None
-        if not isinstance(space, dict) or not space:
-            raise ValueError('must be a JSON object of settings, e.g. {"lr": {"loguniform": [1e-4, 1e-2]}}')
-        unknown = sorted(set(space) - set(TrainConfig.model_fields))
-        if unknown:
-            raise ValueError(f"{unknown} are not TrainConfig settings")
-        return json.dumps(space, sort_keys=True)  # the search checks the distributions themselves
-
-
-D = PipelineConfig()  # the defaults, written into the compiled pipeline
 
 # In a cluster every step needs the settings the rest of tl gets from k8s/base (MLflow, S3,
 # TL_WORKDIR, RAY_ADDRESS): the ConfigMaps `tl-env` and `tl-ray-client` and the Secret `tl-s3`,
@@ -98,11 +54,25 @@ def _step(task: dsl.PipelineTask, cache: bool = True) -> dsl.PipelineTask:
     return task
 
 
+# The settings each training step takes, as ExperimentSettings names them: each component builds
+# its TrainConfig from them with the ExperimentSettings method that `tl run` uses too, so the same
+# settings make the same checkpoints (and reuse them) whichever runs them.
+PRETRAINING = ("model", "pretrain_epochs", "pretrain_lr", "batch_size", "augment", "workers")
+TRANSFER = ("shots", "epochs", "lr", "batch_size", "augment", "workers")
+
+
+def arguments(cfg: PipelineConfig) -> dict:
+    """The pipeline's arguments for `cfg`: its fields, with "all labels" as shots=-1 (a KFP
+    parameter is an int; tl_core.config reads -1 as all)."""
+    return cfg.model_dump() | {"shots": -1 if cfg.shots is None else cfg.shots}
+
+
 @dsl.pipeline(name="tl-release", description="transfer -> evaluate -> register -> promote if the gate passes")
-def release(data: dsl.Input[dsl.Dataset], backbone: dsl.Input[dsl.Model], tuned: str, strategy: str, shots: int,
-            epochs: int, lr: float, workers: int, min_accuracy: float, min_delta: float, model_name: str):
-    trained = _step(transfer(data=data, backbone=backbone, strategy=strategy, shots=shots, epochs=epochs, lr=lr,
-                             workers=workers, tuned=tuned))
+def release(data: dsl.Input[dsl.Dataset], backbone: dsl.Input[dsl.Model], source: dsl.Input[dsl.Dataset], tuned: str,
+            strategy: str, shots: int, epochs: int, lr: float, batch_size: int, augment: int, workers: int,
+            min_accuracy: float, min_delta: float, model_name: str):
+    trained = _step(transfer(data=data, backbone=backbone, source=source, strategy=strategy, tuned=tuned, shots=shots,
+                             epochs=epochs, lr=lr, batch_size=batch_size, augment=augment, workers=workers))
     checkpoint = trained.outputs["checkpoint"]
     scored = _step(evaluate(model=checkpoint, data=data))
     # Every candidate that was evaluated is registered (the registry is the audit log), and
@@ -114,24 +84,41 @@ def release(data: dsl.Input[dsl.Dataset], backbone: dsl.Input[dsl.Model], tuned:
                       min_delta=min_delta), cache=False)
 
 
-@dsl.pipeline(name=NAME, description="Pretrain on a source, transfer to a target, evaluate, register, promote")
-def transfer_pipeline(
-    source: str = D.source, target: str = D.target, model: str = D.model, strategy: str = D.strategy,
-    shots: int = D.shots, pretrain_epochs: int = D.pretrain_epochs, epochs: int = D.epochs, lr: float = D.lr,
-    workers: int = D.workers, search_space: str = D.search_space, num_samples: int = D.num_samples,
-    min_accuracy: float = D.min_accuracy, min_delta: float = D.min_delta, model_name: str = D.model_name,
-):
+def pipeline(cfg: PipelineConfig):
     # prepare reads its source every time (data behind a URI can change); identical data is
     # recognised by its content hash and reused, so it never needs KFP's cache.
-    target_data = _step(prepare(uri=target), cache=False).set_display_name("prepare-target")
-    source_data = _step(prepare(uri=source, like=target_data.outputs["dataset"]), cache=False)
+    target_data = _step(prepare(uri=cfg.target), cache=False).set_display_name("prepare-target")
+    source_data = _step(prepare(uri=cfg.source, like=target_data.outputs["dataset"]), cache=False)
     source_data.set_display_name("prepare-source")
-    backbone = _step(pretrain(data=source_data.outputs["dataset"], model=model, epochs=pretrain_epochs, workers=workers))
-    common = dict(data=target_data.outputs["dataset"], backbone=backbone.outputs["checkpoint"], strategy=strategy,
-                  shots=shots, epochs=epochs, lr=lr, workers=workers)
-    release_args = dict(min_accuracy=min_accuracy, min_delta=min_delta, model_name=model_name)
-    with dsl.If(search_space != "", name="hpo"):
-        best = _step(tune(**common, search_space=search_space, num_samples=num_samples))
+    backbone = _step(pretrain(data=source_data.outputs["dataset"], **{name: getattr(cfg, name) for name in PRETRAINING}))
+    common = dict(data=target_data.outputs["dataset"], backbone=backbone.outputs["checkpoint"],
+                  source=source_data.outputs["dataset"], strategy=cfg.strategy,
+                  **{name: getattr(cfg, name) for name in TRANSFER})
+    release_args = dict(min_accuracy=cfg.min_accuracy, min_delta=cfg.min_delta, model_name=cfg.model_name)
+    with dsl.If(cfg.search_space != "", name="hpo"):
+        best = _step(tune(**common, search_space=cfg.search_space, num_samples=cfg.num_samples))
         release(**common, **release_args, tuned=best.outputs["Output"])
     with dsl.Else(name="no-hpo"):
         release(**common, **release_args, tuned="{}")
+
+
+def _pipeline_signature() -> inspect.Signature:
+    """The pipeline's parameters: PipelineConfig's fields, their defaults written into the YAML."""
+    defaults = arguments(PipelineConfig())
+    params = []
+    for name, field in PipelineConfig.model_fields.items():
+        kind = {"shots": int}.get(name) or next(
+            k for k in (bool, int, float, str) if k in (field.annotation, *getattr(field.annotation, "__args__", ())))
+        params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=kind,
+                                        default=defaults[name]))
+    return inspect.Signature(params)
+
+
+def _transfer_pipeline(*values):
+    # KFP calls this with one placeholder per parameter, in order: nothing to validate here.
+    pipeline(PipelineConfig.model_construct(**dict(zip(PipelineConfig.model_fields, values))))
+
+
+_transfer_pipeline.__signature__ = _pipeline_signature()
+transfer_pipeline = dsl.pipeline(
+    name=NAME, description="Pretrain on a source, transfer to a target, evaluate, register, promote")(_transfer_pipeline)

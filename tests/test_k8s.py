@@ -745,10 +745,10 @@ def test_cronjob_runs_tl_run_with_the_configmap_against_the_cluster():
 
 
 def test_run_config_is_a_valid_tl_run_config():
-    from tl_core.config import RunConfig
+    from tl_core.config import ExperimentConfig
 
     cfg = yaml.safe_load(config_map("tl-run-config")["run.yaml"])
-    RunConfig(**cfg)  # unknown keys or bad values raise
+    ExperimentConfig(**cfg)  # unknown keys or bad values raise
 
 
 def test_rbac_is_namespaced_and_minimal():

@@ -77,7 +77,8 @@ def test_compiled_pipeline_has_the_expected_dag(tmp_path):
         "prepare": ("comp-prepare", [], None),  # the target
         "prepare-2": ("comp-prepare-2", ["prepare"], None),  # the source, at the target's shape
         "pretrain": ("comp-pretrain", ["prepare-2"], None),
-        "condition-branches-1": ("comp-condition-branches-1", ["prepare", "pretrain"], None),
+        # the transfer takes the source too (dann, mcc, multitask and simclr train on it)
+        "condition-branches-1": ("comp-condition-branches-1", ["prepare", "prepare-2", "pretrain"], None),
     }
     assert spec["root"]["dag"]["tasks"]["prepare-2"]["inputs"]["artifacts"]["like"]["taskOutputArtifact"] == {
         "outputArtifactKey": "dataset", "producerTask": "prepare"}
@@ -101,10 +102,12 @@ def test_compiled_pipeline_has_the_expected_dag(tmp_path):
         assert list(comps[gate]["dag"]["tasks"]) == ["promote"]
 
     # Parameters and their defaults, as `tl pipeline run` would send them.
-    from pipelines.transfer import PipelineConfig
+    from pipelines.transfer import arguments
+    from tl_core.config import PipelineConfig
 
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert {k: v["defaultValue"] for k, v in params.items()} == PipelineConfig().model_dump()
+    assert {k: v["defaultValue"] for k, v in params.items() if "defaultValue" in v} == arguments(PipelineConfig())
+    assert set(params) == set(PipelineConfig.model_fields), "every setting is a pipeline parameter"
 
     # Every step: the one image, no pip install at start, the cluster's settings from ConfigMaps and
     # the Secret (never values in the spec); KFP's cache off where a step has side effects.
@@ -177,6 +180,27 @@ def test_a_run_that_fails_the_gate_leaves_the_champion(first_run):
     assert aliases(again["arguments"]["model_name"]) == {"champion": 1, "challenger": 2}
 
 
+@pytest.mark.slow
+def test_tl_run_and_the_pipeline_build_the_same_configs_and_reuse_each_other(first_run):
+    # The same settings through `tl run`: the pipeline's datasets and backbone are reused, not redone.
+    run = tl_json("run", *FAST, "--seeds", "0", "--strategies", "finetune")
+    assert run["pretrain"]["checkpoint"] == first_run["steps"]["pretrain"]["checkpoint"]
+    assert run["pretrain"]["reused"] and run["target"]["reused"] and run["source"]["reused"]
+
+
+@pytest.mark.slow
+def test_zero_label_adaptation_runs_end_to_end(first_run):
+    # shots 0 means no target labels, in the pipeline as in tl transfer: mcc adapts from the source.
+    result = tl_json("pipeline", "run", "--local", *FAST, "--strategy", "mcc", "--shots", "0", "--min-accuracy", "0",
+                     "--model-name", "tl-mcc")
+    assert result["arguments"]["shots"] == 0 and result["decision"] == "promoted"
+    assert "scratch_accuracy" not in result["steps"]["transfer-2"]["metrics"]  # no labels: no scratch baseline
+    # The same adaptation through tl run: its baseline is the source model as it is.
+    run = tl_json("run", *FAST, "--shots", "0", "--strategies", "mcc,dann", "--seeds", "0")
+    assert run["baseline"] == "source-only" and [r["strategy"] for r in run["table"]] == ["source-only", "mcc", "dann"]
+    assert run["pretrain"]["checkpoint"] == first_run["steps"]["pretrain"]["checkpoint"]
+
+
 # -- a training step on a Ray cluster ------------------------------------------------------------
 
 
@@ -193,7 +217,8 @@ def test_the_training_step_runs_on_the_ray_cluster_in_ray_address(work, monkeypa
     @dsl.pipeline(name="pretrain-on-ray")
     def on_ray():
         data = prepare(uri="sklearn:digits")
-        pretrain(data=data.outputs["dataset"], model="small_cnn", epochs=1, workers=2)
+        pretrain(data=data.outputs["dataset"], model="small_cnn", pretrain_epochs=1, pretrain_lr=1e-3, batch_size=64,
+                 augment=0, workers=2)
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(work / "kfp-ray"),
                workspace_root=str(work / "kfp-ray" / "workspace"))

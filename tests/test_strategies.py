@@ -118,7 +118,7 @@ def test_strategies_that_score_other_tasks_skip_scratch_and_are_refused_where_a_
     """A few-shot model is scored on episodes of unseen classes: no scratch baseline on the same
     labels, `tl run` and the registry refuse it with a clear error. A zero-label transfer has no
     scratch baseline either (nothing to train it on)."""
-    from tl_core.config import RunConfig, validate
+    from tl_core.config import ExperimentConfig, validate
     from tl_core.errors import UserError
     from tl_core.registry import register_model
     from tl_core.steps import transfer_step
@@ -131,7 +131,7 @@ def test_strategies_that_score_other_tasks_skip_scratch_and_are_refused_where_a_
     with pytest.raises(UserError, match="registry serves classifiers"):
         register_model(result["checkpoint"], "digits-protonet")
     with pytest.raises(UserError, match="tl run cannot compare"):
-        validate(RunConfig, {"strategies": ["finetune", "protonet"]})
+        validate(ExperimentConfig, {"strategies": ["finetune", "protonet"]})
 
     digits, _ = prepare(PrepareConfig(uri="sklearn:digits"))
     unlabeled = transfer_step(TrainConfig(data=digits.path, strategy="mcc", source_data=digits.path, shots=0, epochs=1))

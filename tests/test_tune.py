@@ -212,3 +212,22 @@ def test_an_invalid_space_is_refused_before_any_trial(work, space, message):
                                             "name": "bad"})
     assert message in tl_error("tune", "--config", config)
     assert not (work / "work" / "tune" / "bad").exists()  # refused before Ray Tune wrote anything
+
+
+@pytest.mark.slow
+def test_tune_without_a_base_searches_the_experiment_tl_run_would_train(work, local_ray):
+    # No --config: the embedded digits, prepared and pretrained as `tl run` does, then a small search.
+    result = tl_json("tune", "--pretrain-epochs", "1", "--epochs", "3", "--num-samples", "2", "--shots", "5",
+                     "--max-concurrent-trials", "1", "--name", "default")
+    base = yaml.safe_load(Path(result["best_config_file"]).read_text())
+    assert base["strategy"] == "finetune" and base["shots"] == 5 and base["val_per_class"] > 0
+    assert "sklearn-digits" in base["data"] and "/models/scratch-" in base["backbone"]
+    assert set(result["trials"][0]["params"]) == {"lr", "weight_decay"}  # the default space
+    # A file's partial base changes the experiment's; a whole base (with data) excludes the flags.
+    partial = write_yaml(work / "partial.yaml", {"base": {"val_per_class": 3}, "space": {"lr": {"choice": [0.01]}},
+                                                 "name": "partial"})
+    again = tl_json("tune", "--config", partial, "--pretrain-epochs", "1", "--epochs", "2", "--num-samples", "1")
+    assert yaml.safe_load(Path(again["best_config_file"]).read_text())["val_per_class"] == 3
+    whole = write_yaml(work / "whole.yaml", {"base": {"data": base["data"], "strategy": "scratch"},
+                                             "space": {"lr": {"choice": [0.01]}}})
+    assert "describes the experiment to search" in tl_error("tune", "--config", whole, "--source", "fonts:digits")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from tl_core.cli import _execute, app
+from tl_core.cli_app import execute, app
 
 AS_JSON = typer.Option(False, "--json", help="print one JSON summary as the last line")
 
@@ -29,7 +29,7 @@ def register(
 
         return register_model(checkpoint, name, data, run_id)
 
-    _execute(work, as_json, lambda s: typer.echo(
+    execute(work, as_json, lambda s: typer.echo(
         f"registered {s['model']} version {s['version']} as {s['alias']} ({s['uri']})"
         + (f"  test accuracy {s['metrics']['accuracy']:.4f}" if s["metrics"] else "")))
 
@@ -57,7 +57,7 @@ def promote(
         typer.echo(f"{s['decision']}: {s['model']} v{s['version']} accuracy {s['accuracy']:.4f} vs {against}; "
                    f"{s['reason']}")
 
-    _execute(work, as_json, show)
+    execute(work, as_json, show)
 
 
 @app.command()
@@ -72,5 +72,5 @@ def rollback(
 
         return rollback_model(model)
 
-    _execute(work, as_json, lambda s: typer.echo(
+    execute(work, as_json, lambda s: typer.echo(
         f"rolled back {s['model']}: champion is version {s['champion']} again (was {s['rolled_back_from']})"))

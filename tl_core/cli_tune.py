@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import typer
 
-from tl_core.cli import _console, _execute, app
+from tl_core.cli_app import AS_JSON, StrategiesInHelp, app, console, execute, with_settings
+from tl_core.tune.space import SearchConfig
 
 
 def _trial_line(event: dict, searched: list[str]) -> str:
@@ -40,33 +40,36 @@ def show_search(s: dict) -> None:
                   f"checkpoint {s['best_checkpoint']}  mlflow run {s['run_id']}", highlight=False)
 
 
-@app.command()
-def tune(
-    config: str = typer.Option(..., help="YAML: base (a TrainConfig), space, search, scheduler, ... (see examples/)"),
-    resume: bool = typer.Option(False, "--resume", help="finish an interrupted search; finished trials are kept"),
-    num_samples: Optional[int] = typer.Option(None, help="trials to draw (random, optuna)"),
-    scheduler: Optional[str] = typer.Option(None, help="asha (stops poor trials early) or fifo"),
-    search: Optional[str] = typer.Option(None, help="random, grid or optuna"),
-    max_concurrent: Optional[int] = typer.Option(None, help="trials at once (default 2)"),
-    name: Optional[str] = typer.Option(None, help="the search's name (default: strategy and a hash of the search)"),
-    storage: Optional[str] = typer.Option(None, help="folder or s3:// for Ray Tune's state (default $TL_WORKDIR/tune)"),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON summary as the last line"),
-):
-    """Search hyperparameters with Ray Tune: every trial runs the training core; ASHA stops poor ones early."""
+@app.command(cls=StrategiesInHelp)
+@with_settings(SearchConfig, "SearchSettings")
+def tune(settings: dict, config: Optional[str], as_json: bool = AS_JSON):
+    """Search hyperparameters with Ray Tune: every trial runs the training core; ASHA stops poor ones early.
+    The search starts from the transfer that `tl run` would train with --source, --target, --strategy,
+    --shots... (default: a small search on the embedded digits), or from a whole `base` in --config."""
 
     def work():
-        from tl_core.config import load_config
-        from tl_core.tune import SearchConfig, run_search
+        from tl_core.config import SearchSettings, read_config_file, validate
+        from tl_core.errors import UserError
+        from tl_core.steps import search_base
+        from tl_core.tune import DEFAULT_SPACE, run_search
 
-        cfg = load_config(SearchConfig, config, dict(
-            resume=resume or None, num_samples=num_samples, scheduler=scheduler, search=search,
-            max_concurrent_trials=max_concurrent, name=name, storage=storage))
-        console = _console()
+        values = read_config_file(config) | settings  # flags win
+        experiment = {k: values.pop(k) for k in list(values) if k in SearchSettings.model_fields}
+        base = values.get("base") or {}
+        err_console = console()
+        if "data" not in base:  # no base, or settings to change in the experiment's
+            built = search_base(validate(SearchSettings, experiment), say=lambda m: err_console.print(f"[dim]{m}[/dim]"))
+            values["base"] = {**built, **base}
+            values.setdefault("space", DEFAULT_SPACE)
+        elif experiment:
+            raise UserError(f"{next(iter(experiment))} describes the experiment to search, but {config}'s `base` names "
+                            "its own data: drop one or the other")
+        cfg = validate(SearchConfig, values)
 
         def on_trial(event: dict) -> None:
             if event["event"] != "result":  # one line per trial, when it ends
-                console.print(f"[dim]{_trial_line(event, list(cfg.space))}[/dim]")
+                err_console.print(f"[dim]{_trial_line(event, list(cfg.space))}[/dim]")
 
         return run_search(cfg, on_trial)
 
-    _execute(work, as_json, show_search)
+    execute(work, as_json, show_search)

@@ -11,10 +11,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tl_core.errors import UserError
 
@@ -37,7 +37,8 @@ class StepConfig(BaseModel):
 class PrepareConfig(StepConfig):
     """Turn a data URI into a prepared dataset (tensors + manifest)."""
 
-    uri: str
+    uri: str = Field(..., description="data URI: sklearn:digits, fonts:digits, idx:DIR, npz:FILE, imagefolder:DIR "
+                                      "(or s3://...), torchvision:NAME, omniglot:ZIP")
     classes: list[str] | None = Field(None, description="keep only these classes (names or label ids)")
     image_size: int | None = Field(None, description="resize images to SIZE x SIZE")
     channels: int | None = Field(None, description="convert to 1 (grey) or 3 (RGB) channels")
@@ -46,63 +47,91 @@ class PrepareConfig(StepConfig):
         "images", description="images: hold out images of every class; classes: hold out whole classes (few-shot "
         "episodes on classes never seen in training), test_fraction of them")
     max_per_class: int | None = Field(None, description="cap the training images of each class")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the train/test split")
     output: str | None = Field(None, description="folder (local or s3://) for prepared datasets")
+
+
+SHOTS_HELP = "labelled images per class: N, 0 for none (dann, mcc learn from unlabeled images), or all (also -1)"
+
+
+def shots_value(value):
+    """`shots` has one meaning everywhere: N labels per class, 0 none, all (or -1, or None) every label."""
+    if value in ("all", -1, "-1", None):
+        return None
+    return value
+
+
+# `shots` as every config, CLI flag and pipeline parameter takes it; None stands for "all".
+# (A text option on the command line, for "all".)
+Shots = Annotated[Annotated[int, Field(ge=0)] | None, BeforeValidator(shots_value),
+                  Field(description=SHOTS_HELP, json_schema_extra={"cli_type": "text"})]
+
+
+def strategy_option(default, description: str, strategies: tuple[str, ...], **constraints):
+    """A setting only some strategies read. The scratch baseline resets these to their defaults,
+    so one baseline serves every strategy trained on the same labels."""
+    return Field(default, description=description, json_schema_extra={"strategies": list(strategies)}, **constraints)
+
+
+FEW_SHOT = ("protonet", "maml", "episodic-finetune")
 
 
 class TrainConfig(StepConfig):
     """One training run: pretraining (strategy `scratch` on the source) or a transfer to a target."""
 
     data: str = Field(..., description="a prepared dataset (folder with manifest.json)")
-    strategy: str = "scratch"
+    strategy: str = Field("scratch", description="transfer strategy")
     model: str | None = Field(None, description="architecture; default: the backbone's, else small_cnn")
-    model_kwargs: dict = Field(default_factory=dict)
+    model_kwargs: dict = Field(default_factory=dict, description="keyword arguments of the architecture (YAML only)")
     backbone: str | None = Field(None, description="pretrained checkpoint: path, s3://, runs:/ or models:/")
-    shots: int | None = Field(None, ge=0, description="labelled images per class; None = all; 0 = none (domain "
-                              "adaptation and self-supervised pretraining learn from unlabeled images)")
+    shots: Shots = None
     val_per_class: int = Field(0, ge=0, description="held-out validation images per class from the train pool")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the labels drawn, the initialisation and the batches")
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1, description="global batch size, split across workers")
-    optimizer: Literal["adam", "adamw", "sgd", "lbfgs"] = "adam"
-    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "adamw", "sgd", "lbfgs"] = Field("adam", description="lbfgs: full-batch quasi-Newton")
+    lr: float = Field(1e-3, gt=0, description="learning rate")
     weight_decay: float = Field(0.0, ge=0)
     augment: int = Field(0, ge=0, description="random shift of up to N pixels per training image")
-    # Strategy options (each strategy reads the ones it uses).
-    backbone_lr_mult: float = Field(1.0, ge=0, description="backbone LR = lr * this (finetune)")
-    freeze: int = Field(0, ge=0, description="freeze the first N backbone blocks (finetune)")
-    head_warmup_epochs: int = Field(0, ge=0, description="train only the new head for the first N epochs (finetune)")
-    unfreeze_every: int = Field(0, ge=0, description="gradual unfreezing: one more block from the top every N epochs (finetune)")
-    l2sp_alpha: float = Field(0.0, ge=0, description="L2-SP: pull the backbone towards its pretrained weights (finetune)")
-    l2sp_beta: float = Field(0.0, ge=0, description="L2-SP: L2 on the new head (finetune)")
-    teacher: str | None = Field(None, description="distill: the teacher's checkpoint (trained on the target classes)")
-    temperature: float = Field(4.0, gt=0, description="distill: softmax temperature T of the soft labels")
-    alpha: float = Field(0.7, ge=0, le=1, description="distill: weight of the soft-label term (1 - alpha on hard labels)")
-    use_unlabeled: bool = Field(False, description="distill: also learn the teacher's soft labels on unlabeled target images")
-    source_data: str | None = Field(None, description="multitask, dann, mcc, simclr: the prepared source dataset trained alongside")
-    source_weight: float = Field(1.0, ge=0, description="multitask: weight of the source task's loss")
-    adapt_weight: float = Field(1.0, ge=0, description="dann, mcc: weight of the domain-adaptation loss")
-    mcc_temperature: float = Field(2.5, gt=0, description="mcc: softmax temperature of the class-confusion term")
-    contrastive_temperature: float = Field(0.5, gt=0, description="simclr: temperature tau of the NT-Xent loss")
-    projection_dim: int = Field(64, ge=1, description="simclr: output size of the projection head")
-    ways: int = Field(5, ge=2, description="protonet, maml, episodic-finetune: classes per episode (N-way)")
-    episode_shots: int = Field(1, ge=1, description="few-shot: labelled support images per class in an episode (K-shot)")
-    episode_queries: int = Field(5, ge=1, description="few-shot: query images per class in an episode")
-    episodes_per_epoch: int = Field(100, ge=1, description="few-shot: training episodes per epoch")
-    eval_episodes: int = Field(300, ge=1, description="few-shot: test episodes (fixed by the seed) behind an accuracy")
-    inner_steps: int = Field(5, ge=1, description="maml: gradient steps on an episode's support set")
-    inner_lr: float = Field(0.4, gt=0, description="maml: learning rate of the inner steps")
-    first_order: bool = Field(False, description="maml: drop second-order terms (FOMAML), cheaper")
-    attributes: str | None = Field(None, description="zero-shot: class descriptions file (default: seven-segment digits)")
-    unseen_classes: list[str] = Field(default_factory=list, description="zero-shot: classes never seen with labels")
+    # Strategy options: each strategy reads the ones that name it.
+    backbone_lr_mult: float = strategy_option(1.0, "backbone LR = lr * this", ("finetune",), ge=0)
+    freeze: int = strategy_option(0, "freeze the first N backbone blocks", ("finetune",), ge=0)
+    head_warmup_epochs: int = strategy_option(0, "train only the new head for the first N epochs", ("finetune",), ge=0)
+    unfreeze_every: int = strategy_option(0, "gradual unfreezing: one more block from the top every N epochs",
+                                          ("finetune",), ge=0)
+    l2sp_alpha: float = strategy_option(0.0, "L2-SP: pull the backbone towards its pretrained weights", ("finetune",), ge=0)
+    l2sp_beta: float = strategy_option(0.0, "L2-SP: L2 on the new head", ("finetune",), ge=0)
+    teacher: str | None = strategy_option(None, "the teacher's checkpoint (trained on the target classes)", ("distill",))
+    temperature: float = strategy_option(4.0, "softmax temperature T of the soft labels", ("distill",), gt=0)
+    alpha: float = strategy_option(0.7, "weight of the soft-label term (1 - alpha on hard labels)", ("distill",), ge=0, le=1)
+    use_unlabeled: bool = strategy_option(False, "also learn the teacher's soft labels on unlabeled target images",
+                                          ("distill",))
+    source_data: str | None = strategy_option(None, "the prepared source dataset trained alongside",
+                                              ("multitask", "dann", "mcc", "simclr"))
+    source_weight: float = strategy_option(1.0, "weight of the source task's loss", ("multitask",), ge=0)
+    adapt_weight: float = strategy_option(1.0, "weight of the domain-adaptation loss", ("dann", "mcc"), ge=0)
+    mcc_temperature: float = strategy_option(2.5, "softmax temperature of the class-confusion term", ("mcc",), gt=0)
+    contrastive_temperature: float = strategy_option(0.5, "temperature tau of the NT-Xent loss", ("simclr",), gt=0)
+    projection_dim: int = strategy_option(64, "output size of the projection head", ("simclr",), ge=1)
+    ways: int = strategy_option(5, "classes per episode (N-way)", FEW_SHOT, ge=2)
+    episode_shots: int = strategy_option(1, "labelled support images per class in an episode (K-shot)", FEW_SHOT, ge=1)
+    episode_queries: int = strategy_option(5, "query images per class in an episode", FEW_SHOT, ge=1)
+    episodes_per_epoch: int = strategy_option(100, "training episodes per epoch", FEW_SHOT, ge=1)
+    eval_episodes: int = strategy_option(300, "test episodes (fixed by the seed) behind an accuracy", FEW_SHOT, ge=1)
+    inner_steps: int = strategy_option(5, "gradient steps on an episode's support set", ("maml",), ge=1)
+    inner_lr: float = strategy_option(0.4, "learning rate of the inner steps", ("maml",), gt=0)
+    first_order: bool = strategy_option(False, "drop second-order terms (FOMAML), cheaper", ("maml",))
+    attributes: str | None = strategy_option(None, "class descriptions file (default: seven-segment digits)",
+                                             ("zero-shot",))
+    unseen_classes: list[str] = strategy_option([], "classes never seen with labels", ("zero-shot",))
     # Where and how it runs.
-    workers: int = Field(1, ge=1, description="Ray Train workers; 1 runs in this process")
+    workers: int = Field(1, ge=1, description="Ray Train workers; 1 runs in this process (unless RAY_ADDRESS is set)")
     runner: Literal["auto", "local", "ray"] = "auto"
-    use_gpu: bool | None = Field(None, description="None: use GPUs where the worker has one")
+    use_gpu: bool | None = Field(None, description="default: use GPUs where the worker has one")
     amp: bool = Field(True, description="mixed precision on GPU")
     eval_every: int = Field(1, ge=0, description="validate every N epochs (0: only at the end)")
     checkpoint_every: int = Field(1, ge=0, description="checkpoint every N epochs (0: only at the end)")
-    output: str | None = Field(None, description="checkpoint folder (local or s3://)")
+    output: str | None = Field(None, description="checkpoint folder (local or s3://; default: under the work directory)")
 
     @field_validator("strategy")
     @classmethod
@@ -122,18 +151,16 @@ class TrainConfig(StepConfig):
             raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
         return name
 
-    # Settings that only some strategies read: the scratch baseline resets them, so one
-    # baseline serves every strategy trained on the same labels.
-    STRATEGY_OPTIONS: ClassVar[tuple[str, ...]] = (
-        "backbone_lr_mult", "freeze", "head_warmup_epochs", "unfreeze_every", "l2sp_alpha", "l2sp_beta",
-        "teacher", "temperature", "alpha", "use_unlabeled", "source_data", "source_weight", "adapt_weight",
-        "mcc_temperature", "contrastive_temperature", "projection_dim", "inner_steps", "inner_lr", "first_order",
-        "attributes", "unseen_classes",
-    )
+    @classmethod
+    def strategy_options(cls) -> dict[str, list[str]]:
+        """{setting: the strategies that read it}, from the fields' metadata."""
+        return {name: field.json_schema_extra["strategies"] for name, field in cls.model_fields.items()
+                if isinstance(field.json_schema_extra, dict) and "strategies" in field.json_schema_extra}
 
     def baseline(self) -> "TrainConfig":
         """The scratch baseline for this run: same data, labels, budget and architecture."""
-        defaults = {name: TrainConfig.model_fields[name].get_default(call_default_factory=True) for name in self.STRATEGY_OPTIONS}
+        fields = TrainConfig.model_fields
+        defaults = {name: fields[name].get_default(call_default_factory=True) for name in self.strategy_options()}
         return self.model_copy(update={"strategy": "scratch", "output": None, **defaults})
 
     def resolved_runner(self) -> str:
@@ -142,24 +169,59 @@ class TrainConfig(StepConfig):
         return "ray" if self.workers > 1 or os.environ.get("RAY_ADDRESS") else "local"
 
 
-class RunConfig(StepConfig):
-    """`tl run`: the whole pipeline, source -> pretrain -> transfer (every strategy) vs scratch."""
+class ExperimentSettings(StepConfig):
+    """What `tl run`, `tl tune` and the pipeline share: the data, the model and the training budget.
+    Its methods build every step's config from these settings, so the same settings give the
+    same configs, and so the same cached datasets and checkpoints, whoever runs them."""
 
-    source: str = "fonts:digits"
-    target: str = "sklearn:digits"
-    shots: int = Field(5, ge=1)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
-    strategies: list[str] = Field(default_factory=lambda: ["linear-probe", "finetune"])
-    model: str = "small_cnn"
-    image_size: int | None = Field(None, description="default: the target's own size")
-    channels: int | None = None
-    pretrain_epochs: int = 15
-    pretrain_lr: float = 1e-3
-    epochs: int = 100
-    lr: float = 1e-3
-    batch_size: int = 64
-    augment: int = 1
-    workers: int = 1
+    source: str = Field("fonts:digits", description="source data URI to pretrain on")
+    target: str = Field("sklearn:digits", description="target data URI to transfer to")
+    model: str = Field("small_cnn", description="architecture of the backbone")
+    shots: Shots = 5
+    pretrain_epochs: int = Field(15, ge=1, description="epochs of pretraining on the source")
+    pretrain_lr: float = Field(1e-3, gt=0, description="learning rate of pretraining")
+    epochs: int = Field(100, ge=1, description="transfer epochs")
+    lr: float = Field(1e-3, gt=0, description="transfer learning rate")
+    batch_size: int = Field(64, ge=1, description="global batch size, split across workers")
+    augment: int = Field(1, ge=0, description="random shift of up to N pixels per training image")
+    workers: int = Field(1, ge=1, description="Ray Train workers per training run")
+
+    _model = field_validator("model")(TrainConfig._known_model.__func__)
+
+    def target_prepare(self, image_size: int | None = None, channels: int | None = None) -> PrepareConfig:
+        return PrepareConfig(uri=self.target, image_size=image_size, channels=channels)
+
+    def source_prepare(self, target_shape: list[int]) -> PrepareConfig:
+        """The source at the target's shape: a backbone takes the images it will be transferred to."""
+        return PrepareConfig(uri=self.source, image_size=target_shape[-1], channels=target_shape[0])
+
+    def pretrain(self, source_data: str) -> TrainConfig:
+        return TrainConfig(data=source_data, strategy="scratch", model=self.model, epochs=self.pretrain_epochs,
+                           lr=self.pretrain_lr, batch_size=self.batch_size, augment=self.augment,
+                           workers=self.workers, eval_every=5)
+
+    def transfer(self, target_data: str, backbone: str, strategy: str, seed: int = 0, source_data: str | None = None,
+                 teacher: str | None = None, **settings) -> TrainConfig:
+        """A transfer of `backbone` to the target; the source goes to the strategies that read it."""
+        if strategy not in TrainConfig.strategy_options()["source_data"]:
+            source_data = None
+        if strategy == "distill":
+            settings = {"teacher": teacher, "use_unlabeled": True, **settings}
+        return TrainConfig(**{"data": target_data, "backbone": backbone, "strategy": strategy, "shots": self.shots,
+                              "seed": seed, "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
+                              "augment": self.augment, "workers": self.workers, "eval_every": 10,
+                              "checkpoint_every": 10, "source_data": source_data, **settings})
+
+
+class ExperimentConfig(ExperimentSettings):
+    """`tl run`: the whole experiment, source -> pretrain -> transfer (every strategy) vs a baseline:
+    scratch on the same labels, or with shots 0 the source model as it is."""
+
+    image_size: int | None = Field(None, ge=1, description="image size of both datasets (default: the target's own)")
+    channels: int | None = Field(None, ge=1, le=3, description="1 or 3 channels (default: the target's own)")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="seeds, one transfer of each strategy each")
+    strategies: list[str] = Field(default_factory=lambda: ["linear-probe", "finetune"],
+                                  description="strategies besides the baseline")
 
     @field_validator("strategies")
     @classmethod
@@ -175,9 +237,70 @@ class RunConfig(StepConfig):
                              "zero-shot), so tl run cannot compare it with scratch: run it with tl transfer")
         return [n for n in names if n != "scratch"]  # scratch is always the baseline
 
+    @model_validator(mode="after")
+    def _strategies_for_no_labels(self) -> "ExperimentConfig":
+        if self.shots == 0:
+            adapting = TrainConfig.strategy_options()["adapt_weight"]
+            other = [n for n in self.strategies if n not in adapting]
+            if other:
+                raise ValueError(f"shots 0 gives the target no labels, which {other[0]} needs: choose strategies "
+                                 f"that adapt to unlabeled images ({', '.join(adapting)}), or give shots > 0")
+        return self
+
+
+class SearchSettings(ExperimentSettings):
+    """`tl tune` with no base config in its file: the experiment whose transfer it searches."""
+
+    strategy: str = Field("finetune", description="transfer strategy")
+
+    _strategy = field_validator("strategy")(TrainConfig._known_strategy.__func__)
+
+
+class PipelineConfig(SearchSettings):
+    """The KFP pipeline's parameters (pipelines/transfer.py): validated here before a run is
+    compiled, sent or scheduled."""
+
+    search_space: str = Field("", description='HPO search space, JSON: {"lr": {"loguniform": [1e-4, 1e-2]}}; '
+                                              '"" skips HPO')
+    num_samples: int = Field(8, ge=1, description="HPO trials")
+    min_accuracy: float = Field(0.5, ge=0, le=1, description="promotion floor on the target's test accuracy")
+    min_delta: float = Field(0.0, ge=0, description="promotion: beat the champion by at least this much accuracy")
+    model_name: str = Field("tl-transfer", pattern=r"^[^/:]+$", description="registered model name")
+
+    @field_validator("search_space")
+    @classmethod
+    def _search_space(cls, text: str) -> str:
+        if not text.strip():
+            return ""
+        try:
+            space = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"not JSON ({err})") from None
+        if not isinstance(space, dict) or not space:
+            raise ValueError('must be a JSON object of settings, e.g. {"lr": {"loguniform": [1e-4, 1e-2]}}')
+        unknown = sorted(set(space) - set(TrainConfig.model_fields))
+        if unknown:
+            raise ValueError(f"{unknown} are not TrainConfig settings")
+        return json.dumps(space, sort_keys=True)  # the search checks the distributions themselves
+
+    @model_validator(mode="after")
+    def _labels_for_the_strategy(self) -> "PipelineConfig":
+        adapting = TrainConfig.strategy_options()["adapt_weight"]
+        if self.shots == 0 and self.strategy not in adapting:
+            raise ValueError(f"shots 0 gives the target no labels, which {self.strategy} needs: use a strategy that "
+                             f"adapts to unlabeled images ({', '.join(adapting)}), or shots > 0")
+        return self
+
 
 def load_config(cls: type[StepConfig], path: str | None, overrides: dict) -> StepConfig:
     """Build a config from an optional YAML/JSON file, then CLI flags (flags win)."""
+    values = read_config_file(path)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return validate(cls, values)
+
+
+def read_config_file(path: str | None) -> dict:
+    """The settings in a YAML/JSON file ({} without one), or a UserError saying what is wrong."""
     values: dict = {}
     if path:
         file = Path(path)
@@ -190,8 +313,7 @@ def load_config(cls: type[StepConfig], path: str | None, overrides: dict) -> Ste
         if not isinstance(values, dict):
             raise UserError(f"config file {path} must hold a mapping of settings, not {type(values).__name__}")
         values = values.get("config", values)  # accept a saved run's {"config": {...}} too
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return validate(cls, values)
+    return values
 
 
 def validate(cls: type[StepConfig], values: dict) -> StepConfig:

@@ -4,7 +4,7 @@
     pretrain : TrainConfig (source, strategy scratch) -> checkpoint
     transfer : TrainConfig (target, a strategy, a backbone) -> checkpoint + metrics vs scratch
     evaluate : checkpoint + prepared dataset -> metrics (+ confusion matrix)
-    run      : RunConfig -> all of the above, every strategy against scratch, one table
+    run      : ExperimentConfig -> all of the above, every strategy against its baseline, one table
 
 Each step is an MLflow run and returns a JSON-able summary dict.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from tl_core import storage, tracking
-from tl_core.config import PrepareConfig, RunConfig, TrainConfig
+from tl_core.config import ExperimentConfig, ExperimentSettings, PrepareConfig, SearchSettings, TrainConfig
 from tl_core.data import load_prepared, prepare
 from tl_core.evaluate import (
     Evaluation,
@@ -97,9 +97,9 @@ def train_step(cfg: TrainConfig, step: str, on_report: Progress | None = None, f
             "checkpoint_sha256": ckpt.get("sha256"),
             "metrics": ev.metrics,
             "train_seconds": ckpt["metrics"]["train_seconds"],
-            "cached": result.cached,
+            "reused": result.reused,
         }
-        mlflow.set_tags({"tl.data_hash": data.hash, "tl.cached": str(result.cached).lower()})
+        mlflow.set_tags({"tl.data_hash": data.hash, "tl.reused": str(result.reused).lower()})
         if scratch_accuracy is not None:
             gain = ev.metrics["accuracy"] - scratch_accuracy
             negative = negative_transfer(ev.metrics["accuracy"], scratch_accuracy)
@@ -145,23 +145,24 @@ def evaluate_step(model_uri: str, data_uri: str, split: str = "test") -> dict:
             "seconds": time.perf_counter() - started}
 
 
-def summarise(results: list[dict], strategies: list[str]) -> list[dict]:
-    """One row per strategy: mean test accuracy over seeds, gain over scratch, seeds won, seconds."""
-    scratch = {r["seed"]: r["metrics"]["accuracy"] for r in results if r["strategy"] == "scratch"}
+def summarise(results: list[dict], strategies: list[str], baseline: str = "scratch") -> list[dict]:
+    """One row per strategy: mean test accuracy over seeds, gain over the baseline (scratch on the
+    same labels; with no labels, the source model as it is), seeds won, seconds."""
+    reference = {r["seed"]: r["metrics"]["accuracy"] for r in results if r["strategy"] == baseline}
     rows = []
-    for strategy in ["scratch", *strategies]:
+    for strategy in [baseline, *strategies]:
         runs = [r for r in results if r["strategy"] == strategy]
         accs = [r["metrics"]["accuracy"] for r in runs]
-        gains = [r["metrics"]["accuracy"] - scratch[r["seed"]] for r in runs]
+        gains = [r["metrics"]["accuracy"] - reference[r["seed"]] for r in runs]
         rows.append({
             "strategy": strategy,
             "test_accuracy": statistics.mean(accs),
             "test_accuracy_std": statistics.pstdev(accs),
             "gain_over_scratch": statistics.mean(gains),
-            "seeds_beating_scratch": sum(g > 0 for g in gains) if strategy != "scratch" else None,
+            "seeds_beating_scratch": sum(g > 0 for g in gains) if strategy != baseline else None,
             "seeds": len(runs),
             "train_seconds": statistics.mean(r["train_seconds"] for r in runs),
-            "negative_transfer": strategy != "scratch" and statistics.mean(gains) < 0,
+            "negative_transfer": strategy != baseline and statistics.mean(gains) < 0,
         })
     return rows
 
@@ -174,51 +175,79 @@ def with_teachers_first(strategies: list[str]) -> list[str]:
     return ["finetune", *rest, "distill"]
 
 
-def strategy_inputs(strategy: str, source: dict, done: dict[str, dict]) -> dict:
-    """What a strategy needs beyond the common settings inside `tl run`."""
-    if strategy in ("multitask", "dann", "mcc", "simclr"):
-        return {"source_data": source["path"]}
-    if strategy == "distill":
-        return {"teacher": done["finetune"]["checkpoint"], "use_unlabeled": True}
-    return {}
+SOURCE_ONLY = "source-only"
 
 
-def run_step(cfg: RunConfig, on_progress: Callable[[str], None] | None = None, on_report: Progress | None = None) -> dict:
-    """The whole pipeline on one machine: prepare, pretrain, transfer with every strategy and
-    seed against scratch, evaluate, one table."""
+def source_only(backbone: str, source: dict, target: dict, seeds: list[int]) -> list[dict]:
+    """The baseline with no target labels: the source model applied to the target as it is (one
+    evaluation, the same for every seed)."""
+    from tl_core.errors import UserError
+
+    if source["classes"] != target["classes"]:
+        raise UserError(f"with shots 0 the source needs the target's classes ({', '.join(target['classes'])}), not "
+                        f"{', '.join(source['classes'])}: without labels the model keeps the source's classifier")
+    ev = evaluate_step(backbone, target["path"])
+    return [{"strategy": SOURCE_ONLY, "seed": seed, "metrics": ev["metrics"], "train_seconds": 0.0,
+             "checkpoint": backbone, "run_id": ev["run_id"]} for seed in seeds]
+
+
+def prepare_and_pretrain(settings: ExperimentSettings, say: Callable[[str], None] = print,
+                         on_report: Progress | None = None, image_size: int | None = None,
+                         channels: int | None = None) -> tuple[dict, dict, dict]:
+    """The target, the source at the target's shape, and the backbone pretrained on the source:
+    the first steps of `tl run`, of `tl tune` without a base config, and of the pipeline."""
+    say(f"preparing the target {settings.target}")
+    target = prepare_step(settings.target_prepare(image_size, channels))
+    say(f"preparing the source {settings.source} at the target's shape {target['shape']}")
+    source = prepare_step(settings.source_prepare(target["shape"]))
+    say(f"pretraining {settings.model} on the source ({source['train_images']} images, "
+        f"{settings.pretrain_epochs} epochs)")
+    return target, source, pretrain_step(settings.pretrain(source["path"]), on_report)
+
+
+def search_base(settings: SearchSettings, say: Callable[[str], None] = print) -> dict:
+    """The transfer that `tl tune` searches around when its file gives no base: the one `tl run`
+    (or the pipeline) would train with these settings, validated after every epoch."""
+    target, source, pretrain = prepare_and_pretrain(settings, say)
+    base = settings.transfer(target["path"], pretrain["checkpoint"], settings.strategy, source_data=source["path"])
+    return base.model_copy(update={"eval_every": 1}).model_dump()
+
+
+def run_step(cfg: ExperimentConfig, on_progress: Callable[[str], None] | None = None,
+             on_report: Progress | None = None) -> dict:
+    """The whole experiment on one machine: prepare, pretrain, transfer with every strategy and
+    seed against the baseline, evaluate, one table. The configs come from `cfg`'s methods, the
+    ones the pipeline's components call, so both reuse each other's datasets and checkpoints."""
     say = on_progress or (lambda message: None)
     started = time.perf_counter()
     with tracking.run("tl run", params=cfg.model_dump(), tags={"tl.step": "run"}) as parent:
-        say(f"preparing the target {cfg.target}")
-        target = prepare_step(PrepareConfig(uri=cfg.target, image_size=cfg.image_size, channels=cfg.channels))
-        say(f"preparing the source {cfg.source} at the target's shape {target['shape']}")
-        source = prepare_step(PrepareConfig(uri=cfg.source, image_size=target["shape"][-1], channels=target["shape"][0]))
-        say(f"pretraining {cfg.model} on the source ({source['train_images']} images, {cfg.pretrain_epochs} epochs)")
-        pretrain = pretrain_step(TrainConfig(
-            data=source["path"], strategy="scratch", model=cfg.model, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr,
-            batch_size=cfg.batch_size, augment=cfg.augment, workers=cfg.workers, eval_every=5,
-        ), on_report)
+        target, source, pretrain = prepare_and_pretrain(cfg, say, on_report, cfg.image_size, cfg.channels)
         strategies = with_teachers_first(cfg.strategies)
-        results = []
+        labels = cfg.shots != 0
+        baseline = "scratch" if labels else SOURCE_ONLY
+        results = [] if labels else source_only(pretrain["checkpoint"], source, target, cfg.seeds)
         for seed in cfg.seeds:
-            common = dict(data=target["path"], backbone=pretrain["checkpoint"], shots=cfg.shots, seed=seed,
-                          epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, augment=cfg.augment,
-                          workers=cfg.workers, eval_every=10, checkpoint_every=10)
-            say(f"seed {seed}: scratch baseline on {cfg.shots} shots per class")
-            scratch = train_step(TrainConfig(strategy="scratch", **common), "transfer", on_report)
-            results.append(scratch)
-            done = {"scratch": scratch}
+            done = {}
+            if labels:
+                say(f"seed {seed}: scratch baseline on {cfg.shots or 'all'} shots per class")
+                done["scratch"] = train_step(cfg.transfer(target["path"], pretrain["checkpoint"], "scratch", seed),
+                                             "transfer", on_report)
+                results.append(done["scratch"])
+            reference = next(r for r in results if r["strategy"] == baseline and r["seed"] == seed)
             for strategy in strategies:
                 say(f"seed {seed}: {strategy}")
-                done[strategy] = train_step(TrainConfig(strategy=strategy, **common, **strategy_inputs(strategy, source, done)),
-                                            "transfer", on_report, scratch_accuracy=scratch["metrics"]["accuracy"])
+                teacher = done.get("finetune", {}).get("checkpoint")
+                run_cfg = cfg.transfer(target["path"], pretrain["checkpoint"], strategy, seed,
+                                       source_data=source["path"], teacher=teacher)
+                done[strategy] = train_step(run_cfg, "transfer", on_report,
+                                            scratch_accuracy=reference["metrics"]["accuracy"])
                 results.append(done[strategy])
-        table = summarise(results, strategies)
+        table = summarise(results, strategies, baseline)
         for row in table:
             tracking.log_metrics({f"{row['strategy']}.test_accuracy": row["test_accuracy"],
                                   f"{row['strategy']}.gain_over_scratch": row["gain_over_scratch"]})
         best = max(table[1:], key=lambda r: r["test_accuracy"], default=None)
-        summary = {"source": source, "target": target, "pretrain": pretrain, "table": table,
+        summary = {"source": source, "target": target, "pretrain": pretrain, "table": table, "baseline": baseline,
                    "best_strategy": best["strategy"] if best else None,
                    "best_beats_scratch_on_every_seed": bool(best and best["seeds_beating_scratch"] == best["seeds"]),
                    "runs": [{k: r[k] for k in ("strategy", "seed", "checkpoint", "run_id")} | {"accuracy": r["metrics"]["accuracy"]} for r in results]}

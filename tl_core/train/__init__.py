@@ -21,11 +21,6 @@ class TrainResult:
     seconds: float
     reused: bool  # True: an identical run's checkpoint already existed and was reused
 
-    @property
-    def cached(self) -> bool:
-        """The old name of `reused` (steps.py reads it until it says `reused`)."""
-        return self.reused
-
 
 def output_folder(cfg: TrainConfig) -> str:
     """Where a run's checkpoint goes: named by the strategy and a hash of everything that

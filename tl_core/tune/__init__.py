@@ -8,9 +8,9 @@
 Ray is imported only when a search runs.
 """
 
-from tl_core.tune.space import SearchConfig
+from tl_core.tune.space import DEFAULT_SPACE, SearchConfig
 
-__all__ = ["SearchConfig", "run_search"]
+__all__ = ["DEFAULT_SPACE", "SearchConfig", "run_search"]
 
 
 def run_search(cfg: SearchConfig, on_trial=None) -> dict:

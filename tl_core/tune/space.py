@@ -33,6 +33,9 @@ RANGE_KINDS = ("loguniform", "uniform", "randint")
 METRICS = {"val_accuracy": "max", "val_loss": "min", "train_loss": "min"}
 DEFAULT_VAL_PER_CLASS = 10
 DEFAULT_NUM_SAMPLES = 10
+# `tl tune` without a space in its file: the learning rate and the weight decay, the two settings
+# that matter for every strategy.
+DEFAULT_SPACE = {"lr": {"loguniform": [1e-4, 1e-2]}, "weight_decay": {"choice": [0.0, 1e-4, 1e-3]}}
 
 
 class SearchConfig(StepConfig):

@@ -1,0 +1,87 @@
+"""Each setting declared once (issue 12): the flags of every command are the fields of its config,
+`shots` means the same everywhere, and the CLI lists what it can do."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import tl, tl_error
+from tl_core.config import ExperimentConfig, PipelineConfig, TrainConfig, validate
+from tl_core.errors import UserError
+
+
+def flags(command: str) -> set[str]:
+    """The flags of `tl <command>`, as click parses them."""
+    import typer
+
+    from tl_core.cli import app
+
+    cmd = typer.main.get_command(app)
+    for word in command.split():
+        cmd = cmd.commands[word]
+    return {opt for param in cmd.params for opt in param.opts}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@pytest.mark.parametrize("value, meaning", [("all", None), (-1, None), ("-1", None), (None, None), (0, 0), ("7", 7)])
+def test_shots_has_one_meaning(value, meaning):
+    assert TrainConfig(data="d", shots=value).shots == meaning
+    assert ExperimentConfig(shots=value, strategies=["mcc"]).shots == meaning
+
+
+def test_bad_shots_and_labels_a_strategy_cannot_do_without_are_refused():
+    with pytest.raises(UserError, match="shots: Input should be greater than or equal to 0"):
+        validate(TrainConfig, {"data": "d", "shots": -2})
+    with pytest.raises(UserError, match="shots 0 gives the target no labels, which finetune needs.*dann, mcc"):
+        validate(PipelineConfig, {"shots": 0})
+    with pytest.raises(UserError, match="which linear-probe needs"):
+        validate(ExperimentConfig, {"shots": 0})
+
+
+def test_the_pipeline_sends_all_labels_as_minus_one():
+    from pipelines.transfer import arguments
+
+    assert arguments(PipelineConfig(shots="all"))["shots"] == -1
+    assert arguments(PipelineConfig(shots=0, strategy="mcc"))["shots"] == 0
+    assert PipelineConfig(shots=-1).shots is None  # and -1 comes back as all
+
+
+def test_every_setting_is_a_flag_with_its_description():
+    options = TrainConfig.strategy_options()
+    transfer, pretrain = flags("transfer"), flags("pretrain")
+    for name, field in TrainConfig.model_fields.items():
+        if name != "model_kwargs":  # a mapping: config files only
+            assert flag(name) in transfer, name
+        assert (flag(name) in pretrain) == (name not in options and name not in ("strategy", "backbone", "model_kwargs"))
+    for name in ExperimentConfig.model_fields:
+        assert flag(name) in flags("run")
+    for name in PipelineConfig.model_fields:
+        assert flag(name) in flags("pipeline run")
+    help_text = tl("transfer", "--help").stdout.replace("│", " ")
+    assert "finetune: backbone LR = lr * this" in " ".join(help_text.split())  # the field's description
+
+
+def test_strategy_options_come_from_the_fields_and_the_baseline_resets_them():
+    options = TrainConfig.strategy_options()
+    assert options["source_data"] == ["multitask", "dann", "mcc", "simclr"]
+    assert {"ways", "episode_shots", "inner_lr", "unseen_classes"} <= set(options)
+    cfg = TrainConfig(data="d", strategy="finetune", freeze=2, ways=10, source_data="s", shots=5)
+    base = cfg.baseline()
+    assert base.strategy == "scratch" and base.freeze == 0 and base.ways == 5 and base.source_data is None
+    assert base.shots == 5
+
+
+def test_transfer_help_lists_every_strategy():
+    from tl_core.strategies import STRATEGIES
+
+    text = " ".join(tl("transfer", "--help").stdout.replace("│", " ").split())
+    for name in STRATEGIES:
+        assert name in text, name
+
+
+def test_a_bad_flag_value_is_one_error_line(workdir):
+    assert "shots" in tl_error("run", "--shots", "some")
+    assert "which finetune needs" in tl_error("pipeline", "run", "--local", "--shots", "0")
