@@ -22,10 +22,10 @@ import warnings
 from pathlib import Path
 
 from pipelines.transfer import NAME, arguments
-from tl_core.config import PipelineConfig
 from tl_core import storage
-from tl_core.config import workdir
+from tl_core.config import PipelineConfig, workdir
 from tl_core.errors import UserError
+from tl_core.ray_cluster import FORWARDED_ENV
 
 MANAGED = "managed by `tl pipeline schedule`; fingerprint"  # recurring runs' description
 FINISHED = {"SUCCEEDED", "FAILED", "SKIPPED", "CANCELED"}  # any other run state: in flight
@@ -107,16 +107,64 @@ def _step_outputs(run_dir: Path) -> dict:
     return steps
 
 
-def run_local(cfg: PipelineConfig, root: str | None = None) -> dict:
-    """The whole pipeline in subprocesses of this Python (kfp.local's SubprocessRunner): the
-    steps see this environment, so TL_WORKDIR, MLFLOW_TRACKING_URI and RAY_ADDRESS apply."""
+# What a step's container must see of this environment (credentials travel as variables of the
+# container, never in the image or the pipeline's parameters).
+CONTAINER_ENV = (*FORWARDED_ENV, "RAY_ADDRESS", "RAY_AUTH_MODE")
+
+
+def _docker_runner(image: str, base: Path):
+    """kfp.local's DockerRunner: each step in `image`, on the host's network (services on
+    127.0.0.1 stay reachable), as this user (files in the mounted folder stay ours), with the work
+    directory mounted at the same path, so the paths the steps hand each other mean the same
+    inside and out."""
+    import os
+
     from kfp import local
 
+    from components import IMAGE
+
+    try:
+        import docker
+
+        docker.from_env().ping()
+    except Exception as err:  # no Python client, no daemon, no permission: one line either way
+        raise UserError(f"--runner docker needs a running Docker daemon ({str(err).splitlines()[0][:160]}): start "
+                        "it (bash ../shared/tools/container-env.sh here), or use --runner subprocess") from None
+    if image != IMAGE:
+        raise UserError(f"--image {image}: the steps were already defined with {IMAGE}; set TL_IMAGE={image} for the "
+                        "whole command instead")
+    env = {name: os.environ[name] for name in CONTAINER_ENV if os.environ.get(name)}
+    env["TL_WORKDIR"] = str(base)
+    # The image's entry point is `tl`; a KFP step brings its own command (as a pod's `command:`
+    # replaces the entry point, which docker's CMD alone would not).
+    return local.DockerRunner(network_mode="host", user=f"{os.getuid()}:{os.getgid()}", environment=env,
+                              entrypoint=["/usr/bin/env"])
+
+
+def run_local(cfg: PipelineConfig, root: str | None = None, runner: str = "subprocess",
+              image: str | None = None) -> dict:
+    """The whole pipeline on this machine with kfp.local. runner="subprocess": each step a
+    subprocess of this Python, seeing this environment (TL_WORKDIR, MLFLOW_TRACKING_URI,
+    RAY_ADDRESS). runner="docker": each step a container of `image` (default TL_IMAGE), as a
+    cluster runs it; the local work directory is mounted into every step."""
+    from kfp import local
+
+    from components import IMAGE
     from pipelines.transfer import transfer_pipeline
 
-    base = _local_root(root)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(base),
-               workspace_root=str(base / "workspace"))
+    if runner == "subprocess":
+        base = _local_root(root)
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(base),
+                   workspace_root=str(base / "workspace"))
+    elif runner == "docker":
+        if storage.is_s3(workdir()) or root:
+            raise UserError("--runner docker keeps kfp.local's outputs in the work directory, which it mounts into "
+                            "the steps: give a local TL_WORKDIR and no --root")
+        base = Path(workdir()).resolve()
+        base.mkdir(parents=True, exist_ok=True)
+        local.init(runner=_docker_runner(image or IMAGE, base), pipeline_root=str(base))
+    else:
+        raise UserError(f"--runner {runner}: choose subprocess or docker")
     started, earlier, log = time.time(), set(base.glob(f"{NAME}-*")), io.StringIO()
     with _kfp_output_to_stderr(copy=log):
         try:

@@ -184,7 +184,7 @@ def test_a_run_that_fails_the_gate_leaves_the_champion(first_run):
 def test_tl_run_and_the_pipeline_build_the_same_configs_and_reuse_each_other(first_run):
     # The same settings through `tl run`: the pipeline's datasets and backbone are reused, not redone.
     run = tl_json("run", *FAST, "--seeds", "0", "--strategies", "finetune")
-    assert run["pretrain"]["checkpoint"] == first_run["steps"]["pretrain"]["checkpoint"]
+    assert run["pretrain"]["checkpoint"] == first_run["steps"]["pretrain"]["checkpoint"]["uri"]
     assert run["pretrain"]["reused"] and run["target"]["reused"] and run["source"]["reused"]
 
 
@@ -198,7 +198,7 @@ def test_zero_label_adaptation_runs_end_to_end(first_run):
     # The same adaptation through tl run: its baseline is the source model as it is.
     run = tl_json("run", *FAST, "--shots", "0", "--strategies", "mcc,dann", "--seeds", "0")
     assert run["baseline"] == "source-only" and [r["strategy"] for r in run["table"]] == ["source-only", "mcc", "dann"]
-    assert run["pretrain"]["checkpoint"] == first_run["steps"]["pretrain"]["checkpoint"]
+    assert run["pretrain"]["checkpoint"] == first_run["steps"]["pretrain"]["checkpoint"]["uri"]
 
 
 # -- a training step on a Ray cluster ------------------------------------------------------------

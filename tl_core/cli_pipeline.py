@@ -42,18 +42,26 @@ def compile_(output: str = typer.Option("tl-transfer-pipeline.yaml", help="YAML 
 @with_settings("PipelineConfig")
 def run(settings: dict, config: Optional[str], local: bool = typer.Option(False, "--local", help="run every step on this machine (kfp.local)"),
         root: Optional[str] = typer.Option(None, help="folder for kfp.local's outputs (default: TL_WORKDIR/kfp)"),
+        runner: str = typer.Option("subprocess", help="subprocess: each step a process here; docker: each step a "
+                                                      "container of --image, as a cluster runs it"),
+        image: Optional[str] = typer.Option(None, help="the steps' image with --runner docker (default: TL_IMAGE, "
+                                                       "else tl-core:0.1.0)"),
         as_json: bool = AS_JSON):
     """Run the whole pipeline on this machine: each step a subprocess, training in-process or on
     the Ray cluster in RAY_ADDRESS, tracking in MLFLOW_TRACKING_URI (default: TL_WORKDIR's store)."""
 
     def work():
+        import os
+
+        if image:  # the steps' image is read when they are defined, on the import below
+            os.environ["TL_IMAGE"] = image
         from pipelines.launch import run_local
         from tl_core.errors import UserError
 
         if not local:
             raise UserError("`tl pipeline run` runs on this machine: add --local (to run on a KFP endpoint: "
                             "`tl pipeline submit --host URL`)")
-        return run_local(pipeline_config(settings, config), root)
+        return run_local(pipeline_config(settings, config), root, runner, image)
 
     def show(s):
         typer.echo(f"{s['model']} version {s['version']}: test accuracy {s['accuracy']:.4f}; {s['decision']}\n"
