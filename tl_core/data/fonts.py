@@ -68,7 +68,9 @@ def render_characters(chars: str, variants: int = VARIANTS_PER_GLYPH, seed: int 
     rng = np.random.default_rng(seed)
     images, labels = [], []
     for path in font_files(chars):
-        font = ImageFont.truetype(str(path), size=64)
+        # Pillow's basic layout, always: with libraqm installed (it is on some hosts, not in the
+        # image) Pillow lays text out otherwise, and the same seed drew other glyphs.
+        font = ImageFont.truetype(str(path), size=64, layout_engine=ImageFont.Layout.BASIC)
         for label, char in enumerate(chars):
             for _ in range(variants):
                 bitmap = _glyph(font, char, rng)
