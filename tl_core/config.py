@@ -179,12 +179,14 @@ class ExperimentSettings(StepConfig):
     model: str = Field("small_cnn", description="architecture of the backbone")
     shots: Shots = 5
     pretrain_epochs: int = Field(15, ge=1, description="epochs of pretraining on the source")
-    pretrain_lr: float = Field(1e-3, gt=0, description="learning rate of pretraining")
+    # The same defaults as one training run's: declared there, read here.
+    pretrain_lr: float = Field(TrainConfig.model_fields["lr"].default, gt=0, description="learning rate of pretraining")
     epochs: int = Field(100, ge=1, description="transfer epochs")
-    lr: float = Field(1e-3, gt=0, description="transfer learning rate")
-    batch_size: int = Field(64, ge=1, description="global batch size, split across workers")
+    lr: float = Field(TrainConfig.model_fields["lr"].default, gt=0, description="transfer learning rate")
+    batch_size: int = Field(TrainConfig.model_fields["batch_size"].default, ge=1,
+                            description="global batch size, split across workers")
     augment: int = Field(1, ge=0, description="random shift of up to N pixels per training image")
-    workers: int = Field(1, ge=1, description="Ray Train workers per training run")
+    workers: int = Field(TrainConfig.model_fields["workers"].default, ge=1, description="Ray Train workers per training run")
 
     _model = field_validator("model")(TrainConfig._known_model.__func__)
 
