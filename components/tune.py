@@ -19,9 +19,7 @@ def tune(data: Input[Dataset], backbone: Input[Model], source: Input[Dataset], s
 
     settings = ExperimentSettings(shots=shots, epochs=epochs, lr=lr, batch_size=batch_size, augment=augment,
                                   workers=workers)
-    base = settings.transfer(artifacts.uri(data), artifacts.uri(backbone), strategy, source_data=artifacts.uri(source))
-    # A search compares trials on validation accuracy after every epoch.
-    base = base.model_copy(update={"eval_every": 1})
-    result = run_search(SearchConfig(base=base.model_dump(), space=json.loads(search_space), num_samples=num_samples))
+    base = settings.search_base(artifacts.uri(data), artifacts.uri(backbone), strategy, artifacts.uri(source))
+    result = run_search(SearchConfig(base=base, space=json.loads(search_space), num_samples=num_samples))
     metrics.log_metric("best_val_accuracy", float(result["best_val_accuracy"]))
     return json.dumps(result["best_config"])

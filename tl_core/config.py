@@ -214,6 +214,12 @@ class ExperimentSettings(StepConfig):
                               "augment": self.augment, "workers": self.workers, "eval_every": 10,
                               "checkpoint_every": 10, "source_data": source_data, **settings})
 
+    def search_base(self, target_data: str, backbone: str, strategy: str, source_data: str | None = None) -> dict:
+        """The transfer a search (`tl tune`, the pipeline's HPO step) starts from: the one above,
+        validated after every epoch, as the search compares trials."""
+        cfg = self.transfer(target_data, backbone, strategy, source_data=source_data)
+        return cfg.model_copy(update={"eval_every": 1}).model_dump()
+
 
 class ExperimentConfig(ExperimentSettings):
     """`tl run`: the whole experiment, source -> pretrain -> transfer (every strategy) vs a baseline:

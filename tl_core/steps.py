@@ -209,8 +209,7 @@ def search_base(settings: SearchSettings, say: Callable[[str], None] = print) ->
     """The transfer that `tl tune` searches around when its file gives no base: the one `tl run`
     (or the pipeline) would train with these settings, validated after every epoch."""
     target, source, pretrain = prepare_and_pretrain(settings, say)
-    base = settings.transfer(target["path"], pretrain["checkpoint"], settings.strategy, source_data=source["path"])
-    return base.model_copy(update={"eval_every": 1}).model_dump()
+    return settings.search_base(target["path"], pretrain["checkpoint"], settings.strategy, source["path"])
 
 
 def run_step(cfg: ExperimentConfig, on_progress: Callable[[str], None] | None = None,
