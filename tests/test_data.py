@@ -47,8 +47,12 @@ def test_prepare_writes_manifest_and_skips_identical_work(workdir):
     manifest = json.loads((storage.read_bytes(storage.join(first.path, "manifest.json"))))
     assert manifest["shape"] == [1, 16, 16] and manifest["uri"] == "sklearn:digits" and manifest["seed"] == 3
     assert sum(manifest["counts"]["train"].values()) + sum(manifest["counts"]["test"].values()) == 1797
-    for name, sha in manifest["files"].items():
-        assert storage.sha256_bytes(storage.read_bytes(storage.join(first.path, name))) == sha
+    listed = [(name, entry) for name, entry in manifest["files"].items()]
+    listed += [(entry["name"], entry) for split in ("train", "test") for entry in manifest["shards"][split]]
+    assert len(listed) == 4  # two label files, a shard per split (digits are small)
+    for name, entry in listed:
+        data = storage.read_bytes(storage.join(first.path, name))
+        assert storage.sha256_bytes(data) == entry["sha256"] and len(data) == entry["bytes"]
     second, reused = prepare(cfg)
     assert reused and second.path == first.path and second.hash == first.hash
     other, reused = prepare(cfg.model_copy(update={"seed": 4}))

@@ -40,13 +40,17 @@ class PrepareConfig(StepConfig):
     uri: str = Field(..., description="data URI: sklearn:digits, fonts:digits, idx:DIR, npz:FILE, imagefolder:DIR "
                                       "(or s3://...), torchvision:NAME, omniglot:ZIP")
     classes: list[str] | None = Field(None, description="keep only these classes (names or label ids)")
-    image_size: int | None = Field(None, description="resize images to SIZE x SIZE")
+    image_size: int | None = Field(None, ge=1, description="resize images to SIZE x SIZE (photos: crop them to "
+                                                          "it, default 224)")
     channels: int | None = Field(None, description="convert to 1 (grey) or 3 (RGB) channels")
     test_fraction: float = Field(0.3, gt=0, lt=1, description="held-out share when the source has no test split")
     test_split: Literal["images", "classes"] = Field(
         "images", description="images: hold out images of every class; classes: hold out whole classes (few-shot "
         "episodes on classes never seen in training), test_fraction of them")
     max_per_class: int | None = Field(None, description="cap the training images of each class")
+    store: Literal["auto", "arrays", "files"] = Field(
+        "auto", description="arrays: uint8 pixels; files: image files as they are, decoded and cropped each epoch "
+        "(photos); auto: files for image folders of images larger than 64 px")
     seed: int = Field(0, description="seed of the train/test split")
     output: str | None = Field(None, description="folder (local or s3://) for prepared datasets")
 
@@ -125,6 +129,8 @@ class TrainConfig(StepConfig):
                                              ("zero-shot",))
     unseen_classes: list[str] = strategy_option([], "classes never seen with labels", ("zero-shot",))
     # Where and how it runs.
+    in_memory_mb: int = Field(2048, ge=0, description="hold training images in memory up to this many MB (as "
+                              "float32); a larger labelled set streams from its shards, larger pools are sampled")
     workers: int = Field(1, ge=1, description="Ray Train workers; 1 runs in this process (unless RAY_ADDRESS is set)")
     runner: Literal["auto", "local", "ray"] = "auto"
     use_gpu: bool | None = Field(None, description="default: use GPUs where the worker has one")

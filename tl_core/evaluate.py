@@ -17,6 +17,7 @@ from tl_core.data import PreparedDataset, load_prepared, normalise
 from tl_core.errors import UserError
 from tl_core.models import build_from_spec
 from tl_core.strategies import STRATEGIES
+from tl_core.strategies.base import predict_chunks
 
 ECE_BINS = 15
 
@@ -82,13 +83,13 @@ def evaluate_loaded(ckpt: dict, data: PreparedDataset, split: str = "test", uri:
     check_fits(ckpt, data, uri)
     model = build_from_spec(ckpt["model_spec"])
     load_state(model, ckpt["model"], uri)
-    x, y = data.split(split)
-    images = normalise(x, ckpt["data"])  # as the model was trained: with its training data's statistics
+    # As the model was trained: with its training data's statistics; a shard at a time.
+    chunks = ((normalise(x, ckpt["data"]), torch.from_numpy(y)) for x, y in data.rows(split).chunks())
     # Scored as the model's strategy scores it: logits over the classes by default, episodes for
     # few-shot models, attribute signatures for zero-shot ones.
     cfg = TrainConfig(**ckpt["config"])
-    logits, labels, classes = STRATEGIES[cfg.strategy].predict(model, cfg, images, torch.from_numpy(y), data.classes,
-                                                               torch.device("cpu"))
+    logits, labels, classes = predict_chunks(STRATEGIES[cfg.strategy], model, cfg, chunks, data.classes,
+                                             torch.device("cpu"))
     return classification_metrics(logits, labels, classes)
 
 

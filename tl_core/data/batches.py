@@ -1,12 +1,17 @@
-"""Batches for the training core, drawn from tensors already in memory.
+"""Batches for the training core.
 
-`ShuffledBatches` gives plain mini-batches; `Episodes` gives few-shot episodes (N classes, K
-support + Q query images each). A strategy picks one with `Strategy.batches`.
+From tensors already in memory: `ShuffledBatches` gives plain mini-batches; `Episodes` gives
+few-shot episodes (N classes, K support + Q query images each); a strategy picks one with
+`Strategy.batches`. Streamed from a prepared dataset's shards: `StreamedBatches` in this
+process; on Ray Train, `RayDataBatches` over the worker's `get_dataset_shard` (see
+`tl_core.train.ray_data`).
 """
 
 from __future__ import annotations
 
 import math
+import queue
+import threading
 
 import numpy as np
 import torch
@@ -110,3 +115,97 @@ def split_episode(x: torch.Tensor, y: torch.Tensor, ways: int, shots: int) -> tu
     """(support_x, support_y, query_x, query_y) of a batch laid out by `Episodes`."""
     n = ways * shots
     return x[:n], y[:n], x[n:], y[n:]
+
+
+class StreamedBatches:
+    """Mini-batches streamed from the shards of `rows` (a `Rows` of a prepared dataset), for one
+    worker of `world_size`: at most `prefetch` + 1 shards are held at once, read and decoded by
+    a background thread while the model trains on the previous one.
+
+    Each epoch visits the shards in a new order from (seed, epoch) and the rows of each in a new
+    order (a shuffle buffer of one shard, with the carry of the last); each worker takes every
+    `world_size`-th shard. Photos are cropped and flipped at random (`augment`) when decoded.
+    """
+
+    def __init__(self, rows, normalise, batch_size: int, seed: int, augment: bool, rank: int = 0,
+                 world_size: int = 1, prefetch: int = 1):
+        self.rows, self.normalise, self.batch_size, self.augment = rows, normalise, batch_size, augment
+        self.seed, self.rank, self.world_size, self.prefetch = seed, rank, world_size, prefetch
+        self.epoch, self.rows_seen = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(math.ceil(len(self.rows) / self.world_size) / self.batch_size)
+
+    def _read(self, shards: list[dict], out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            for entry in shards:
+                if stop.is_set():
+                    return
+                out.put(self.rows.chunk_of(entry, train=self.augment))
+        except BaseException as err:  # re-raised in the training thread
+            out.put(err)
+        out.put(None)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        shards = self.rows.shards()
+        mine = [shards[i] for i in rng.permutation(len(shards))][self.rank :: self.world_size]
+        chunks: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        reader = threading.Thread(target=self._read, args=(mine, chunks, stop), daemon=True)
+        reader.start()
+        self.rows_seen = 0
+        carry_x, carry_y = None, None
+        try:
+            while (item := chunks.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                x, y, _ = item
+                order = rng.permutation(len(y))
+                x, y = x[order], y[order]
+                if carry_x is not None:
+                    x, y = np.concatenate([carry_x, x]), np.concatenate([carry_y, y])
+                full = len(y) - len(y) % self.batch_size
+                for start in range(0, full, self.batch_size):
+                    self.rows_seen += self.batch_size
+                    yield self.normalise(x[start : start + self.batch_size]), torch.from_numpy(y[start : start + self.batch_size])
+                carry_x, carry_y = x[full:], y[full:]
+            if carry_y is not None and len(carry_y):
+                self.rows_seen += len(carry_y)
+                yield self.normalise(carry_x), torch.from_numpy(carry_y)
+        finally:
+            stop.set()
+            while reader.is_alive():  # unblock a reader waiting on a full queue
+                try:
+                    chunks.get_nowait()
+                except queue.Empty:
+                    reader.join(0.05)
+
+
+class RayDataBatches:
+    """Mini-batches of one Ray Train worker's share of a Ray Data dataset (`get_dataset_shard`):
+    Ray Data reads, checks and decodes the shards on the cluster's CPUs and splits the rows
+    equally among the workers (equal step counts, as DDP needs); each epoch re-executes the
+    dataset, so photos get new random crops."""
+
+    def __init__(self, shard, normalise, batch_size: int, steps: int, seed: int):
+        self.shard, self.normalise, self.batch_size, self.steps, self.seed = shard, normalise, batch_size, steps, seed
+        self.epoch, self.rows_seen, self.indices_seen = 0, 0, []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        self.rows_seen, self.indices_seen = 0, []
+        for batch in self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy",
+                                             local_shuffle_buffer_size=4 * self.batch_size,
+                                             local_shuffle_seed=self.seed * 1000 + self.epoch):
+            self.rows_seen += len(batch["y"])
+            self.indices_seen.append(batch["index"])
+            yield self.normalise(batch["x"]), torch.from_numpy(batch["y"])

@@ -1,38 +1,51 @@
-"""Data prep: a data URI in, a prepared dataset out (image/label arrays + manifest.json).
+"""Data prep: a data URI in, a prepared dataset out (Parquet shards + manifest.json).
 
-A prepared dataset is a folder (local or s3://) holding `train_x.npy`, `train_y.npy`,
-`test_x.npy`, `test_y.npy` (uint8 images N x C x H x W, int64 labels) and `manifest.json`
-(source URI, settings, class names and counts, shape, normalisation statistics, seed, the
-sha256 of each file and a content hash of it all). The manifest is written last, so a folder
-with a manifest is complete. The folder's name carries a hash of the settings and of the
-source's content: preparing the same data with the same settings again is skipped.
+A prepared dataset is a folder (local or s3://) holding, per split (`train`, `test`), shards of
+at most 32 MB (`shards/train-00000.parquet`..., see `shards.py`) and its labels
+(`labels-train.npy`), and `manifest.json`: source URI, settings, class names and counts, image
+shape, normalisation statistics, seed, each file's sha256 and size, and a content hash of it
+all. Small images are stored as their uint8 pixels ("arrays"); photos as their JPEG/PNG files
+("files"), decoded and cropped to `shape` on the fly each epoch. `tl prepare` streams: it reads
+the source's labels first, decides the splits from them, then reads, converts and writes the
+images a chunk at a time, computing the statistics as it goes, so its memory does not grow with
+the number of images. The manifest is written last: a folder with a manifest is complete. The
+folder's name carries a hash of the settings and of the source's content: preparing the same
+data with the same settings again is skipped.
+
+Readers take a split's rows shard by shard (`Rows.chunks`) or, for small selections, whole
+(`Rows.arrays`); training decides by size (see `tl_core.train.loop`).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from tl_core import storage
 from tl_core.config import PrepareConfig, workdir
-from tl_core.data.sources import RawData, read_source
-from tl_core.data.transforms import convert_channels, resize, select_classes
+from tl_core.data.shards import ShardWriter, read_shard, rows_of, shards_holding
+from tl_core.data.sources import Source, open_source
+from tl_core.data.transforms import convert_channels, decode_files, resize, select_classes
 from tl_core.errors import UserError
 
-FORMAT = "tl-prepared/1"
-ARRAYS = ("train_x", "train_y", "test_x", "test_y")
+FORMAT = "tl-prepared/2"
+SPLITS = ("train", "test")
+PHOTO_SIZE = 224  # what photos are cropped to unless --image-size says otherwise
+STATS_SIZE = 64  # photos' statistics are taken on a JPEG draft this small (a fast, close estimate)
 
 
 @dataclass
 class PreparedDataset:
+    """A prepared dataset: its manifest, and its splits read on demand (nothing is loaded here)."""
+
     path: str
     manifest: dict
-    arrays: dict[str, np.ndarray] = field(repr=False)
 
     @property
     def classes(self) -> list[str]:
@@ -46,12 +59,92 @@ class PreparedDataset:
     def hash(self) -> str:
         return self.manifest["hash"]
 
+    @property
+    def photos(self) -> bool:
+        """Images stored as files, decoded and cropped on the fly (else uint8 pixel arrays)."""
+        return self.manifest["stored"] == "files"
+
     def normalise(self, x: np.ndarray) -> torch.Tensor:
         """uint8 images -> float tensor scaled by this dataset's mean and std."""
         return normalise(x, self.manifest)
 
+    def labels(self, split: str) -> np.ndarray:
+        """All labels of a split (8 bytes an image), without reading an image."""
+        name = f"labels-{split}.npy"
+        data = storage.read_bytes(storage.join(self.path, name))
+        if storage.sha256_bytes(data) != self.manifest["files"][name]["sha256"]:
+            raise UserError(f"{self.path}/{name} does not match its sha256 in the manifest: prepare the dataset again")
+        return np.load(io.BytesIO(data), allow_pickle=False)
+
+    def rows(self, split: str, indices: np.ndarray | None = None) -> "Rows":
+        """The rows `indices` (sorted; None: all) of a split, read when asked for."""
+        return Rows(self, split, None if indices is None else np.asarray(indices, dtype=np.int64))
+
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        return self.arrays[f"{name}_x"], self.arrays[f"{name}_y"]
+        """A whole split in memory: uint8 images (photos at their eval crop) and labels."""
+        return self.rows(name).arrays()
+
+
+class Rows:
+    """Some rows of a split, read shard by shard. `max_rows_held` records the most decoded rows
+    any one read held at once (what tests check to prove that streaming paths stream)."""
+
+    def __init__(self, data: PreparedDataset, split: str, indices: np.ndarray | None):
+        self.data, self.split, self.indices = data, split, indices
+        self.max_rows_held = 0
+
+    def __len__(self) -> int:
+        if self.indices is not None:
+            return len(self.indices)
+        return sum(e["rows"] for e in self.data.manifest["shards"][self.split])
+
+    def labels(self) -> np.ndarray:
+        y = self.data.labels(self.split)
+        return y if self.indices is None else y[self.indices]
+
+    def float_bytes(self) -> int:
+        """Bytes these rows take as a float32 tensor: what holding them in memory costs."""
+        return len(self) * math.prod(self.data.shape) * 4
+
+    def shards(self) -> list[dict]:
+        return shards_holding(self.data.manifest["shards"][self.split], self.indices)
+
+    def decode(self, images: list[bytes], train: bool = False) -> np.ndarray:
+        """A shard's image column -> uint8 N x C x H x W (photos cropped: at random when training)."""
+        return decode_images(images, self.data.manifest, train)
+
+    def chunk_of(self, entry: dict, train: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(uint8 images, labels, indices) of these rows in one shard."""
+        images, labels, index = rows_of(read_shard(self.data.path, entry), self.indices)
+        self.max_rows_held = max(self.max_rows_held, len(labels))
+        return self.decode(images, train), labels, index
+
+    def chunks(self, train: bool = False):
+        """(uint8 images, labels) shard by shard, in index order: one shard held at a time."""
+        for entry in self.shards():
+            x, y, _ = self.chunk_of(entry, train)
+            yield x, y
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """All these rows at once: for selections known to be small (k shots, a validation set)."""
+        parts = list(self.chunks())
+        if not parts:
+            return np.zeros((0, *self.data.shape), dtype=np.uint8), np.zeros(0, dtype=np.int64)
+        x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        self.max_rows_held = max(self.max_rows_held, len(y))
+        return x, y
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.arrays()
+        return self.data.normalise(x), torch.from_numpy(y)
+
+
+def decode_images(images: list[bytes], manifest: dict, train: bool = False) -> np.ndarray:
+    """The image column of a shard -> uint8 N x C x H x W as the manifest's `shape` says."""
+    channels, height, width = manifest["shape"]
+    if manifest["stored"] == "files":
+        return decode_files(images, channels, height, train)
+    return np.frombuffer(bytearray().join(images), dtype=np.uint8).reshape(len(images), channels, height, width)
 
 
 def normalise(x: np.ndarray, stats: dict) -> torch.Tensor:
@@ -59,7 +152,9 @@ def normalise(x: np.ndarray, stats: dict) -> torch.Tensor:
     manifest, or a checkpoint's `data` dict (to feed a model as its training data was)."""
     mean = torch.tensor(stats["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(stats["std"]).view(1, -1, 1, 1)
-    return (torch.from_numpy(x).float() / 255.0 - mean) / std
+    if not isinstance(x, torch.Tensor):  # Ray Data hands out read-only arrays
+        x = torch.from_numpy(x if x.flags.writeable else x.copy())
+    return (x.float() / 255.0 - mean) / std
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
@@ -76,6 +171,12 @@ def _slug(uri: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", uri.split("/")[-1] if "/" in uri else uri).strip("-").lower()[:40]
 
 
+# -- deciding the splits from the labels alone ----------------------------------------------
+# A plan maps each output split to parts (source split, sorted source rows, their new labels);
+# the images are read afterwards, in that order.
+Plan = dict[str, list[tuple[str, np.ndarray, np.ndarray]]]
+
+
 def _stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     train, test = [], []
     for label in np.unique(y):
@@ -88,95 +189,161 @@ def _stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator) 
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def _class_split(x, y, tx, ty, num_classes: int, cfg: PrepareConfig, rng: np.random.Generator):
-    """Hold out whole classes: the test split has every image of test_fraction of the classes,
-    the train split every image of the others, so few-shot episodes on the test split only see
-    classes never trained on. Labels keep their dataset ids."""
-    if num_classes < 2:
-        raise UserError(f"{cfg.uri}: --test-split classes needs at least 2 classes, it has {num_classes}")
-    if tx is not None:  # the source's own test images join their classes
-        x, y = np.concatenate([x, convert_channels(resize(tx, x.shape[-2:]), x.shape[1])]), np.concatenate([y, ty])
-    n_test = min(max(int(round(cfg.test_fraction * num_classes)), 1), num_classes - 1)
-    test_classes = rng.permutation(num_classes)[:n_test]
-    held_out = np.isin(y, test_classes)
-    return x[~held_out], y[~held_out], x[held_out], y[held_out]
-
-
-def build_arrays(raw: RawData, cfg: PrepareConfig) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Class subset, test split, per-class cap, channels, size: the whole transformation."""
+def plan_splits(source: Source, cfg: PrepareConfig) -> tuple[list[str], Plan]:
+    """Class subset, test split and per-class cap, decided on labels: which source rows go where."""
     rng = np.random.default_rng(cfg.seed)
-    classes = raw.classes
-    x, y, tx, ty = raw.train_x, raw.train_y, raw.test_x, raw.test_y
+    classes = source.classes
+    # Per source split: the rows kept and their labels.
+    kept = {split: (np.arange(len(y)), y.astype(np.int64)) for split, y in source.labels.items()}
     if cfg.classes:
         keep = select_classes(classes, cfg.classes, cfg.uri)
         relabel = np.full(len(classes), -1)
         relabel[keep] = np.arange(len(keep))
-        mask = np.isin(y, keep)
-        x, y = x[mask], relabel[y[mask]]
-        if ty is not None:
-            tmask = np.isin(ty, keep)
-            tx, ty = tx[tmask], relabel[ty[tmask]]
+        kept = {split: (rows[np.isin(y, keep)], relabel[y[np.isin(y, keep)]]) for split, (rows, y) in kept.items()}
         classes = [classes[i] for i in keep]
-    counts = np.bincount(y, minlength=len(classes))
+    counts = np.bincount(kept["train"][1], minlength=len(classes))
     if (counts == 0).any():
         missing = classes[int(np.flatnonzero(counts == 0)[0])]
         raise UserError(f"{cfg.uri}: class {missing!r} has no training images; add images or drop the class with --classes")
+
     if cfg.test_split == "classes":
-        x, y, tx, ty = _class_split(x, y, tx, ty, len(classes), cfg, rng)
-    elif tx is None:
+        # Hold out whole classes: the test split has every image of test_fraction of the classes
+        # (the source's own test images join their classes), the train split every image of the
+        # others, so few-shot episodes on the test split only see classes never trained on.
+        if len(classes) < 2:
+            raise UserError(f"{cfg.uri}: --test-split classes needs at least 2 classes, it has {len(classes)}")
+        n_test = min(max(int(round(cfg.test_fraction * len(classes))), 1), len(classes) - 1)
+        test_classes = rng.permutation(len(classes))[:n_test]
+        plan: Plan = {"train": [], "test": []}
+        for split, (rows, y) in kept.items():
+            held = np.isin(y, test_classes)
+            plan["train"].append((split, rows[~held], y[~held]))
+            plan["test"].append((split, rows[held], y[held]))
+    elif "test" not in kept:
+        rows, y = kept["train"]
         train_idx, test_idx = _stratified_split(y, cfg.test_fraction, rng)
-        x, y, tx, ty = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+        plan = {"train": [("train", rows[train_idx], y[train_idx])], "test": [("train", rows[test_idx], y[test_idx])]}
+    else:
+        plan = {split: [(split, *kept[split])] for split in SPLITS}
     if cfg.max_per_class:
-        keep = np.concatenate([rng.permutation(np.flatnonzero(y == c))[: cfg.max_per_class] for c in range(len(classes))])
-        keep.sort()
-        x, y = x[keep], y[keep]
-    if cfg.channels:
-        x, tx = convert_channels(x, cfg.channels), convert_channels(tx, cfg.channels)
-    if tx.shape[1:] != x.shape[1:]:
-        tx = resize(convert_channels(tx, x.shape[1]), x.shape[-2:])
-    if cfg.image_size:
-        x, tx = resize(x, cfg.image_size), resize(tx, cfg.image_size)
-    arrays = {"train_x": x, "train_y": y.astype(np.int64), "test_x": tx, "test_y": ty.astype(np.int64)}
-    return arrays, classes
+        y = np.concatenate([labels for _, _, labels in plan["train"]])
+        keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[: cfg.max_per_class]
+                                       for c in range(len(classes))]))
+        plan["train"] = _unconcat(plan["train"], keep)
+    return classes, plan
+
+
+def _unconcat(parts, keep: np.ndarray):
+    """The parts' rows at positions `keep` of their concatenation, as parts again."""
+    out, offset = [], 0
+    for split, rows, y in parts:
+        mine = keep[(keep >= offset) & (keep < offset + len(rows))] - offset
+        out.append((split, rows[mine], y[mine]))
+        offset += len(rows)
+    return out
+
+
+# -- writing ---------------------------------------------------------------------------------
+class _Stats:
+    """Per-channel mean and std of pixel values in [0, 1], accumulated a chunk at a time."""
+
+    def __init__(self, channels: int):
+        self.sum, self.sumsq, self.count = np.zeros(channels), np.zeros(channels), 0
+
+    def add(self, x: np.ndarray) -> None:  # uint8 N x C x H x W
+        pixels = x.astype(np.float64) / 255.0
+        self.sum += pixels.sum(axis=(0, 2, 3))
+        self.sumsq += (pixels**2).sum(axis=(0, 2, 3))
+        self.count += pixels.shape[0] * pixels.shape[2] * pixels.shape[3]
+
+    def result(self) -> tuple[list[float], list[float]]:
+        mean = self.sum / max(self.count, 1)
+        std = np.sqrt(np.maximum(self.sumsq / max(self.count, 1) - mean**2, 0))
+        return [round(float(v), 6) for v in mean], [round(max(float(v), 1e-3), 6) for v in std]
+
+
+def _photo_draft(data: bytes, channels: int) -> np.ndarray:
+    """A photo decoded at about STATS_SIZE px (JPEG decodes at 1/2..1/8 scale for this): for statistics."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.draft("L" if channels == 1 else "RGB", (STATS_SIZE, STATS_SIZE))
+        img = img.convert("L" if channels == 1 else "RGB")
+        img.thumbnail((STATS_SIZE, STATS_SIZE))
+        arr = np.asarray(img, dtype=np.uint8)
+    return arr[None, None] if arr.ndim == 2 else arr.transpose(2, 0, 1)[None]
+
+
+def _write_split(source: Source, parts, out: str, split: str, shape: list[int], stats: _Stats | None) -> ShardWriter:
+    writer = ShardWriter(out, split)
+    channels, height, width = shape
+    for source_split, rows, labels in parts:
+        done = 0
+        for chunk in source.read(source_split, rows):
+            if source.kind == "files":
+                for data, _ in chunk:
+                    if stats:
+                        stats.add(_photo_draft(data, channels))
+                    writer.add(data, labels[done])
+                    done += 1
+                continue
+            # Channels first, then the train split's size, then --image-size (as for whole arrays).
+            x = resize(convert_channels(chunk, channels), source.shape["train"][1:])
+            x = resize(x, (height, width))
+            if stats:
+                stats.add(x)
+            for image in x:
+                writer.add(image.tobytes(), labels[done])
+                done += 1
+    writer.flush()
+    return writer
 
 
 def prepare(cfg: PrepareConfig) -> tuple[PreparedDataset, bool]:
     """Prepare the dataset; returns it and whether an existing identical one was reused."""
-    raw = read_source(cfg.uri)
-    source_hash = storage.sha256_bytes(
-        b"".join(storage.sha256_bytes(a.tobytes()).encode() for a in (raw.train_x, raw.train_y, raw.test_x, raw.test_y) if a is not None)
-        + json.dumps(raw.classes).encode()
-    )
+    source = open_source(cfg.uri, cfg.store)
     settings = cfg.model_dump(exclude={"output"})
-    key = _canonical_hash({"settings": settings, "source": source_hash})[:12]
+    key = _canonical_hash({"settings": settings, "source": source.fingerprint, "format": FORMAT})[:12]
     out = storage.join(cfg.output or storage.join(workdir(), "data"), f"{_slug(cfg.uri)}-{key}")
     if storage.exists(storage.join(out, "manifest.json")):
         return load_prepared(out), True
 
-    arrays, classes = build_arrays(raw, cfg)
-    files = {f"{name}.npy": _npy_bytes(arrays[name]) for name in ARRAYS}
-    pixels = arrays["train_x"].astype(np.float64) / 255.0
+    classes, plan = plan_splits(source, cfg)
+    if source.kind == "files":
+        shape = [cfg.channels or 3, cfg.image_size or PHOTO_SIZE, cfg.image_size or PHOTO_SIZE]
+    else:
+        channels, height, width = source.shape["train"]
+        shape = [cfg.channels or channels, cfg.image_size or height, cfg.image_size or width]
+    stats = _Stats(shape[0])
+    files, shards = {}, {}
+    for split in SPLITS:
+        writer = _write_split(source, plan[split], out, split, shape, stats if split == "train" else None)
+        labels = np.concatenate([y for _, _, y in plan[split]]).astype(np.int64)
+        data = _npy_bytes(labels)
+        storage.write_bytes(storage.join(out, f"labels-{split}.npy"), data)
+        files[f"labels-{split}.npy"] = {"bytes": len(data), "sha256": storage.sha256_bytes(data)}
+        shards[split] = writer.entries
+    mean, std = stats.result()
     manifest = {
         "format": FORMAT,
         "uri": cfg.uri,
         "settings": settings,
-        "source_sha256": source_hash,
+        "source_sha256": source.fingerprint,
         "classes": classes,
-        "counts": {
-            split: {c: int(n) for c, n in zip(classes, np.bincount(arrays[f"{split}_y"], minlength=len(classes)))}
-            for split in ("train", "test")
-        },
-        "shape": list(arrays["train_x"].shape[1:]),
-        "mean": [round(float(v), 6) for v in pixels.mean(axis=(0, 2, 3))],
-        "std": [round(max(float(v), 1e-3), 6) for v in pixels.std(axis=(0, 2, 3))],
+        "counts": {split: {c: int(n) for c, n in zip(classes, np.bincount(
+            np.concatenate([y for _, _, y in plan[split]]).astype(np.int64), minlength=len(classes)))}
+            for split in SPLITS},
+        "stored": source.kind,
+        "shape": shape,
+        "mean": mean,
+        "std": std,
         "seed": cfg.seed,
-        "files": {name: storage.sha256_bytes(data) for name, data in files.items()},
+        "files": files,
+        "shards": shards,
     }
     manifest["hash"] = _canonical_hash(manifest)
-    for name, data in files.items():
-        storage.write_bytes(storage.join(out, name), data)
     storage.write_bytes(storage.join(out, "manifest.json"), json.dumps(manifest, indent=2).encode())
-    return PreparedDataset(out, manifest, arrays), False
+    return PreparedDataset(out, manifest), False
 
 
 def load_manifest(uri: str) -> dict:
@@ -184,22 +351,20 @@ def load_manifest(uri: str) -> dict:
     manifest_uri = storage.join(uri, "manifest.json")
     if not storage.exists(manifest_uri):
         raise UserError(f"{uri} is not a prepared dataset (no manifest.json): run `tl prepare` first")
-    manifest = json.loads(storage.read_bytes(manifest_uri))
+    try:
+        manifest = json.loads(storage.read_bytes(manifest_uri))
+    except ValueError as err:
+        raise UserError(f"{manifest_uri} is not valid JSON ({err}): prepare the dataset again") from None
     if manifest.get("format") != FORMAT:
-        raise UserError(f"{uri}: manifest format {manifest.get('format')!r} is not {FORMAT!r}; prepare it again")
+        raise UserError(f"{uri} was prepared by an older tl (format {manifest.get('format')!r}, this one reads "
+                        f"{FORMAT!r}): prepare it again with `tl prepare --uri {manifest.get('uri', 'URI')}`")
     return manifest
 
 
 def load_prepared(uri: str) -> PreparedDataset:
-    """Read a prepared dataset (local or s3://) and check every file against its sha256."""
-    manifest = load_manifest(uri)
-    arrays = {}
-    for name in ARRAYS:
-        data = storage.read_bytes(storage.join(uri, f"{name}.npy"))
-        if storage.sha256_bytes(data) != manifest["files"][f"{name}.npy"]:
-            raise UserError(f"{uri}/{name}.npy does not match its sha256 in the manifest: prepare the dataset again")
-        arrays[name] = np.load(io.BytesIO(data), allow_pickle=False)
-    return PreparedDataset(uri, manifest, arrays)
+    """A prepared dataset (local or s3://): its manifest now, its shards (each checked against
+    its sha256) when read."""
+    return PreparedDataset(uri, load_manifest(uri))
 
 
 def sample_shots(y: np.ndarray, shots: int | None, seed: int, classes: list[str], val_per_class: int = 0) -> tuple[np.ndarray, np.ndarray]:

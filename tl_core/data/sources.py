@@ -1,4 +1,9 @@
-"""Data sources by URI. Each reader returns a `RawData`: uint8 images N x C x H x W, int64 labels.
+"""Data sources by URI, opened for streaming (`open_source`): labels whole, images in chunks.
+
+`idx:` and `imagefolder:` stream: `tl prepare` never holds more than a chunk of their images,
+so preparing 10 000 or 1 000 000 images takes the same memory. The small built-in sets and
+`npz:` (one array file), `torchvision:` and `omniglot:` (a zip) are read whole by `read_source`
+(a `RawData`: uint8 images N x C x H x W, int64 labels) and then served in chunks the same way.
 
 | URI                     | what                                                              |
 |-------------------------|-------------------------------------------------------------------|
@@ -15,10 +20,14 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
+import json
 import os
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -58,6 +67,53 @@ def read_source(uri: str) -> RawData:
     data = readers[scheme](rest)
     check_labels(data, uri)
     return data
+
+
+CHUNK = 2048  # images per chunk of a streamed source
+FILES_CHUNK = 256  # image files per chunk (photos: megabytes each)
+SMALL_IMAGE = 64  # imagefolders of images up to this many pixels a side are stored as arrays
+
+
+@dataclass
+class Source:
+    """A source opened for streaming. `labels[split]` are whole (8 bytes an image); `read(split,
+    rows)` yields the images of the sorted `rows` of a split in chunks: uint8 N x C x H x W
+    arrays (`kind` "arrays"), or `(file bytes, name)` lists of image files kept encoded ("files":
+    photos, decoded per epoch at the size the model wants). `shape` is the train split's C x H x W
+    (arrays only); `fingerprint` a hash of the source's content."""
+
+    classes: list[str]
+    labels: dict[str, np.ndarray]
+    read: Callable[[str, np.ndarray], Iterator]
+    kind: str
+    fingerprint: str
+    shape: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+
+
+def open_source(uri: str, store: str = "auto") -> Source:
+    """The source of a data URI, streaming where its format allows (see the module's docstring)."""
+    scheme, sep, rest = uri.partition(":")
+    if scheme == "idx" and sep:
+        return open_idx(rest, uri)
+    if scheme == "imagefolder" and sep:
+        return open_imagefolder(rest, uri, store)
+    return source_from_raw(read_source(uri))
+
+
+def source_from_raw(raw: RawData) -> Source:
+    arrays = {"train": (raw.train_x, raw.train_y)}
+    if raw.test_x is not None:
+        arrays["test"] = (raw.test_x, raw.test_y)
+    fingerprint = storage.sha256_bytes(
+        b"".join(storage.sha256_bytes(a.tobytes()).encode() for a in (raw.train_x, raw.train_y, raw.test_x, raw.test_y)
+                 if a is not None) + json.dumps(raw.classes).encode())
+
+    def read(split: str, rows: np.ndarray):
+        for start in range(0, len(rows), CHUNK):
+            yield arrays[split][0][rows[start : start + CHUNK]]
+
+    return Source(raw.classes, {s: y for s, (_, y) in arrays.items()}, read, "arrays", fingerprint,
+                  {s: tuple(x.shape[1:]) for s, (x, _) in arrays.items()})
 
 
 def check_labels(data: RawData, uri: str) -> None:
@@ -149,49 +205,108 @@ def read_fonts(name: str) -> RawData:
     return RawData(train_x=x, train_y=y, classes=list(charsets[name]))
 
 
-def _read_idx_file(path: Path) -> np.ndarray:
-    raw = path.read_bytes()
-    if path.suffix == ".gz":
+class IdxFile:
+    """One IDX file (gzip or not), read front to back in chunks: its header first, then
+    `records(rows)` yields the sorted rows' records, never holding more than a chunk."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with self._open() as f:
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
+                raise UserError(f"{path} is not an IDX file of unsigned bytes; expected MNIST's IDX format")
+            self.dims = [int.from_bytes(f.read(4), "big") for _ in range(head[3])]
+        self.offset = 4 + 4 * len(self.dims)
+        self.record = int(np.prod(self.dims[1:])) if len(self.dims) > 1 else 1
+        if not self.dims or self.dims[0] * self.record > 2**40:
+            raise UserError(f"{path}: its header declares dimensions {self.dims}, which no IDX file has; download it again")
+
+    def _open(self):
+        if self.path.suffix != ".gz":
+            return open(self.path, "rb")
+        return gzip.open(self.path, "rb")
+
+    def records(self, rows: np.ndarray, chunk: int = CHUNK) -> Iterator[np.ndarray]:
+        """The records of the sorted `rows`, `chunk` rows of the file at a time."""
+        n = self.dims[0]
         try:
-            raw = gzip.decompress(raw)
-        except OSError as err:
-            raise UserError(f"{path} is not a valid gzip file ({err}); download it again") from err
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise UserError(f"{path} is not an IDX file of unsigned bytes; expected MNIST's IDX format")
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise UserError(f"{path} is truncated: header says {dims}, file holds {body.size} values")
-    return body.reshape(dims)
+            with self._open() as f:
+                f.seek(self.offset) if self.path.suffix != ".gz" else f.read(self.offset)
+                for start in range(0, n, chunk):
+                    count = min(chunk, n - start)
+                    raw = f.read(count * self.record)
+                    if len(raw) < count * self.record:
+                        raise UserError(f"{self.path} is truncated: header says {self.dims}, the file ends at record "
+                                        f"{start + len(raw) // max(self.record, 1)}; download it again")
+                    lo, hi = np.searchsorted(rows, [start, start + count])
+                    if hi > lo:
+                        block = np.frombuffer(raw, dtype=np.uint8).reshape(count, *self.dims[1:])
+                        yield block[rows[lo:hi] - start]
+                    if hi == len(rows):
+                        return
+        except (OSError, EOFError) as err:  # a damaged gzip stream
+            raise UserError(f"{self.path} is not a valid gzip file ({err}); download it again") from err
+
+    def read_all(self) -> np.ndarray:
+        out = np.concatenate(list(self.records(np.arange(self.dims[0]))) or [np.zeros((0, *self.dims[1:]), np.uint8)])
+        return out.reshape(self.dims)
 
 
-def read_idx(folder: str) -> RawData:
+def _idx_pairs(folder: str) -> dict[str, tuple[IdxFile, np.ndarray]]:
+    """{split: (its images file, its labels)}: MNIST names its splits train and t10k; with one pair
+    only, that is the train split (prepare makes the test split)."""
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"idx:{folder}: folder does not exist; point it at the folder with the IDX files")
-    splits = {}
+    pairs = {}
     for images in sorted(root.glob("*images-idx3-ubyte*")):
         prefix = images.name.split("-images-")[0]
         labels = sorted(root.glob(f"{prefix}-labels-idx1-ubyte*"))
         if not labels:
             raise UserError(f"idx:{folder}: {images.name} has no matching {prefix}-labels-idx1-ubyte file")
-        x, y = _read_idx_file(images), _read_idx_file(labels[0]).astype(np.int64)
-        if len(x) != len(y):
-            raise UserError(f"idx:{folder}: {len(x)} images but {len(y)} labels in {prefix}")
-        splits[prefix] = (x, y)
-    if not splits:
+        x, y = IdxFile(images), IdxFile(labels[0]).read_all().astype(np.int64).reshape(-1)
+        if len(x.dims) not in (3, 4):
+            raise UserError(f"idx:{folder}: {images.name} holds {len(x.dims) - 1}-dimensional records, not images")
+        if x.dims[0] != len(y):
+            raise UserError(f"idx:{folder}: {x.dims[0]} images but {len(y)} labels in {prefix}")
+        pairs[prefix] = (x, y)
+    if not pairs:
         raise UserError(f"idx:{folder}: no *-images-idx3-ubyte[.gz] files found")
-    # MNIST names its splits train and t10k; with one pair only, prepare makes the test split.
-    train = splits.pop("train", None)
-    test = splits.pop("t10k", None)
+    train, test = pairs.pop("train", None), pairs.pop("t10k", None)
     if train is None:
         train, test = test, None
-    classes = [str(i) for i in range(int(max(train[1].max(), (test or train)[1].max())) + 1)]
-    return RawData(
-        as_uint8_images(train[0], folder), train[1], classes,
-        None if test is None else as_uint8_images(test[0], folder), None if test is None else test[1],
-    )
+    return {"train": train, **({"test": test} if test else {})}
+
+
+def _idx_classes(labels: dict[str, np.ndarray]) -> list[str]:
+    return [str(i) for i in range(int(max(y.max() for y in labels.values() if y.size)) + 1)]
+
+
+def open_idx(folder: str, uri: str) -> Source:
+    pairs = _idx_pairs(folder)
+    labels = {split: y for split, (_, y) in pairs.items()}
+    digest = hashlib.sha256()
+    for split, (x, y) in pairs.items():
+        digest.update(split.encode() + y.tobytes())
+        with open(x.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+
+    def read(split: str, rows: np.ndarray):
+        for block in pairs[split][0].records(rows):
+            yield as_uint8_images(block, folder)
+
+    shapes = {s: as_uint8_images(np.zeros((1, *x.dims[1:]), np.uint8), folder).shape[1:] for s, (x, _) in pairs.items()}
+    source = Source(_idx_classes(labels), labels, read, "arrays", digest.hexdigest(), shapes)
+    check_labels(RawData(np.empty(len(labels["train"])), labels["train"], source.classes, None, labels.get("test")), uri)
+    return source
+
+
+def read_idx(folder: str) -> RawData:
+    pairs = _idx_pairs(folder)
+    arrays = {split: (as_uint8_images(x.read_all(), folder), y) for split, (x, y) in pairs.items()}
+    test = arrays.get("test", (None, None))
+    return RawData(*arrays["train"], _idx_classes({s: y for s, (_, y) in arrays.items()}), *test)
 
 
 def read_npz(file: str) -> RawData:
@@ -223,19 +338,34 @@ def read_npz(file: str) -> RawData:
     )
 
 
+GREY_MODES = ("1", "L", "I", "I;16", "F")
+
+
 def _decode_image(data: bytes, name: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB")
+            img = img.convert("L" if img.mode in GREY_MODES else "RGB")
             arr = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise UserError(f"image {name} is corrupt or unreadable ({err}); remove or replace it") from err
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def _read_class_folders(root: str, files: list[str], where: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _image_header(data: bytes, name: str) -> tuple[int, int, int]:
+    """(channels, height, width) of an image file from its header, without decoding its pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return (1 if img.mode in GREY_MODES else 3), img.height, img.width
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(f"image {name} is corrupt or unreadable ({err}); remove or replace it") from err
+
+
+def _class_files(root: str, files: list[str], where: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """The class folders under `root` and its image files (path below root, label)."""
     by_class: dict[str, list[str]] = {}
     if not storage.is_s3(root) and Path(root).is_dir():  # S3 has no empty folders; local disks do
         by_class = {d.name: [] for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith(".")}
@@ -251,37 +381,70 @@ def _read_class_folders(root: str, files: list[str], where: str) -> tuple[np.nda
     empty = [c for c in classes if not by_class[c]]
     if empty:
         raise UserError(f"imagefolder:{where}: class {empty[0]!r} has no images; add images or remove the folder")
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for rel in by_class[name]:
-            images.append(_decode_image(storage.read_bytes(storage.join(root, rel)), storage.join(root, rel)))
-            labels.append(label)
-    shapes = {img.shape for img in images}
-    if len(shapes) > 1:
-        # Mixed sizes or modes: bring all to the largest channel count and the most common size.
-        from tl_core.data.transforms import resize
-
-        channels = max(s[0] for s in shapes)
-        size = max(shapes, key=lambda s: sum(img.shape == s for img in images))[1:]
-        images = [resize(np.repeat(img, channels // img.shape[0], 0)[None], size)[0] for img in images]
-    return np.stack(images), np.asarray(labels, dtype=np.int64), classes
+    return classes, [(rel, label) for label, name in enumerate(classes) for rel in by_class[name]]
 
 
-def read_imagefolder(location: str) -> RawData:
+def _imagefolder_splits(location: str) -> tuple[list[str], dict[str, list[str]]]:
+    """Classes and {split: image URIs in label order}; DIR/{train,test|val}/<class>/ has both splits."""
     files = storage.list_files(location)
     if not files:
         raise UserError(f"imagefolder:{location}: the folder is empty or does not exist")
     tops = {f.split("/")[0] for f in files if "/" in f}
-    if {"train", "test"} <= tops:
-        train = [f.split("/", 1)[1] for f in files if f.startswith("train/")]
-        test = [f.split("/", 1)[1] for f in files if f.startswith("test/")]
-        x, y, classes = _read_class_folders(storage.join(location, "train"), train, location + "/train")
-        tx, ty, test_classes = _read_class_folders(storage.join(location, "test"), test, location + "/test")
-        if test_classes != classes:
-            raise UserError(f"imagefolder:{location}: train and test have different class folders")
-        return RawData(x, y, classes, tx, ty)
-    x, y, classes = _read_class_folders(location, files, location)
-    return RawData(x, y, classes)
+    held_out = "test" if "test" in tops else "val"
+    if {"train", held_out} <= tops:
+        found = {}
+        for split, folder in (("train", "train"), ("test", held_out)):
+            below = [f.split("/", 1)[1] for f in files if f.startswith(folder + "/")]
+            found[split] = _class_files(storage.join(location, folder), below, f"{location}/{folder}")
+        if found["train"][0] != found["test"][0]:
+            raise UserError(f"imagefolder:{location}: train and {held_out} have different class folders")
+        classes = found["train"][0]
+        return classes, {split: [(storage.join(location, folder, rel), label) for rel, label in found[split][1]]
+                         for split, folder in (("train", "train"), ("test", held_out))}
+    classes, images = _class_files(location, files, location)
+    return classes, {"train": [(storage.join(location, rel), label) for rel, label in images]}
+
+
+def open_imagefolder(location: str, uri: str, store: str = "auto") -> Source:
+    """An ImageFolder, streamed. One pass reads every file once for the content hash and each
+    image's header (size, channels; no pixels decoded); `read` then reads them again a chunk at a
+    time. Photos (larger than SMALL_IMAGE px a side, or `store="files"`) are kept encoded."""
+    classes, splits = _imagefolder_splits(location)
+    digest, headers = hashlib.sha256(json.dumps(classes).encode()), {}
+    for split, images in splits.items():
+        for image_uri, label in images:
+            data = storage.read_bytes(image_uri)
+            digest.update(f"{split}/{label}/{image_uri[len(location):]}/{storage.sha256_bytes(data)}".encode())
+            headers[image_uri] = _image_header(data, image_uri)
+    train_headers = [headers[u] for u, _ in splits["train"]]
+    largest = max(max(h[1:]) for h in headers.values())
+    kind = "files" if store == "files" or (store == "auto" and largest > SMALL_IMAGE) else "arrays"
+    # Arrays of mixed sizes or modes: the most channels and the most common size of the train split.
+    channels = max(h[0] for h in train_headers)
+    size = Counter(h[1:] for h in train_headers).most_common(1)[0][0]
+
+    def read(split: str, rows: np.ndarray):
+        from tl_core.data.transforms import resize
+
+        images, step = splits[split], CHUNK if kind == "arrays" else FILES_CHUNK
+        for start in range(0, len(rows), step):
+            chunk = [images[i][0] for i in rows[start : start + step]]
+            if kind == "files":
+                yield [(storage.read_bytes(u), u) for u in chunk]
+                continue
+            decoded = [_decode_image(storage.read_bytes(u), u) for u in chunk]
+            yield np.stack([resize(np.repeat(img, channels // img.shape[0], 0)[None], size)[0] for img in decoded])
+
+    return Source(classes, {split: np.asarray([label for _, label in images], dtype=np.int64)
+                            for split, images in splits.items()},
+                  read, kind, digest.hexdigest(), {split: (channels, *size) for split in splits} if kind == "arrays" else {})
+
+
+def read_imagefolder(location: str) -> RawData:
+    source = open_imagefolder(location, f"imagefolder:{location}", store="arrays")
+    arrays = {split: np.concatenate(list(source.read(split, np.arange(len(y))))) for split, y in source.labels.items()}
+    test = (arrays["test"], source.labels["test"]) if "test" in arrays else (None, None)
+    return RawData(arrays["train"], source.labels["train"], source.classes, *test)
 
 
 def read_torchvision(name: str) -> RawData:

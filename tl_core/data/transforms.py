@@ -64,3 +64,32 @@ def random_shift(x: torch.Tensor, pixels: int, generator: torch.Generator) -> to
     batch = torch.arange(n, device=x.device).view(n, 1, 1, 1).expand(n, c, h, w)
     chan = torch.arange(c, device=x.device).view(1, c, 1, 1).expand(n, c, h, w)
     return padded[batch, chan, rows, cols]
+
+
+# -- photos: image files decoded per epoch, cropped the way ImageNet-style recipes do ----------
+EVAL_RESIZE = 256 / 224  # resize the shorter side to size * this, then take the centre size x size
+
+
+def photo_transform(size: int, train: bool):
+    """torchvision.transforms.v2 on uint8 C x H x W tensors: RandomResizedCrop + horizontal flip
+    for training, Resize + CenterCrop for evaluation (the seeds' ResNet/VGG recipes)."""
+    from torchvision.transforms import v2
+
+    if train:
+        return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
+    return v2.Compose([v2.Resize(round(size * EVAL_RESIZE), antialias=True), v2.CenterCrop(size)])
+
+
+def decode_file(data: bytes, channels: int, name: str) -> torch.Tensor:
+    """An image file's bytes -> uint8 C x H x W tensor (PIL, as torchvision's ImageFolder decodes)."""
+    from tl_core.data.sources import _decode_image
+
+    return torch.from_numpy(convert_channels(_decode_image(data, name)[None], channels)[0])
+
+
+def decode_files(files: list[bytes], channels: int, size: int, train: bool) -> np.ndarray:
+    """Image files -> uint8 N x C x size x size: cropped at random (train) or in the centre (eval)."""
+    transform = photo_transform(size, train)
+    if not files:
+        return np.zeros((0, channels, size, size), dtype=np.uint8)
+    return torch.stack([transform(decode_file(f, channels, "an image")) for f in files]).numpy()

@@ -20,6 +20,9 @@ class Strategy:
     needs_backbone = True  # False: trains from random init (the backbone only names the architecture)
     trains_on_images = True  # False: trains on cached features, so no image augmentation
     uses_unlabeled = False  # True: the loop hands it the train pool's unlabeled images too
+    # True: it can train on a labelled set streamed from shards (larger than memory, or photos
+    # cropped anew each epoch) through `stream_set`; False: it needs its training images in memory.
+    streams = False
     # False where the model is no classifier of the dataset's classes (few-shot episodes on unseen
     # classes, zero-shot attribute signatures): then there is no scratch baseline on the same
     # labels, no `tl run`, and no registry pyfunc (which predicts the dataset's classes).
@@ -67,6 +70,11 @@ class Strategy:
         an unlabeled example."""
         return x, y
 
+    def stream_set(self, model: Classifier, rows, normalise) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For a streamed labelled set (`tl_core.data.prepare.Rows`): what to train on in memory
+        instead (e.g. cached features), or None to train on the images themselves, streamed."""
+        return None
+
     def batches(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, rank: int, world_size: int):
         """One worker's training batches, an iterable with `set_epoch` and `len`: shuffled
         mini-batches by default; episodes for the few-shot strategies."""
@@ -104,6 +112,25 @@ class Strategy:
         pass
 
 
+def predict_chunks(strategy: type[Strategy], model: Classifier, cfg, chunks, classes: list[str],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """`strategy.predict` over a split given as chunks of (normalised images, labels): chunk by
+    chunk (one shard of images held at a time) where the strategy scores each image alone, as
+    one set where it scores the set as a whole (few-shot episodes, zero-shot signatures)."""
+    if strategy.predict.__func__ is not Strategy.predict.__func__:
+        parts = list(chunks)
+        x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return strategy.predict(model, cfg, x, y, classes, device)
+    logits, labels = [], []
+    for x, y in chunks:
+        chunk_logits, chunk_labels, _ = strategy.predict(model, cfg, x, y, classes, device)
+        logits.append(chunk_logits)
+        labels.append(chunk_labels)
+    if not logits:
+        return torch.zeros(0, len(classes)), torch.zeros(0, dtype=torch.long), classes
+    return torch.cat(logits), torch.cat(labels), classes
+
+
 def backbone_state(ckpt: dict) -> dict:
     """The backbone's part of a checkpoint's state_dict (the head is left behind)."""
     prefix = "backbone."
@@ -112,12 +139,26 @@ def backbone_state(ckpt: dict) -> dict:
 
 def load_source(cfg, strategy: str) -> tuple:
     """The labelled source task (`--source-data`) that a strategy trains beside the target
-    (multitask, dann, mcc): the prepared dataset, and its train split as normalised images and labels."""
+    (multitask, dann, mcc, simclr): the prepared dataset, and its train split as normalised images
+    and labels (a seeded random subset of what fits in `cfg.in_memory_mb`, if it is larger)."""
     if not cfg.source_data:
         raise UserError(f"strategy {strategy} needs the source task: pass --source-data with a prepared dataset")
     source = load_prepared(cfg.source_data)
-    x, y = source.split("train")
-    return source, source.normalise(x), torch.from_numpy(y)
+    x, y = in_memory_sample(source, "train", None, cfg).tensors()
+    return source, x, y
+
+
+def in_memory_sample(data, split: str, rows, cfg):
+    """`rows` of a split (None: all) as `Rows`, or a seeded random subset of them when they would
+    take more than `cfg.in_memory_mb` as float32: the pools that strategies hold in memory beside
+    the labelled set (unlabeled images, the source task) stay bounded."""
+    import numpy as np
+
+    rows = np.arange(len(data.rows(split))) if rows is None else np.asarray(rows)
+    fits = max(1, cfg.in_memory_mb * 2**20 // (4 * int(np.prod(data.shape))))
+    if len(rows) > fits:
+        rows = np.sort(np.random.default_rng(cfg.seed).choice(rows, fits, replace=False))
+    return data.rows(split, rows)
 
 
 def draw_batch(x: torch.Tensor, y: torch.Tensor, n: int, generator: torch.Generator,

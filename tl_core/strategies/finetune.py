@@ -29,6 +29,7 @@ from tl_core.strategies.base import Strategy, unwrap
 @register_strategy
 class Finetune(Strategy):
     name = "finetune"
+    streams = True
 
     def __init__(self, cfg):
         super().__init__(cfg)

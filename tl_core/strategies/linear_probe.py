@@ -1,14 +1,17 @@
 """`linear-probe` (feature extraction): a frozen pretrained backbone and a new linear head.
 
 The backbone never changes, so the features of the training images are computed once and
-cached on disk, keyed by the backbone's sha256 and the images' content hash; the head then
-trains on the cached features. A new backbone or new data gives a new key, so a stale cache is
-never read.
+cached on disk, keyed by the backbone's sha256 and the images' identity (their bytes, or for
+streamed sets the dataset's content hash and the rows taken); the head then trains on the
+cached features. Features are computed, written and read a chunk at a time (one file per
+chunk, a `done` marker last), so a split larger than memory never is in memory as images. A
+new backbone or new data gives a new key, so a stale cache is never read.
 """
 
 from __future__ import annotations
 
 import io
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -32,6 +35,7 @@ def extract_features(model: Classifier, x: torch.Tensor) -> torch.Tensor:
 class LinearProbe(Strategy):
     name = "linear-probe"
     trains_on_images = False
+    streams = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -48,16 +52,30 @@ class LinearProbe(Strategy):
         return model.head
 
     def train_set(self, model: Classifier, x: torch.Tensor, y: torch.Tensor, unlabeled=None):
-        return self.cached_features(model, x), y
+        chunks = (x[i : i + FEATURE_BATCH * 8] for i in range(0, len(x), FEATURE_BATCH * 8))
+        return self.cached_features(model, storage.sha256_bytes(x.numpy().tobytes()), chunks), y
 
-    def cached_features(self, model: Classifier, x: torch.Tensor) -> torch.Tensor:
-        key = storage.sha256_bytes(self.backbone_sha.encode() + storage.sha256_bytes(x.numpy().tobytes()).encode())
-        path = storage.join(workdir(), "cache", "features", f"{key[:32]}.pt")
-        self.cache_hit = storage.exists(path)
+    def stream_set(self, model: Classifier, rows, normalise):
+        chunks = (normalise(x) for x, _ in rows.chunks())
+        identity = f"{rows.data.hash}/{rows.split}/{storage.sha256_bytes(rows.indices.tobytes()) if rows.indices is not None else 'all'}"
+        return self.cached_features(model, storage.sha256_bytes(identity.encode()), chunks), torch.from_numpy(rows.labels())
+
+    def cached_features(self, model: Classifier, images_key: str, chunks: Iterable[torch.Tensor]) -> torch.Tensor:
+        """The features of the images that `chunks` yield (normalised), from the cache or computed
+        and cached chunk by chunk."""
+        key = storage.sha256_bytes(self.backbone_sha.encode() + images_key.encode())
+        folder = storage.join(workdir(), "cache", "features", key[:32])
+        done = storage.join(folder, "done")
+        self.cache_hit = storage.exists(done)
         if self.cache_hit:
-            return torch.load(io.BytesIO(storage.read_bytes(path)), weights_only=True)
-        features = extract_features(model, x)
-        buf = io.BytesIO()
-        torch.save(features, buf)
-        storage.write_bytes(path, buf.getvalue())
-        return features
+            parts = int(storage.read_bytes(done))
+            return torch.cat([torch.load(io.BytesIO(storage.read_bytes(storage.join(folder, f"{i:05d}.pt"))),
+                                         weights_only=True) for i in range(parts)])
+        features = []
+        for i, x in enumerate(chunks):
+            features.append(extract_features(model, x))
+            buf = io.BytesIO()
+            torch.save(features[-1], buf)
+            storage.write_bytes(storage.join(folder, f"{i:05d}.pt"), buf.getvalue())
+        storage.write_bytes(done, str(len(features)).encode())  # last: a folder with `done` is complete
+        return torch.cat(features)

@@ -8,3 +8,4 @@ from tl_core.strategies.base import Strategy
 class Scratch(Strategy):
     name = "scratch"
     needs_backbone = False
+    streams = True

@@ -37,11 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tl_core.data import load_prepared
 from tl_core.errors import UserError
 from tl_core.models import Classifier
 from tl_core.strategies._registry import register_strategy
-from tl_core.strategies.base import Strategy, unwrap
+from tl_core.strategies.base import Strategy, load_source, unwrap
 from tl_core.strategies.distill import UNLABELED
 
 # View augmentation ranges, fit for small greyscale digits (no colour jitter, no flips: a
@@ -117,8 +116,7 @@ class SimCLR(Strategy):
         self.needs_backbone = cfg.backbone is not None  # random init unless --backbone
         self.source_x = None
         if cfg.source_data:
-            source = load_prepared(cfg.source_data)
-            self.source_x = source.normalise(source.split("train")[0])
+            self.source_x = load_source(cfg, self.name)[1]
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
     def build_model(self, num_classes, in_channels, backbone):

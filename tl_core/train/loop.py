@@ -7,6 +7,7 @@ Ray Train `TorchTrainer` (`RaySession`): the session is the only thing that know
 
 from __future__ import annotations
 
+import resource
 import time
 
 import numpy as np
@@ -19,14 +20,16 @@ from tl_core.data import load_prepared, sample_shots
 from tl_core.data.transforms import random_shift
 from tl_core.errors import UserError
 from tl_core.strategies import create_strategy
+from tl_core.strategies.base import in_memory_sample, predict_chunks
 
 
-def train_one_epoch(net, strategy, loader, optimizer, device, augment: int, generator, amp: bool) -> dict:
+def train_one_epoch(net, strategy, loader, optimizer, device, augment: int, generator, amp: bool,
+                    photos: bool = False) -> dict:
     """One pass over the training set; the strategy gives the loss of each batch."""
     total_loss, seen = 0.0, 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if augment and strategy.trains_on_images:
+        if augment and strategy.trains_on_images and not photos:  # photos: cropped when decoded
             x = random_shift(x, augment, generator)
 
         def closure():
@@ -48,10 +51,23 @@ def train_one_epoch(net, strategy, loader, optimizer, device, augment: int, gene
     return {"train_loss": total_loss / max(seen, 1)}
 
 
-def evaluate(strategy, model, x: torch.Tensor, y: torch.Tensor, classes: list[str], device) -> dict:
-    """Loss and accuracy of the model on (x, y), scored as its strategy scores it."""
-    logits, labels, _ = strategy.predict(model, strategy.cfg, x, y, classes, device)
+def evaluate(strategy, model, chunks, classes: list[str], device) -> dict:
+    """Loss and accuracy of the model on chunks of (images, labels), scored as its strategy scores it."""
+    logits, labels, _ = predict_chunks(type(strategy), model, strategy.cfg, chunks, classes, device)
     return {"loss": F.cross_entropy(logits, labels).item(), "accuracy": (logits.argmax(1) == labels).float().mean().item()}
+
+
+def streams(cfg: TrainConfig, data, labelled, strategy) -> bool:
+    """Whether the labelled set streams from its shards rather than sitting in memory: when it is
+    larger than `in_memory_mb` as float32, and for photos (cropped anew each epoch) where the
+    strategy can. The driver of a Ray Train run asks the same question to build its Ray Dataset."""
+    too_big = labelled.float_bytes() > cfg.in_memory_mb * 2**20
+    if too_big and not strategy.streams:
+        raise UserError(
+            f"strategy {cfg.strategy} needs its {len(labelled)} training images in memory "
+            f"({labelled.float_bytes() / 2**20:.0f} MB > --in-memory-mb {cfg.in_memory_mb}): raise --in-memory-mb, "
+            "lower --shots, or use a strategy that streams (scratch, finetune, linear-probe)")
+    return too_big or (data.photos and strategy.streams)
 
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
@@ -73,6 +89,19 @@ def replica_spread(net, session) -> float:
     return float(values.max() - values.min())
 
 
+def rows_seen(loader, session, pool_size: int) -> dict:
+    """Of a streamed last epoch: the rows each worker trained on, and (on Ray Data, where the
+    loader knows which rows it got) how many rows two workers both saw, which should be none."""
+    counts = session.all_gather(torch.tensor([loader.rows_seen])).view(-1).tolist()
+    out = {f"rows_seen_worker{rank}": int(n) for rank, n in enumerate(counts)}
+    if session.world_size > 1 and getattr(loader, "indices_seen", None) is not None:
+        seen = torch.zeros(pool_size, dtype=torch.int32)
+        for idx in loader.indices_seen:
+            seen[torch.from_numpy(idx)] += 1
+        out["rows_seen_twice"] = int((session.all_gather(seen).sum(0) > 1).sum())
+    return out
+
+
 def fit(cfg: TrainConfig, session) -> dict:
     """Train one model as the config says; returns the final checkpoint (a plain dict)."""
     started = time.perf_counter()
@@ -80,33 +109,45 @@ def fit(cfg: TrainConfig, session) -> dict:
     np.random.seed(cfg.seed)
     device = session.device
     data = load_prepared(cfg.data)
-    train_pool_x, train_pool_y = data.split("train")
-    train_idx, val_idx = sample_shots(train_pool_y, cfg.shots, cfg.seed, data.classes, cfg.val_per_class)
-    test_x, test_y = data.normalise(data.split("test")[0]), torch.from_numpy(data.split("test")[1])
-    val_x, val_y = data.normalise(train_pool_x[val_idx]), torch.from_numpy(train_pool_y[val_idx])
-    eval_name, eval_x, eval_y = ("val", val_x, val_y) if len(val_idx) else ("test", test_x, test_y)
+    pool_y = data.labels("train")
+    train_idx, val_idx = sample_shots(pool_y, cfg.shots, cfg.seed, data.classes, cfg.val_per_class)
+    labelled, test = data.rows("train", train_idx), data.rows("test")
+    val_x, val_y = data.rows("train", val_idx).tensors()  # a few images per class: in memory
 
     strategy = create_strategy(cfg)
     backbone = load_checkpoint(cfg.backbone) if cfg.backbone else None
-    in_channels = data.shape[0]
-    model, spec = strategy.build_model(len(data.classes), in_channels, backbone)
-    # Images of the train pool that are neither shots nor validation: unlabeled data, for the
-    # strategies that use it (distillation on soft labels, domain adaptation).
-    unlabeled = None
-    if strategy.uses_unlabeled:
-        rest = np.setdiff1d(np.arange(len(train_pool_y)), np.concatenate([train_idx, val_idx]))
-        unlabeled = data.normalise(train_pool_x[rest])
-    train_x, train_y = strategy.train_set(model, data.normalise(train_pool_x[train_idx]),
-                                          torch.from_numpy(train_pool_y[train_idx]), unlabeled)
+    model, spec = strategy.build_model(len(data.classes), data.shape[0], backbone)
+    streamed = streams(cfg, data, labelled, strategy)
+    if streamed:
+        train_x, train_y = strategy.stream_set(model, labelled, data.normalise) or (None, torch.from_numpy(labelled.labels()))
+    else:
+        # Images of the train pool that are neither shots nor validation: unlabeled data, for the
+        # strategies that use it (distillation on soft labels, domain adaptation), at most what
+        # fits in memory.
+        unlabeled = None
+        if strategy.uses_unlabeled:
+            rest = np.setdiff1d(np.arange(len(pool_y)), np.concatenate([train_idx, val_idx]))
+            unlabeled = in_memory_sample(data, "train", rest, cfg).tensors()[0]
+        train_x, train_y = strategy.train_set(model, *labelled.tensors(), unlabeled)
     if not len(train_y):
         raise UserError(f"strategy {cfg.strategy} has no training images with shots={cfg.shots}: give it labels "
                         "(--shots N) or use a strategy that learns from unlabeled images (dann, mcc, simclr)")
 
+    def test_chunks():  # the test split, a shard at a time
+        return ((data.normalise(x), torch.from_numpy(y)) for x, y in test.chunks())
+
+    def eval_chunks():  # what is validated each epoch: the validation images, else the test split
+        return [(val_x, val_y)] if len(val_idx) else test_chunks()
+
+    eval_name = "val" if len(val_idx) else "test"
     model = model.to(device)
     net = session.prepare_model(strategy.trainable(model))
     optimizer = make_optimizer(cfg, strategy.param_groups(net))
     per_worker_batch = max(1, cfg.batch_size // session.world_size)
-    loader = strategy.batches(train_x, train_y, per_worker_batch, session.rank, session.world_size)
+    if train_x is None:  # the images themselves, streamed shard by shard
+        loader = session.stream(labelled, data.normalise, per_worker_batch, cfg.seed, augment=cfg.augment > 0)
+    else:
+        loader = strategy.batches(train_x, train_y, per_worker_batch, session.rank, session.world_size)
     generator = torch.Generator().manual_seed(cfg.seed + session.rank)  # augmentation differs per worker
     amp = cfg.amp and device.type == "cuda"
 
@@ -137,19 +178,20 @@ def fit(cfg: TrainConfig, session) -> dict:
         loader.set_epoch(epoch)
         epoch_start = time.perf_counter()
         strategy.on_epoch_start(net, optimizer, epoch)
-        metrics = {"epoch": epoch, **train_one_epoch(net, strategy, loader, optimizer, device, cfg.augment, generator, amp)}
+        metrics = {"epoch": epoch, **train_one_epoch(net, strategy, loader, optimizer, device, cfg.augment, generator, amp,
+                                                      photos=data.photos and train_x is None)}
         strategy.on_epoch_end(net, epoch)
         metrics["epoch_seconds"] = time.perf_counter() - epoch_start
         last = epoch == cfg.epochs - 1
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            result = evaluate(strategy, model, eval_x, eval_y, data.classes, device)
+            result = evaluate(strategy, model, eval_chunks(), data.classes, device)
             metrics.update({f"{eval_name}_accuracy": result["accuracy"], f"{eval_name}_loss": result["loss"]})
         history.append(metrics)
         if not last:  # the last epoch is reported below, with the final test metrics
             save = cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0
             session.report(metrics, checkpoint(epoch, metrics) if save and session.rank == 0 else None)
 
-    final = evaluate(strategy, model, test_x, test_y, data.classes, device)
+    final = evaluate(strategy, model, test_chunks(), data.classes, device)
     summary = {
         "test_accuracy": final["accuracy"],
         "test_loss": final["loss"],
@@ -158,9 +200,14 @@ def fit(cfg: TrainConfig, session) -> dict:
         "workers": session.world_size,
     }
     if len(val_idx):
-        summary.update({f"val_{k}": v for k, v in evaluate(strategy, model, val_x, val_y, data.classes, device).items()})
+        summary.update({f"val_{k}": v for k, v in evaluate(strategy, model, [(val_x, val_y)], data.classes, device).items()})
     if session.world_size > 1:
         summary["replica_spread"] = replica_spread(net, session)
+    # The largest resident set of any worker so far (Linux reports KiB): what memory the run needs.
+    summary["peak_rss_mb"] = float(session.all_gather(torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024])).max())
+    if streamed and train_x is None:
+        summary["streamed"] = 1.0
+        summary.update(rows_seen(loader, session, len(pool_y)))
     if getattr(strategy, "cache_hit", None) is not None:
         summary["feature_cache_hit"] = float(strategy.cache_hit)
     ckpt = checkpoint(cfg.epochs - 1, summary)

@@ -17,7 +17,8 @@ from tl_core.config import TrainConfig, workdir
 from tl_core.data import load_prepared, sample_shots
 from tl_core.errors import UserError
 from tl_core.strategies import create_strategy
-from tl_core.train.loop import fit
+from tl_core.strategies.base import Strategy
+from tl_core.train.loop import fit, streams
 from tl_core.train.session import RaySession, read_ray_checkpoint
 
 
@@ -27,13 +28,18 @@ def train_loop_per_worker(config: dict) -> None:
     fit(TrainConfig(**config), RaySession())
 
 
-def preflight(cfg: TrainConfig) -> None:
+def preflight(cfg: TrainConfig):
     """Check data, shots and backbone here, before paying for a worker group: bad input fails in
-    a second with a clear message instead of inside a remote worker."""
+    a second with a clear message instead of inside a remote worker. Returns the labelled rows
+    when the workers are to stream their images (see tl_core.train.ray_data), else None."""
     data = load_prepared(cfg.data)
-    sample_shots(data.split("train")[1], cfg.shots, cfg.seed, data.classes, cfg.val_per_class)
+    train_idx, _ = sample_shots(data.labels("train"), cfg.shots, cfg.seed, data.classes, cfg.val_per_class)
     backbone = load_checkpoint(cfg.backbone) if cfg.backbone else None
-    create_strategy(cfg).build_model(len(data.classes), data.shape[0], backbone)
+    strategy = create_strategy(cfg)
+    strategy.build_model(len(data.classes), data.shape[0], backbone)
+    labelled = data.rows("train", train_idx)
+    images_stream = type(strategy).stream_set is Strategy.stream_set  # not e.g. cached features instead
+    return labelled if streams(cfg, data, labelled, strategy) and images_stream else None
 
 
 def _absolute(path: str | None) -> str | None:
@@ -50,10 +56,10 @@ def _user_error_in(err: BaseException) -> str | None:
 
 
 def make_trainer(cfg: TrainConfig, run_name: str, run_workdir: str, storage_path: str, storage_filesystem,
-                 cpus_per_worker: float, callbacks: Sequence = (), num_to_keep: int = 2):
+                 cpus_per_worker: float, callbacks: Sequence = (), num_to_keep: int = 2, datasets: dict | None = None):
     """The one `TorchTrainer` set-up, for `fit_on_ray` and for multi-worker Tune trials: `cfg.workers`
     workers running `train_loop_per_worker`, on GPUs where the cluster has them (unless
-    `cfg.use_gpu` says), checkpoints kept in `storage_path` under `run_name` (the same name
+    `cfg.use_gpu` says), streaming `datasets` (see tl_core.train.ray_data), checkpoints kept in `storage_path` under `run_name` (the same name
     again resumes from the run's latest checkpoint)."""
     from ray import train
     from ray.train.torch import TorchTrainer
@@ -65,6 +71,7 @@ def make_trainer(cfg: TrainConfig, run_name: str, run_workdir: str, storage_path
         train_loop_per_worker,
         # The run's work directory travels with its config (see train_loop_per_worker).
         train_loop_config={**cfg.model_dump(), "workdir": run_workdir},
+        datasets=datasets or None,
         scaling_config=train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                            resources_per_worker={"CPU": cpus_per_worker}),
         run_config=train.RunConfig(
@@ -80,13 +87,25 @@ def make_trainer(cfg: TrainConfig, run_name: str, run_workdir: str, storage_path
 def fit_on_ray(cfg: TrainConfig, run_name: str) -> dict:
     from tl_core.ray_cluster import absolute_workdir, cluster_cpus_and_gpus, init_ray, storage_for
 
-    preflight(cfg)
     cfg = cfg.model_copy(update={"data": _absolute(cfg.data), "backbone": _absolute(cfg.backbone)})
+    labelled = preflight(cfg)
     init_ray()
-    # Each worker gets an equal share of the CPUs (Ray sets its torch threads to that share).
-    cpus_per_worker = max(1, cluster_cpus_and_gpus()[0] // cfg.workers)
+    datasets = {}
+    if labelled is not None:
+        from tl_core.train.ray_data import labelled_dataset
+
+        datasets["train"] = labelled_dataset(labelled.data, labelled, augment=cfg.augment > 0)
+    # Each worker gets an equal share of the CPUs (Ray sets its torch threads to that share). A
+    # streaming run leaves one CPU to Ray Data's read and decode tasks: Ray Data only uses what
+    # the training workers do not hold, and with none it waits forever (seen here, 2 CPUs).
+    cpus = cluster_cpus_and_gpus()[0]
+    if datasets:
+        cpus_per_worker = max(0.25, (cpus - 1) / cfg.workers)
+    else:
+        cpus_per_worker = max(1, cpus // cfg.workers)
     storage_path, filesystem = storage_for(storage.join(workdir(), "ray"))
-    trainer = make_trainer(cfg, run_name, absolute_workdir(), storage_path, filesystem, cpus_per_worker)
+    trainer = make_trainer(cfg, run_name, absolute_workdir(), storage_path, filesystem, cpus_per_worker,
+                           datasets=datasets)
     try:
         result = trainer.fit()
     except Exception as err:

@@ -2,11 +2,14 @@
 
 `fit` talks only to a session, so the same loop runs unchanged on a laptop (one process, no
 Ray start-up cost) and on N Ray Train workers on CPUs or GPUs, one machine or a cluster. The
-session knows its rank and world size; the loop shards the in-memory data by them.
+session knows its rank and world size; the loop shards the in-memory data by them, and the
+session streams data too large for memory (`stream`): shard by shard in this process, through
+Ray Data's `get_dataset_shard` on a Ray Train worker.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import Callable
 import torch
 
 from tl_core.checkpoints import save_checkpoint
+from tl_core.data.batches import RayDataBatches, StreamedBatches
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -37,6 +41,10 @@ class LocalSession:
 
     def prepare_model(self, net):
         return net.to(self.device)
+
+    def stream(self, rows, normalise, batch_size: int, seed: int, augment: bool):
+        """Batches of `rows` streamed from their shards, read ahead by a thread."""
+        return StreamedBatches(rows, normalise, batch_size, seed, augment)
 
     def restore(self) -> dict | None:
         return None  # resuming an interrupted run is Ray Train's job (see RaySession.restore)
@@ -66,6 +74,18 @@ class RaySession:
         import ray.train.torch
 
         return ray.train.torch.prepare_model(net)
+
+    def stream(self, rows, normalise, batch_size: int, seed: int, augment: bool):
+        """This worker's share of the Ray Dataset the driver built from `rows` (see
+        tl_core.train.ray_data); where the trainer got none (a Tune trial), its share of the shards
+        read directly."""
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("train")
+        if shard is None:
+            return StreamedBatches(rows, normalise, batch_size, seed, augment, self.rank, self.world_size)
+        steps = math.ceil(len(rows) // self.world_size / batch_size)
+        return RayDataBatches(shard, normalise, batch_size, steps, seed)
 
     def restore(self) -> dict | None:
         import ray.train

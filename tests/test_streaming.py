@@ -1,0 +1,165 @@
+"""Prepared data as shards, streamed: prepare in bounded memory, train without holding a split,
+refuse corrupt shards by name, photos cropped on the fly, training straight from s3://."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import tl_error
+from tl_core.config import PrepareConfig, TrainConfig
+from tl_core.data import prepare
+from tl_core.data import shards
+from tl_core.data.prepare import Rows
+from tl_core.train.loop import fit
+from tl_core.train.session import LocalSession
+
+SHARD_BYTES = 64 * 40  # 40 digits of 8 x 8 per shard: digits' train split becomes ~32 shards
+
+
+@pytest.fixture
+def small_shards(monkeypatch):
+    monkeypatch.setattr(shards, "SHARD_BYTES", SHARD_BYTES)
+
+
+@pytest.fixture
+def rows_held(monkeypatch):
+    """The most decoded rows any read of a prepared split held at once, over the whole test."""
+    seen = {"max": 0}
+    original_chunk, original_arrays = Rows.chunk_of, Rows.arrays
+
+    def chunk_of(self, entry, train=False):
+        out = original_chunk(self, entry, train)
+        seen["max"] = max(seen["max"], len(out[1]))
+        return out
+
+    def arrays(self):
+        x, y = original_arrays(self)
+        seen["max"] = max(seen["max"], len(y))
+        return x, y
+
+    monkeypatch.setattr(Rows, "chunk_of", chunk_of)
+    monkeypatch.setattr(Rows, "arrays", arrays)
+    return seen
+
+
+def write_idx(folder: Path, images: np.ndarray, labels: np.ndarray, prefix: str = "train") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    dims = images.shape
+    (folder / f"{prefix}-images-idx3-ubyte").write_bytes(
+        bytes([0, 0, 8, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims) + images.tobytes())
+    (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + len(labels).to_bytes(4, "big")
+                                                        + labels.astype(np.uint8).tobytes())
+
+
+def test_prepare_writes_bounded_shards_that_read_back_exactly(tmp_path, workdir, small_shards, rows_held):
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (3000, 8, 8), dtype=np.uint8), rng.integers(0, 5, 3000)
+    write_idx(tmp_path / "idx", images, labels)
+    data, _ = prepare(PrepareConfig(uri=f"idx:{tmp_path / 'idx'}", test_fraction=0.2))
+    entries = data.manifest["shards"]["train"]
+    assert len(entries) > 10 and all(e["rows"] <= 40 for e in entries)
+    assert data.manifest["stored"] == "arrays" and data.shape == [1, 8, 8]
+    # Streamed through in chunks, the splits hold exactly the source's images, split by label.
+    rows_held["max"] = 0
+    seen = np.zeros(3000, dtype=int)
+    for split in ("train", "test"):
+        for x, y in data.rows(split).chunks():
+            for image, label in zip(x, y):
+                match = np.flatnonzero((images.reshape(3000, -1) == image.reshape(-1)).all(1))
+                assert len(match) == 1 and labels[match[0]] == label
+                seen[match[0]] += 1
+    assert (seen == 1).all()
+    assert rows_held["max"] <= 40  # one shard at a time
+    # The statistics computed a chunk at a time equal those of the whole train split.
+    x, _ = data.split("train")
+    assert np.allclose(data.manifest["mean"], [x.mean() / 255], atol=1e-6)
+    assert np.allclose(data.manifest["std"], [(x / 255).std()], atol=1e-5)
+
+
+def test_training_streams_without_holding_a_split(workdir, small_shards, rows_held):
+    data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
+    train_rows = sum(data.manifest["counts"]["train"].values())
+    cfg = TrainConfig(data=data.path, shots=None, epochs=4, batch_size=32, lr=3e-3, in_memory_mb=0)
+    rows_held["max"] = 0
+    ckpt = fit(cfg, LocalSession(use_gpu=False))
+    assert ckpt["metrics"]["streamed"] == 1.0 and ckpt["metrics"]["rows_seen_worker0"] == train_rows
+    assert rows_held["max"] <= 40, "a path read more than one shard's rows at once"
+    assert ckpt["metrics"]["test_accuracy"] > 0.8  # and it learnt
+    # The same run in memory (a small set's fast path) reads the whole split at once and learns as well.
+    in_memory = fit(cfg.model_copy(update={"in_memory_mb": 2048}), LocalSession(use_gpu=False))
+    assert "streamed" not in in_memory["metrics"] and rows_held["max"] == train_rows
+    assert abs(in_memory["metrics"]["test_accuracy"] - ckpt["metrics"]["test_accuracy"]) < 0.06
+
+
+def test_linear_probe_features_are_computed_and_cached_chunk_by_chunk(workdir, small_shards, rows_held):
+    data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
+    backbone = fit(TrainConfig(data=data.path, epochs=1), LocalSession(use_gpu=False))
+    path = str(workdir / "backbone.pt")
+    from tl_core.checkpoints import save_checkpoint
+
+    save_checkpoint(backbone, path)
+    cfg = TrainConfig(data=data.path, strategy="linear-probe", backbone=path, epochs=5, in_memory_mb=0)
+    rows_held["max"] = 0
+    first = fit(cfg, LocalSession(use_gpu=False))
+    second = fit(cfg, LocalSession(use_gpu=False))
+    assert first["metrics"]["feature_cache_hit"] == 0.0 and second["metrics"]["feature_cache_hit"] == 1.0
+    assert rows_held["max"] <= 40
+    parts = list((workdir / "cache" / "features").glob("*/0*.pt"))
+    assert len(parts) == len(data.manifest["shards"]["train"])  # one cache file per shard
+    assert first["metrics"]["test_accuracy"] == second["metrics"]["test_accuracy"]
+
+
+def test_a_corrupt_shard_is_refused_by_name(workdir):
+    data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
+    shard = Path(data.path, data.manifest["shards"]["test"][0]["name"])
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    line = tl_error("transfer", "--data", data.path, "--strategy", "scratch", "--epochs", "1")
+    assert "test-00000.parquet does not match its sha256" in line and "prepare the dataset again" in line
+
+
+def test_a_dataset_of_the_old_format_says_prepare_again(tmp_path, workdir):
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({"format": "tl-prepared/1", "uri": "sklearn:digits"}))
+    line = tl_error("transfer", "--data", str(old), "--strategy", "scratch")
+    assert "older tl" in line and "prepare it again with `tl prepare --uri sklearn:digits`" in line
+
+
+def test_training_streams_straight_from_s3(workdir, s3_endpoint, small_shards):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="streamed")
+    data, _ = prepare(PrepareConfig(uri="sklearn:digits", output="s3://streamed/prepared"))
+    ckpt = fit(TrainConfig(data=data.path, shots=None, epochs=2, in_memory_mb=0), LocalSession(use_gpu=False))
+    assert ckpt["metrics"]["streamed"] == 1.0 and ckpt["metrics"]["test_accuracy"] > 0.7
+    assert not list(Path(workdir).rglob("*.parquet"))  # no local copy of the shards was made
+
+
+@pytest.mark.slow
+def test_photos_are_kept_as_files_and_cropped_for_resnet18_at_224(workdir, shared_data, tmp_path):
+    data, _ = prepare(PrepareConfig(uri=f"imagefolder:{shared_data / 'hymenoptera'}"))
+    assert data.photos and data.shape == [3, 224, 224] and data.classes == ["ants", "bees"]
+    assert sum(data.manifest["counts"]["test"].values()) == 153  # val/ is the test split
+    x, y = data.rows("test", np.arange(4)).arrays()
+    assert x.shape == (4, 3, 224, 224) and x.dtype == np.uint8
+    train = data.rows("train", np.arange(8))
+    a, b = train.decode(_images(train), train=True), train.decode(_images(train), train=True)
+    assert a.shape == (8, 3, 224, 224) and not np.array_equal(a, b)  # new random crops each time
+    cfg = TrainConfig(data=data.path, model="resnet18", model_kwargs={"small_input": False}, shots=4, epochs=1,
+                      batch_size=8, augment=1)
+    ckpt = fit(cfg, LocalSession(use_gpu=False))
+    assert ckpt["metrics"]["streamed"] == 1.0 and ckpt["data"]["shape"] == [3, 224, 224]
+    assert 0.0 <= ckpt["metrics"]["test_accuracy"] <= 1.0
+
+
+def _images(rows) -> list[bytes]:
+    entry = rows.shards()[0]
+    images, _, _ = shards.rows_of(shards.read_shard(rows.data.path, entry), rows.indices)
+    return images
+

@@ -1,0 +1,54 @@
+"""The Ray Dataset that a Ray Train run streams its labelled images from.
+
+Built in the driver from the prepared dataset's shards (local or s3://) and handed to the
+`TorchTrainer` as `datasets={"train": ...}`; each worker takes its share with
+`ray.train.get_dataset_shard("train")` (Ray splits the rows equally among the workers, so DDP
+gets equal step counts). Reading, the sha256 check, the k-shot row selection and decoding (with
+the random crops of photos) are Ray Data tasks on the cluster's CPUs, re-run every epoch; the
+workers only train.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tl_core import storage
+from tl_core.data.prepare import PreparedDataset, Rows, decode_images
+from tl_core.data.shards import verified_table
+
+DECODE_BATCH = 256  # images per decode task: a few MB of pixels
+
+
+def labelled_dataset(data: PreparedDataset, rows: Rows, augment: bool):
+    """A Ray Dataset of `rows`' images: columns x (uint8 N x C x H x W), y (label), index (row)."""
+    import ray.data
+
+    from tl_core.ray_cluster import storage_for
+
+    entries = rows.shards()
+    located = [storage_for(storage.join(data.path, e["name"])) for e in entries]
+    by_name = {e["name"]: e for e in entries}
+    manifest, wanted, folder = data.manifest, rows.indices, data.path
+
+    def checked_rows(batch):  # one shard file per batch: its sha256 checked, the wanted rows kept
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        tables = []
+        for data_bytes, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist()):
+            entry = next(e for name, e in by_name.items() if path.endswith(name))
+            table = verified_table(data_bytes, entry, folder)
+            if wanted is not None:
+                table = table.filter(pc.is_in(table.column("index"), value_set=pa.array(wanted)))
+            tables.append(table)
+        return pa.concat_tables(tables)
+
+    def decoded(batch):
+        return {"x": decode_images(list(batch["image"]), manifest, train=augment),
+                "y": batch["label"].astype(np.int64), "index": batch["index"].astype(np.int64)}
+
+    ds = ray.data.read_binary_files([path for path, _ in located], filesystem=located[0][1], include_paths=True,
+                                    override_num_blocks=len(located))
+    ds = ds.randomize_block_order()  # shards in a new order each epoch
+    ds = ds.map_batches(checked_rows, batch_size=1, batch_format="pyarrow")
+    return ds.map_batches(decoded, batch_size=DECODE_BATCH, batch_format="numpy")
