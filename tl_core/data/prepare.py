@@ -22,7 +22,7 @@ import io
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ class PreparedDataset:
 
     path: str
     manifest: dict
+    _labels: dict = field(default_factory=dict, repr=False)  # split -> labels, read once
 
     @property
     def classes(self) -> list[str]:
@@ -70,11 +71,14 @@ class PreparedDataset:
 
     def labels(self, split: str) -> np.ndarray:
         """All labels of a split (8 bytes an image), without reading an image."""
+        if split in self._labels:
+            return self._labels[split]
         name = f"labels-{split}.npy"
         data = storage.read_bytes(storage.join(self.path, name))
         if storage.sha256_bytes(data) != self.manifest["files"][name]["sha256"]:
             raise UserError(f"{self.path}/{name} does not match its sha256 in the manifest: prepare the dataset again")
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        self._labels[split] = np.load(io.BytesIO(data), allow_pickle=False)
+        return self._labels[split]
 
     def rows(self, split: str, indices: np.ndarray | None = None) -> "Rows":
         """The rows `indices` (sorted; None: all) of a split, read when asked for."""
@@ -86,12 +90,10 @@ class PreparedDataset:
 
 
 class Rows:
-    """Some rows of a split, read shard by shard. `max_rows_held` records the most decoded rows
-    any one read held at once (what tests check to prove that streaming paths stream)."""
+    """Some rows of a split, read shard by shard (`chunks`), or all at once when known to be small (`arrays`)."""
 
     def __init__(self, data: PreparedDataset, split: str, indices: np.ndarray | None):
         self.data, self.split, self.indices = data, split, indices
-        self.max_rows_held = 0
 
     def __len__(self) -> int:
         if self.indices is not None:
@@ -116,7 +118,6 @@ class Rows:
     def chunk_of(self, entry: dict, train: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(uint8 images, labels, indices) of these rows in one shard."""
         images, labels, index = rows_of(read_shard(self.data.path, entry), self.indices)
-        self.max_rows_held = max(self.max_rows_held, len(labels))
         return self.decode(images, train), labels, index
 
     def chunks(self, train: bool = False):
@@ -130,9 +131,7 @@ class Rows:
         parts = list(self.chunks())
         if not parts:
             return np.zeros((0, *self.data.shape), dtype=np.uint8), np.zeros(0, dtype=np.int64)
-        x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-        self.max_rows_held = max(self.max_rows_held, len(y))
-        return x, y
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.arrays()
@@ -315,7 +314,7 @@ def prepare(cfg: PrepareConfig) -> tuple[PreparedDataset, bool]:
         channels, height, width = source.shape["train"]
         shape = [cfg.channels or channels, cfg.image_size or height, cfg.image_size or width]
     stats = _Stats(shape[0])
-    files, shards = {}, {}
+    files, shards, counts = {}, {}, {}
     for split in SPLITS:
         writer = _write_split(source, plan[split], out, split, shape, stats if split == "train" else None)
         labels = np.concatenate([y for _, _, y in plan[split]]).astype(np.int64)
@@ -323,6 +322,7 @@ def prepare(cfg: PrepareConfig) -> tuple[PreparedDataset, bool]:
         storage.write_bytes(storage.join(out, f"labels-{split}.npy"), data)
         files[f"labels-{split}.npy"] = {"bytes": len(data), "sha256": storage.sha256_bytes(data)}
         shards[split] = writer.entries
+        counts[split] = {c: int(n) for c, n in zip(classes, np.bincount(labels, minlength=len(classes)))}
     mean, std = stats.result()
     manifest = {
         "format": FORMAT,
@@ -330,9 +330,7 @@ def prepare(cfg: PrepareConfig) -> tuple[PreparedDataset, bool]:
         "settings": settings,
         "source_sha256": source.fingerprint,
         "classes": classes,
-        "counts": {split: {c: int(n) for c, n in zip(classes, np.bincount(
-            np.concatenate([y for _, _, y in plan[split]]).astype(np.int64), minlength=len(classes)))}
-            for split in SPLITS},
+        "counts": counts,
         "stored": source.kind,
         "shape": shape,
         "mean": mean,

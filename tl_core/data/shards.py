@@ -87,13 +87,17 @@ def read_shard(folder: str, entry: dict):
     return verified_table(storage.read_bytes(storage.join(folder, entry["name"])), entry, folder)
 
 
+def select_rows(table, wanted: np.ndarray | None):
+    """The rows of a shard's table whose index is in the sorted array `wanted` (all when None)."""
+    if wanted is None:
+        return table
+    return table.take(np.flatnonzero(np.isin(table.column("index").to_numpy(), wanted, assume_unique=True)))
+
+
 def rows_of(table, wanted: np.ndarray | None) -> tuple[list[bytes], np.ndarray, np.ndarray]:
-    """(images, labels, indices) of a shard's rows whose index is in the sorted array `wanted`
-    (every row when None)."""
-    index = table.column("index").to_numpy()
-    keep = np.arange(len(index)) if wanted is None else np.flatnonzero(np.isin(index, wanted, assume_unique=True))
-    images = table.column("image").take(keep).to_pylist() if len(keep) else []
-    return images, table.column("label").to_numpy()[keep], index[keep]
+    """(images, labels, indices) of a shard's wanted rows (see `select_rows`)."""
+    table = select_rows(table, wanted)
+    return table.column("image").to_pylist(), table.column("label").to_numpy(), table.column("index").to_numpy()
 
 
 def shards_holding(entries: list[dict], wanted: np.ndarray | None) -> list[dict]:

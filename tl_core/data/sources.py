@@ -231,7 +231,7 @@ class IdxFile:
         n = self.dims[0]
         try:
             with self._open() as f:
-                f.seek(self.offset) if self.path.suffix != ".gz" else f.read(self.offset)
+                f.seek(self.offset)  # gzip files seek forward by decompressing
                 for start in range(0, n, chunk):
                     count = min(chunk, n - start)
                     raw = f.read(count * self.record)

@@ -14,7 +14,7 @@ import numpy as np
 
 from tl_core import storage
 from tl_core.data.prepare import PreparedDataset, Rows, decode_images
-from tl_core.data.shards import verified_table
+from tl_core.data.shards import select_rows, verified_table
 
 DECODE_BATCH = 256  # images per decode task: a few MB of pixels
 
@@ -32,15 +32,9 @@ def labelled_dataset(data: PreparedDataset, rows: Rows, augment: bool):
 
     def checked_rows(batch):  # one shard file per batch: its sha256 checked, the wanted rows kept
         import pyarrow as pa
-        import pyarrow.compute as pc
 
-        tables = []
-        for data_bytes, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist()):
-            entry = next(e for name, e in by_name.items() if path.endswith(name))
-            table = verified_table(data_bytes, entry, folder)
-            if wanted is not None:
-                table = table.filter(pc.is_in(table.column("index"), value_set=pa.array(wanted)))
-            tables.append(table)
+        tables = [select_rows(verified_table(data_bytes, by_name["shards/" + path.rsplit("/", 1)[-1]], folder), wanted)
+                  for data_bytes, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist())]
         return pa.concat_tables(tables)
 
     def decoded(batch):
