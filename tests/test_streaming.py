@@ -128,7 +128,7 @@ def test_a_dataset_of_the_old_format_says_prepare_again(tmp_path, workdir):
     old.mkdir()
     (old / "manifest.json").write_text(json.dumps({"format": "tl-prepared/1", "uri": "sklearn:digits"}))
     line = tl_error("transfer", "--data", str(old), "--strategy", "scratch")
-    assert "older tl" in line and "prepare it again with `tl prepare --uri sklearn:digits`" in line
+    assert "older tl" in line and "prepare it again with `tl prepare sklearn:digits`" in line
 
 
 def test_training_streams_straight_from_s3(workdir, s3_endpoint, small_shards):

@@ -355,7 +355,7 @@ def load_manifest(uri: str) -> dict:
         raise UserError(f"{manifest_uri} is not valid JSON ({err}): prepare the dataset again") from None
     if manifest.get("format") != FORMAT:
         raise UserError(f"{uri} was prepared by an older tl (format {manifest.get('format')!r}, this one reads "
-                        f"{FORMAT!r}): prepare it again with `tl prepare --uri {manifest.get('uri', 'URI')}`")
+                        f"{FORMAT!r}): prepare it again with `tl prepare {manifest.get('uri', 'URI')}`")
     return manifest
 
 
