@@ -151,9 +151,9 @@ def test_photos_are_kept_as_files_and_cropped_for_resnet18_at_224(workdir, share
     train = data.rows("train", np.arange(8))
     a, b = train.decode(_images(train), train=True), train.decode(_images(train), train=True)
     assert a.shape == (8, 3, 224, 224) and not np.array_equal(a, b)  # new random crops each time
-    cfg = TrainConfig(data=data.path, model="resnet18", model_kwargs={"small_input": False}, shots=4, epochs=1,
-                      batch_size=8, augment=1)
+    cfg = TrainConfig(data=data.path, model="resnet18", shots=4, epochs=1, batch_size=8, augment=1)
     ckpt = fit(cfg, LocalSession(use_gpu=False))
+    assert ckpt["model_spec"]["kwargs"] == {"small_input": False}  # the ImageNet stem, chosen by the image size
     assert ckpt["metrics"]["streamed"] == 1.0 and ckpt["data"]["shape"] == [3, 224, 224]
     assert 0.0 <= ckpt["metrics"]["test_accuracy"] <= 1.0
 

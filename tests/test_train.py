@@ -11,7 +11,7 @@ from tl_core.config import PrepareConfig, TrainConfig
 from tl_core.data import prepare
 from tl_core.data.transforms import random_shift
 from tl_core.evaluate import evaluate_checkpoint
-from tl_core.models import create_model
+from tl_core.models import create_model, defaults_for_shape
 from tl_core.train import train
 
 
@@ -71,6 +71,18 @@ def test_random_shift_moves_images_within_bounds():
     shifted = random_shift(x, 2, torch.Generator().manual_seed(0))
     assert shifted.shape == x.shape and torch.all(shifted.sum((1, 2, 3)) == 4)  # the blob stays whole
     assert (shifted != x).any(dim=(1, 2, 3)).float().mean() > 0.5
+
+
+def test_the_stem_follows_the_image_size_unless_the_config_says():
+    from tl_core.strategies import create_strategy
+
+    assert defaults_for_shape("resnet18", [3, 224, 224]) == {"small_input": False}
+    assert defaults_for_shape("resnet18", [1, 28, 28]) == {"small_input": True}
+    assert defaults_for_shape("small_cnn", [1, 28, 28]) == {}
+    photos = create_strategy(TrainConfig(data="unused", model="resnet18"))
+    assert photos.build_model(2, [3, 224, 224], None)[1]["kwargs"] == {"small_input": False}
+    told = create_strategy(TrainConfig(data="unused", model="resnet18", model_kwargs={"small_input": True}))
+    assert told.build_model(2, [3, 224, 224], None)[1]["kwargs"] == {"small_input": True}
 
 
 def test_models_take_small_inputs():

@@ -72,7 +72,7 @@ def test_packaged_signatures_are_the_seven_segment_codes():
 def test_training_never_sees_the_unseen_classes(digits):
     cfg = config(digits, ["2", "6"])
     strategy = create_strategy(cfg)
-    model, spec = strategy.build_model(10, 1, None)
+    model, spec = strategy.build_model(10, [1, 28, 28], None)
     assert model.head.out_features == 7 and spec["num_classes"] == 7  # one output per attribute
     x, y = digits.split("train")
     kept_x, kept_y = strategy.train_set(model, digits.normalise(x), torch.from_numpy(y), None)

@@ -13,17 +13,27 @@ from tl_core.errors import UserError
 from tl_core.models.classifier import Classifier
 
 MODELS: dict[str, Callable[..., Classifier]] = {}
+# Keyword arguments an architecture takes by the input's shape [C, H, W] unless a config sets them.
+SHAPE_DEFAULTS: dict[str, Callable[[list[int]], dict]] = {}
 
 
-def register_architecture(name: str):
+def register_architecture(name: str, shape_defaults: Callable[[list[int]], dict] | None = None):
     """Decorator: `@register_architecture("small_cnn")` over a function
-    `(num_classes, in_channels, **kwargs) -> Classifier`."""
+    `(num_classes, in_channels, **kwargs) -> Classifier`; `shape_defaults(shape)` gives the
+    keyword arguments that depend on the input's shape (e.g. a stem for small images)."""
 
     def add(fn):
         MODELS[name] = fn
+        if shape_defaults is not None:
+            SHAPE_DEFAULTS[name] = shape_defaults
         return fn
 
     return add
+
+
+def defaults_for_shape(name: str, shape: list[int]) -> dict:
+    """The keyword arguments architecture `name` takes for inputs of `shape` when nothing says otherwise."""
+    return SHAPE_DEFAULTS[name](shape) if name in SHAPE_DEFAULTS else {}
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 1, **kwargs) -> Classifier:

@@ -2,8 +2,9 @@
 
 `weights="IMAGENET1K_V1"` (or any torchvision weights name, or "DEFAULT") loads ImageNet weights
 from the `TORCH_HOME` cache or the network; where neither has them the error says so. For
-inputs of 8-64 px (`small_input=True`) the stem keeps full resolution: the first conv gets
-stride 1 and the max-pool goes (pretrained kernels are kept). Grey images: the first conv's
+inputs of 8-64 px (`small_input=True`, the default for such inputs) the stem keeps full resolution:
+the first conv gets stride 1 and the max-pool goes (pretrained kernels are kept); larger inputs
+(photos at 224 px) get torchvision's own stem. Grey images: the first conv's
 pretrained kernels are summed over RGB, so one channel sees what three saw.
 """
 
@@ -71,6 +72,13 @@ def _mobilenet(builder, name, num_classes, in_channels, weights=None, small_inpu
     return Classifier(backbone, blocks[-1].out_channels, num_classes)
 
 
+SMALL_INPUT_PX = 64
+
+
+def _stem_for(shape: list[int]) -> dict:
+    return {"small_input": shape[-1] <= SMALL_INPUT_PX}
+
+
 def _register():
     import torchvision.models as tvm
 
@@ -84,7 +92,7 @@ def _register():
         def factory(num_classes, in_channels=3, weights=None, small_input=True, _b=builder, _n=name, _m=make):
             return _m(_b, _n, num_classes, in_channels, weights=weights, small_input=small_input)
 
-        register_architecture(name)(factory)
+        register_architecture(name, shape_defaults=_stem_for)(factory)
 
 
 _register()

@@ -10,7 +10,7 @@ from tl_core.checkpoints import load_state
 from tl_core.data import load_prepared
 from tl_core.data.batches import ShuffledBatches
 from tl_core.errors import UserError
-from tl_core.models import Classifier, create_model, model_spec, predict_logits
+from tl_core.models import Classifier, create_model, defaults_for_shape, model_spec, predict_logits
 
 DEFAULT_MODEL = "small_cnn"
 
@@ -32,10 +32,13 @@ class Strategy:
         self.cfg = cfg
 
     # -- the model ---------------------------------------------------------------------------
-    def architecture(self, backbone: dict | None, in_channels: int) -> tuple[str, dict]:
-        """Model name and kwargs: the backbone's when there is one, else the config's."""
+    def architecture(self, backbone: dict | None, shape: list[int]) -> tuple[str, dict]:
+        """Model name and kwargs: the backbone's when there is one, else the config's over the
+        architecture's defaults for images of `shape` [C, H, W]."""
+        in_channels = shape[0]
         if backbone is None:
-            return self.cfg.model or DEFAULT_MODEL, dict(self.cfg.model_kwargs)
+            name = self.cfg.model or DEFAULT_MODEL
+            return name, {**defaults_for_shape(name, shape), **self.cfg.model_kwargs}
         spec = backbone["model_spec"]
         if self.cfg.model and self.cfg.model != spec["name"]:
             raise UserError(
@@ -49,11 +52,13 @@ class Strategy:
             )
         return spec["name"], {**spec.get("kwargs", {}), **self.cfg.model_kwargs}
 
-    def build_model(self, num_classes: int, in_channels: int, backbone: dict | None) -> tuple[Classifier, dict]:
-        """A model for `num_classes`, with pretrained backbone weights if the strategy uses them."""
+    def build_model(self, num_classes: int, shape: list[int], backbone: dict | None) -> tuple[Classifier, dict]:
+        """A model for `num_classes` on images of `shape` [C, H, W], with pretrained backbone
+        weights if the strategy uses them."""
         if self.needs_backbone and backbone is None:
             raise UserError(f"strategy {self.name} needs a pretrained backbone: pass --backbone (see tl pretrain)")
-        name, kwargs = self.architecture(backbone, in_channels)
+        name, kwargs = self.architecture(backbone, shape)
+        in_channels = shape[0]
         model = create_model(name, num_classes, in_channels, **kwargs)
         if self.needs_backbone:
             load_state(model.backbone, backbone_state(backbone), self.cfg.backbone, part="backbone")

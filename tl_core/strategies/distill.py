@@ -48,17 +48,17 @@ class Distill(Strategy):
         self.teacher_ckpt = load_checkpoint(cfg.teacher)
         self.teacher: nn.Module | None = None
 
-    def build_model(self, num_classes, in_channels, backbone):
+    def build_model(self, num_classes, shape, backbone):
         spec = self.teacher_ckpt["model_spec"]
-        if spec["num_classes"] != num_classes or spec["in_channels"] != in_channels:
+        if spec["num_classes"] != num_classes or spec["in_channels"] != shape[0]:
             raise UserError(
                 f"the teacher {self.cfg.teacher} predicts {spec['num_classes']} classes from {spec['in_channels']}-channel "
-                f"images, the target has {num_classes} classes and {in_channels} channels: use a teacher trained on this target"
+                f"images, the target has {num_classes} classes and {shape[0]} channels: use a teacher trained on this target"
             )
         self.teacher = build_from_spec(spec)
         load_state(self.teacher, self.teacher_ckpt["model"], self.cfg.teacher, part="teacher")
         self.teacher.eval().requires_grad_(False)
-        return super().build_model(num_classes, in_channels, backbone)
+        return super().build_model(num_classes, shape, backbone)
 
     def train_set(self, model, x, y, unlabeled):
         if unlabeled is None or not len(unlabeled):

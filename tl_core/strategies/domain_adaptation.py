@@ -173,8 +173,8 @@ class DomainAdaptation(Strategy):
         raise NotImplementedError
 
     # -- the shared parts -----------------------------------------------------------------------
-    def build_model(self, num_classes, in_channels, backbone):
-        model, spec = super().build_model(num_classes, in_channels, backbone)
+    def build_model(self, num_classes, shape, backbone):
+        model, spec = super().build_model(num_classes, shape, backbone)
         if backbone is not None and backbone["model_spec"]["num_classes"] == num_classes:
             # Same classes as the source: start from the source-only model, head included.
             load_state(model, backbone["model"], self.cfg.backbone)

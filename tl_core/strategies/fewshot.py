@@ -173,9 +173,9 @@ def fit_episode_heads(support: torch.Tensor, support_y: torch.Tensor, query: tor
 class MAML(EpisodicStrategy):
     name = "maml"
 
-    def build_model(self, num_classes, in_channels, backbone):
+    def build_model(self, num_classes, shape, backbone):
         # The head classifies an episode's N classes (labels 0..N-1), not the dataset's classes.
-        return super().build_model(self.cfg.ways, in_channels, backbone)
+        return super().build_model(self.cfg.ways, shape, backbone)
 
     def batches(self, x, y, batch_size, rank, world_size):
         if world_size > 1:

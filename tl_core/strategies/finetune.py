@@ -35,8 +35,8 @@ class Finetune(Strategy):
         super().__init__(cfg)
         self.anchor: dict[str, torch.Tensor] = {}
 
-    def build_model(self, num_classes, in_channels, backbone):
-        model, spec = super().build_model(num_classes, in_channels, backbone)
+    def build_model(self, num_classes, shape, backbone):
+        model, spec = super().build_model(num_classes, shape, backbone)
         for block in model.backbone[: self.cfg.freeze]:
             block.requires_grad_(False)
         if self.cfg.l2sp_alpha:

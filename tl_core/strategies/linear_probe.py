@@ -42,8 +42,8 @@ class LinearProbe(Strategy):
         self.backbone_sha = None
         self.cache_hit: bool | None = None
 
-    def build_model(self, num_classes, in_channels, backbone):
-        model, spec = super().build_model(num_classes, in_channels, backbone)
+    def build_model(self, num_classes, shape, backbone):
+        model, spec = super().build_model(num_classes, shape, backbone)
         model.backbone.requires_grad_(False)
         self.backbone_sha = backbone["sha256"]
         return model, spec

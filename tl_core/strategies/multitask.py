@@ -43,10 +43,10 @@ class Multitask(Strategy):
         self.source_shape = source.shape
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
-    def build_model(self, num_classes, in_channels, backbone):
-        model, spec = super().build_model(num_classes, in_channels, backbone)
-        if self.source_shape[0] != in_channels:
-            raise UserError(f"the source has {self.source_shape[0]}-channel images, the target {in_channels}: "
+    def build_model(self, num_classes, shape, backbone):
+        model, spec = super().build_model(num_classes, shape, backbone)
+        if self.source_shape[0] != shape[0]:
+            raise UserError(f"the source has {self.source_shape[0]}-channel images, the target {shape[0]}: "
                             f"prepare both with the same --channels")
         return model, spec
 

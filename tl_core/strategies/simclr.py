@@ -119,11 +119,11 @@ class SimCLR(Strategy):
             self.source_x = load_source(cfg, self.name)[1]
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
-    def build_model(self, num_classes, in_channels, backbone):
-        if self.source_x is not None and self.source_x.shape[1] != in_channels:
+    def build_model(self, num_classes, shape, backbone):
+        if self.source_x is not None and self.source_x.shape[1] != shape[0]:
             raise UserError(f"the source {self.cfg.source_data} has {self.source_x.shape[1]}-channel images, the target "
-                            f"{in_channels}: prepare both with the same --channels")
-        return super().build_model(num_classes, in_channels, backbone)
+                            f"{shape[0]}: prepare both with the same --channels")
+        return super().build_model(num_classes, shape, backbone)
 
     def trainable(self, model: Classifier) -> nn.Module:
         return SimCLRNet(model, self.cfg.projection_dim)

@@ -164,9 +164,9 @@ class ZeroShot(Strategy):
         self.needs_backbone = cfg.backbone is not None
         self.task = zero_shot_task(cfg, load_manifest(cfg.data)["classes"])
 
-    def build_model(self, num_classes, in_channels, backbone):
+    def build_model(self, num_classes, shape, backbone):
         # One output per attribute, not per class: the head predicts the signature.
-        return super().build_model(len(self.task.attributes), in_channels, backbone)
+        return super().build_model(len(self.task.attributes), shape, backbone)
 
     def train_set(self, model, x, y, unlabeled):
         seen = torch.isin(y, torch.tensor(self.task.seen))  # the unseen classes' labels are never used

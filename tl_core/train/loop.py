@@ -116,7 +116,7 @@ def fit(cfg: TrainConfig, session) -> dict:
 
     strategy = create_strategy(cfg)
     backbone = load_checkpoint(cfg.backbone) if cfg.backbone else None
-    model, spec = strategy.build_model(len(data.classes), data.shape[0], backbone)
+    model, spec = strategy.build_model(len(data.classes), data.shape, backbone)
     streamed = streams(cfg, data, labelled, strategy)
     if streamed:
         train_x, train_y = strategy.stream_set(model, labelled, data.normalise) or (None, torch.from_numpy(labelled.labels()))

@@ -36,7 +36,7 @@ def preflight(cfg: TrainConfig):
     train_idx, _ = sample_shots(data.labels("train"), cfg.shots, cfg.seed, data.classes, cfg.val_per_class)
     backbone = load_checkpoint(cfg.backbone) if cfg.backbone else None
     strategy = create_strategy(cfg)
-    strategy.build_model(len(data.classes), data.shape[0], backbone)
+    strategy.build_model(len(data.classes), data.shape, backbone)
     labelled = data.rows("train", train_idx)
     images_stream = type(strategy).stream_set is Strategy.stream_set  # not e.g. cached features instead
     return labelled if streams(cfg, data, labelled, strategy) and images_stream else None
