@@ -20,6 +20,8 @@ def tune(data: Input[Dataset], backbone: Input[Model], source: Input[Dataset], s
     settings = ExperimentSettings(shots=shots, epochs=epochs, lr=lr, batch_size=batch_size, augment=augment,
                                   workers=workers)
     base = settings.search_base(artifacts.uri(data), artifacts.uri(backbone), strategy, artifacts.uri(source))
-    result = run_search(SearchConfig(base=base, space=json.loads(search_space), num_samples=num_samples))
+    # resume: a retried step finishes the search it started (finished trials kept), or gives back
+    # the result of one that had finished.
+    result = run_search(SearchConfig(base=base, space=json.loads(search_space), num_samples=num_samples, resume=True))
     metrics.log_metric("best_val_accuracy", float(result["best_val_accuracy"]))
     return json.dumps(result["best_config"])

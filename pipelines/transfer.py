@@ -46,10 +46,18 @@ CLUSTER_ENV = {"configMapAsEnv": [_as_env("configMap", name, keys) for name, key
                "secretAsEnv": [_as_env("secret", name, keys) for name, keys in SECRETS.items()]}
 
 
+# A step that fails (a preempted node, storage or the tracking server away for a while) is run
+# again by KFP, after 1, then 2 minutes: every step is safe to repeat after a crash at any point
+# (prepare and training reuse what is complete by its hash, tune resumes its search, register
+# gives back a version still waiting to be judged, promote reports an earlier promotion again).
+RETRIES = 2
+
+
 def _step(task: dsl.PipelineTask, cache: bool = True) -> dsl.PipelineTask:
-    """What every step shares: the cluster's settings, and KFP caching off (cache=False) where a
-    step has side effects or reads data that can change behind the same URI."""
+    """What every step shares: the cluster's settings, retries, and KFP caching off (cache=False)
+    where a step has side effects or reads data that can change behind the same URI."""
     task.set_caching_options(cache)
+    task.set_retry(num_retries=RETRIES, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="3600s")
     task.platform_config["kubernetes"] = CLUSTER_ENV
     return task
 

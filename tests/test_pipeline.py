@@ -72,6 +72,12 @@ def test_compiled_pipeline_has_the_expected_dag(tmp_path):
 
     spec, platform = yaml.safe_load_all(out.read_text())
     comps = spec["components"]
+    # Every step (not the sub-pipelines and branches) is retried by KFP, with backoff.
+    steps = [task for dag in [spec["root"]["dag"], *(c["dag"] for c in comps.values() if "dag" in c)]
+             for task in dag["tasks"].values() if "executorLabel" in comps[task["componentRef"]["name"]]]
+    assert len(steps) == 12  # prepare x2, pretrain, tune, and transfer, evaluate, register, promote in each release
+    assert all(task["retryPolicy"]["maxRetryCount"] == 2 and task["retryPolicy"]["backoffDuration"] == "60s"
+               for task in steps)
     root = tasks(spec["root"]["dag"])
     assert root == {
         "prepare": ("comp-prepare", [], None),  # the target

@@ -115,6 +115,22 @@ def test_register_promote_refuse_rollback(models):
     assert champion_of(name) == 2
 
 
+def test_register_and_promote_are_safe_to_run_again(models):
+    """What a KFP retry after a crash does: the same register or promote again changes nothing."""
+    name, data = "digits-retried", models.data.path
+    first = tl_json("register", "--checkpoint", models.good, "--name", name, "--data", data)
+    again = tl_json("register", "--checkpoint", models.good, "--name", name, "--data", data)
+    assert first["version"] == again["version"] == 1 and not first["reused"] and again["reused"]
+    assert len(client().search_model_versions(f"name='{name}'")) == 1
+    promoted = tl_json("promote", "--model", name, "--data", data, "--version", 1)
+    retried = tl_json("promote", "--model", name, "--data", data, "--version", 1)
+    assert promoted["decision"] == retried["decision"] == "promoted" and "already the champion" in retried["reason"]
+    assert retried["accuracy"] == pytest.approx(promoted["accuracy"], abs=1e-6) and champion_of(name) == 1
+    # Once judged, the same checkpoint registered again is a new version, for a new judgement.
+    third = tl_json("register", "--checkpoint", models.good, "--name", name)
+    assert third["version"] == 2 and not third["reused"]
+
+
 def test_register_from_a_training_run_keeps_its_lineage(models):
     from tl_core import tracking
     from tl_core.checkpoints import load_checkpoint

@@ -166,6 +166,10 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(work, l
     after = [r["epoch"] for r in long if r["pid"] != first_pid]
     assert after and after[0] > 0 and after[-1] == 14
     assert {r["epoch"] for r in long} == set(range(15))
+    # Resumed once more when finished (what the pipeline's tune step does when KFP retries it):
+    # the same result back, nothing trained again.
+    again = run_search(cfg.model_copy(update={"resume": True}))
+    assert again["best_config"] == s["best_config"] and reports(long_id) == long and reports(short_id) == short
 
 
 @pytest.mark.slow

@@ -30,7 +30,8 @@ def register(
         return register_model(checkpoint, name, data, run_id)
 
     execute(work, as_json, lambda s: typer.echo(
-        f"registered {s['model']} version {s['version']} as {s['alias']} ({s['uri']})"
+        f"{'already registered' if s['reused'] else 'registered'} {s['model']} version {s['version']} as {s['alias']} "
+        f"({s['uri']})"
         + (f"  test accuracy {s['metrics']['accuracy']:.4f}" if s["metrics"] else "")))
 
 

@@ -12,6 +12,11 @@ server (a second creator gets RESOURCE_ALREADY_EXISTS).
 
 A decided challenger (promoted or refused) loses the `challenger` alias; one that lost a race
 keeps it, as it was never compared with the new champion.
+
+Both are safe to run again after a crash at any point (a KFP step retried): registering a
+checkpoint that already has a version waiting to be judged (same sha256, no decision yet) gives
+that version back instead of a second one, and promoting the version that is already the
+champion by an earlier promotion reports that decision again.
 """
 
 from __future__ import annotations
@@ -178,9 +183,18 @@ def _check_name(name: str) -> None:
                         f"and not end in {LOCK_SUFFIX} (the registry's lock names)")
 
 
+def _waiting_version(client, name: str, sha256: str):
+    """The latest version of `name` holding the checkpoint `sha256` that no promotion has judged yet, or None."""
+    with _mlflow_errors(f"looking up the versions of {name}"):
+        versions = client.search_model_versions(f"name='{name}'")
+    waiting = [v for v in versions if v.tags.get("tl.checkpoint_sha256") == sha256 and DECISION not in v.tags]
+    return max(waiting, key=lambda v: int(v.version), default=None)
+
+
 def register_model(checkpoint_uri: str, name: str, data_uri: str | None = None, run_id: str | None = None) -> dict:
     """Log the checkpoint as an MLflow pyfunc model, register it as a new version of `name`
-    with lineage tags, and point the alias `challenger` at it."""
+    with lineage tags, and point the alias `challenger` at it. A version of the same checkpoint
+    still waiting to be judged is given back instead (`reused`): registering is safe to retry."""
     import mlflow
 
     _check_name(name)
@@ -191,6 +205,13 @@ def register_model(checkpoint_uri: str, name: str, data_uri: str | None = None, 
     if not STRATEGIES[strategy].classifies_dataset_classes:
         raise UserError(f"{checkpoint_uri} is a {strategy} model: it does not predict its dataset's classes, and the "
                         "registry serves classifiers only; register a model trained with a classification strategy")
+    existing = _waiting_version(client, name, ckpt["sha256"])
+    if existing is not None:
+        with _mlflow_errors(f"registering {checkpoint_uri} as {name}"):
+            client.set_registered_model_alias(name, CHALLENGER, existing.version)
+        return {"model": name, "version": int(existing.version), "alias": CHALLENGER, "uri": f"models:/{name}@{CHALLENGER}",
+                "model_uri": existing.source, "run_id": existing.run_id, "checkpoint": checkpoint_uri,
+                "tags": dict(existing.tags), "metrics": None, "reused": True, "seconds": time.perf_counter() - started}
     data = load_prepared(data_uri) if data_uri else None
     evaluation = evaluate_loaded(ckpt, data, "test", checkpoint_uri) if data else None  # also: classes fit
     tags = lineage_tags(ckpt, checkpoint_uri)
@@ -223,7 +244,8 @@ def register_model(checkpoint_uri: str, name: str, data_uri: str | None = None, 
     return {"model": name, "version": int(version.version), "alias": CHALLENGER,
             "uri": f"models:/{name}@{CHALLENGER}", "model_uri": info.model_uri, "run_id": active.info.run_id,
             "checkpoint": checkpoint_uri, "tags": tags,
-            "metrics": evaluation.metrics if evaluation else None, "seconds": time.perf_counter() - started}
+            "metrics": evaluation.metrics if evaluation else None, "reused": False,
+            "seconds": time.perf_counter() - started}
 
 
 # -- the lock --------------------------------------------------------------------------------
@@ -330,8 +352,15 @@ def promote(name: str, data_uri: str, min_accuracy: float = 0.5, min_absolute_ch
         if candidate is None:
             raise UserError(f"{name} has no {CHALLENGER}: register a model first (`tl register --checkpoint URI "
                             f"--name {name}`) or name a version with --version")
-        _version(client, name, candidate)
+        tags = _version(client, name, candidate).tags
         champion = aliases.get(CHAMPION)
+        if candidate == champion and tags.get(DECISION) == "promoted":  # promoted before: say so again
+            return {"model": name, "decision": "promoted", "promoted": True, "version": int(candidate),
+                    "accuracy": float(tags["tl.promotion.accuracy"]), "champion_version": _or_none(tags, "champion_version"),
+                    "champion_accuracy": _or_none(tags, "champion_accuracy", float),
+                    "reason": f"already the {CHAMPION} (promoted at {tags.get('tl.promotion.at', '?')})",
+                    "champion_now": int(candidate), "data": data_uri, "data_hash": tags.get("tl.promotion.data_hash"),
+                    "seconds": time.perf_counter() - started}
         if candidate == champion:
             raise UserError(f"version {candidate} of {name} is already the {CHAMPION}; register a new model to promote")
         data = load_prepared(data_uri)
@@ -374,6 +403,11 @@ def promote(name: str, data_uri: str, min_accuracy: float = 0.5, min_absolute_ch
             "champion_accuracy": champion_score, "reason": reason,
             "champion_now": int(candidate) if decision == "promoted" else (int(current) if current else None),
             "data": data_uri, "data_hash": data.hash, "seconds": time.perf_counter() - started}
+
+
+def _or_none(tags: dict, key: str, kind=int):
+    value = tags.get(f"tl.promotion.{key}", "none")
+    return None if value == "none" else kind(value)
 
 
 def rollback(name: str) -> dict:
