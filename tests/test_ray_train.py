@@ -67,7 +67,6 @@ def test_a_ray_run_started_again_resumes_from_its_latest_checkpoint(workdir, loc
     assert fresh["history"][0]["epoch_seconds"] != more["history"][0]["epoch_seconds"]
 
 
-
 def test_two_workers_stream_disjoint_shares_through_ray_data(workdir, local_ray, monkeypatch):
     """A labelled set too large for memory (here: --in-memory-mb 0) streams through Ray Data: each
     worker gets its own half of the rows (get_dataset_shard), none twice, and a run started again
@@ -84,9 +83,29 @@ def test_two_workers_stream_disjoint_shares_through_ray_data(workdir, local_ray,
     m = ckpt["metrics"]
     assert m["streamed"] == 1.0 and m["rows_seen_twice"] == 0
     assert m["rows_seen_worker0"] == m["rows_seen_worker1"] >= train_rows // 2 - 1  # equal halves, DDP's equal steps
+    assert m["bytes_seen_worker0"] == m["bytes_seen_worker1"] == m["rows_seen_worker0"] * 8 * 8  # uint8 8x8 images
     assert m["replica_spread"] == 0.0 and m["test_accuracy"] > 0.7
     more = fit_on_ray(cfg.model_copy(update={"epochs": 3}), run_name="stream-test")
     assert more["history"][:2] == ckpt["history"] and len(more["history"]) == 3
+
+
+def test_ray_data_hides_the_labels_of_a_pools_unlabeled_rows(workdir, local_ray, monkeypatch):
+    """distill/dann/mcc stream a pool of shots and unlabeled rows: Ray Data hands out the rest as UNLABELED."""
+    import numpy as np
+
+    from tl_core.data import shards
+    from tl_core.data.prepare import UNLABELED
+    from tl_core.train.ray_data import labelled_dataset
+
+    monkeypatch.setattr(shards, "SHARD_BYTES", 64 * 100)
+    data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
+    unlabeled = np.arange(50, 300)
+    rows = labelled_dataset(data, data.rows("train", np.arange(300), unlabeled=unlabeled), augment=False).take_all()
+    index, y = np.array([r["index"] for r in rows]), np.array([r["y"] for r in rows])
+    assert sorted(index.tolist()) == list(range(300))
+    assert ((y == UNLABELED) == np.isin(index, unlabeled)).all()
+    assert (y[index < 50] == data.labels("train")[index[index < 50]]).all()
+
 
 def test_ray_run_keeps_its_storage_on_s3(local_ray, s3_endpoint, monkeypatch):
     """TL_WORKDIR=s3://...: the prepared data, Ray Train's checkpoints (RunConfig storage_path)
@@ -152,15 +171,18 @@ def two_node_cluster():
 
 
 def test_transfer_runs_on_a_cluster_named_by_ray_address(workdir, two_node_cluster):
+    """On a 2-node cluster, streaming (--in-memory-mb 0): each worker gets half the labelled images."""
     data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
     env = {**os.environ, "RAY_ADDRESS": two_node_cluster, "RAY_AUTH_MODE": "disabled", "TL_WORKDIR": str(workdir)}
     out = subprocess.run([str(servers.BIN / "tl"), "transfer", "--data", data.path, "--strategy", "scratch",
-                          "--shots", "10", "--epochs", "3", "--workers", "2", "--json"],
+                          "--shots", "10", "--epochs", "3", "--workers", "2", "--in-memory-mb", "0", "--json"],
                          env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    ckpt = torch.load(summary["checkpoint"], weights_only=True)
-    assert ckpt["metrics"]["workers"] == 2 and ckpt["metrics"]["replica_spread"] == 0.0
+    m = torch.load(summary["checkpoint"], weights_only=True)["metrics"]
+    assert m["workers"] == 2 and m["replica_spread"] == 0.0 and m["streamed"] == 1.0
+    assert m["rows_seen_worker0"] == m["rows_seen_worker1"] == 50 and m["rows_seen_twice"] == 0  # 10 shots x 10 classes
+    assert m["bytes_seen_worker0"] == m["bytes_seen_worker1"] == 50 * 8 * 8
     assert summary["metrics"]["accuracy"] > 0.3  # 3 epochs on 100 images: well above chance (0.1)
     # Both nodes took part: the run's two workers were placed one per 1-CPU node.
     status = subprocess.run([str(servers.BIN / "ray"), "status", f"--address={two_node_cluster}"],

@@ -113,6 +113,32 @@ def test_linear_probe_features_are_computed_and_cached_chunk_by_chunk(workdir, s
     assert first["metrics"]["test_accuracy"] == second["metrics"]["test_accuracy"]
 
 
+def test_unlabeled_pools_stream_with_their_labels_hidden(workdir, small_shards, rows_held):
+    """distill and dann learn from the pool's unlabeled images too: a pool larger than memory
+    streams whole, the shots with their labels and the rest labelled UNLABELED."""
+    from tl_core.checkpoints import save_checkpoint
+    from tl_core.data.prepare import UNLABELED
+
+    data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
+    pool = data.rows("train", np.arange(100), unlabeled=np.arange(10, 100))
+    y = np.concatenate([chunk_y for _, chunk_y in pool.chunks()])
+    assert (y[10:] == UNLABELED).all() and (y[:10] == data.labels("train")[:10]).all() and (pool.labels() == y).all()
+
+    train_rows = sum(data.manifest["counts"]["train"].values())
+    teacher = fit(TrainConfig(data=data.path, shots=None, epochs=4, lr=3e-3), LocalSession(use_gpu=False))
+    save_checkpoint(teacher, str(workdir / "teacher.pt"))
+    rows_held["max"] = 0
+    cfg = TrainConfig(data=data.path, strategy="distill", teacher=str(workdir / "teacher.pt"), use_unlabeled=True,
+                      shots=5, epochs=3, lr=3e-3, in_memory_mb=0)
+    m = fit(cfg, LocalSession(use_gpu=False))["metrics"]
+    assert m["streamed"] == 1.0 and m["rows_seen_worker0"] == train_rows  # 50 shots and the unlabeled rest
+    assert rows_held["max"] <= 40 and m["test_accuracy"] > 0.7  # the teacher's soft labels on all of them
+    # dann holds its few shots (the extra labelled batch) and a sample for batch norm; the pool streams.
+    cfg = TrainConfig(data=data.path, strategy="dann", source_data=data.path, shots=5, epochs=2, in_memory_mb=0)
+    m = fit(cfg, LocalSession(use_gpu=False))["metrics"]
+    assert m["streamed"] == 1.0 and m["rows_seen_worker0"] == train_rows and m["test_accuracy"] > 0.2
+
+
 def test_a_corrupt_shard_is_refused_by_name(workdir):
     data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
     shard = Path(data.path, data.manifest["shards"]["test"][0]["name"])
@@ -121,6 +147,22 @@ def test_a_corrupt_shard_is_refused_by_name(workdir):
     shard.write_bytes(bytes(raw))
     line = tl_error("transfer", "--data", data.path, "--strategy", "scratch", "--epochs", "1")
     assert "test-00000.parquet does not match its sha256" in line and "prepare the dataset again" in line
+
+
+def test_a_truncated_shard_or_a_manifest_whose_hashes_lie_is_refused(workdir):
+    data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
+    shard = Path(data.path, data.manifest["shards"]["train"][0]["name"])
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])
+    line = tl_error("transfer", "--data", data.path, "--strategy", "scratch", "--epochs", "1")
+    assert "train-00000.parquet does not match its sha256" in line
+    shard.write_bytes(whole)
+    manifest_path = Path(data.path, "manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["labels-train.npy"]["sha256"] = "0" * 64  # the labels file is intact; the manifest lies
+    manifest_path.write_text(json.dumps(manifest))
+    line = tl_error("transfer", "--data", data.path, "--strategy", "scratch", "--epochs", "1")
+    assert "labels-train.npy does not match its sha256 in the manifest" in line
 
 
 def test_a_dataset_of_the_old_format_says_prepare_again(tmp_path, workdir):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import time
 
 import numpy as np
 import torch
@@ -117,6 +118,14 @@ def split_episode(x: torch.Tensor, y: torch.Tensor, ways: int, shots: int) -> tu
     return x[:n], y[:n], x[n:], y[n:]
 
 
+def waited(loader, get):
+    """`get()`, its seconds added to the loader's `wait_seconds`: how long training waited for input."""
+    start = time.perf_counter()
+    item = get()
+    loader.wait_seconds += time.perf_counter() - start
+    return item
+
+
 class StreamedBatches:
     """Mini-batches streamed from the shards of `rows` (a `Rows` of a prepared dataset), for one
     worker of `world_size`: at most `prefetch` + 1 shards are held at once, read and decoded by
@@ -131,7 +140,7 @@ class StreamedBatches:
                  world_size: int = 1, prefetch: int = 1):
         self.rows, self.normalise, self.batch_size, self.augment = rows, normalise, batch_size, augment
         self.seed, self.rank, self.world_size, self.prefetch = seed, rank, world_size, prefetch
-        self.epoch, self.rows_seen = 0, 0
+        self.epoch, self.rows_seen, self.bytes_seen, self.wait_seconds = 0, 0, 0, 0.0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -157,13 +166,14 @@ class StreamedBatches:
         stop = threading.Event()
         reader = threading.Thread(target=self._read, args=(mine, chunks, stop), daemon=True)
         reader.start()
-        self.rows_seen = 0
+        self.rows_seen, self.bytes_seen, self.wait_seconds = 0, 0, 0.0
         carry_x, carry_y = None, None
         try:
-            while (item := chunks.get()) is not None:
+            while (item := waited(self, chunks.get)) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 x, y, _ = item
+                self.bytes_seen += x.nbytes
                 order = rng.permutation(len(y))
                 x, y = x[order], y[order]
                 if carry_x is not None:
@@ -193,7 +203,7 @@ class RayDataBatches:
 
     def __init__(self, shard, normalise, batch_size: int, steps: int, seed: int):
         self.shard, self.normalise, self.batch_size, self.steps, self.seed = shard, normalise, batch_size, steps, seed
-        self.epoch, self.rows_seen, self.indices_seen = 0, 0, []
+        self.epoch, self.rows_seen, self.bytes_seen, self.wait_seconds, self.indices_seen = 0, 0, 0, 0.0, []
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -202,10 +212,12 @@ class RayDataBatches:
         return self.steps
 
     def __iter__(self):
-        self.rows_seen, self.indices_seen = 0, []
-        for batch in self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy",
-                                             local_shuffle_buffer_size=4 * self.batch_size,
-                                             local_shuffle_seed=self.seed * 1000 + self.epoch):
+        self.rows_seen, self.bytes_seen, self.wait_seconds, self.indices_seen = 0, 0, 0.0, []
+        batches = iter(self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy",
+                                               local_shuffle_buffer_size=4 * self.batch_size,
+                                               local_shuffle_seed=self.seed * 1000 + self.epoch))
+        while (batch := waited(self, lambda: next(batches, None))) is not None:
             self.rows_seen += len(batch["y"])
+            self.bytes_seen += batch["x"].nbytes
             self.indices_seen.append(batch["index"])
             yield self.normalise(batch["x"]), torch.from_numpy(batch["y"])

@@ -38,6 +38,7 @@ FORMAT = "tl-prepared/2"
 SPLITS = ("train", "test")
 PHOTO_SIZE = 224  # what photos are cropped to unless --image-size says otherwise
 STATS_SIZE = 64  # photos' statistics are taken on a JPEG draft this small (a fast, close estimate)
+UNLABELED = -1  # the label of a training image whose label is not used (strategies that learn from unlabeled images)
 
 
 @dataclass
@@ -80,9 +81,11 @@ class PreparedDataset:
         self._labels[split] = np.load(io.BytesIO(data), allow_pickle=False)
         return self._labels[split]
 
-    def rows(self, split: str, indices: np.ndarray | None = None) -> "Rows":
-        """The rows `indices` (sorted; None: all) of a split, read when asked for."""
-        return Rows(self, split, None if indices is None else np.asarray(indices, dtype=np.int64))
+    def rows(self, split: str, indices: np.ndarray | None = None, unlabeled: np.ndarray | None = None) -> "Rows":
+        """The rows `indices` (sorted; None: all) of a split, read when asked for; those in
+        `unlabeled` come with the label UNLABELED (a pool of shots and unlabeled images)."""
+        return Rows(self, split, None if indices is None else np.asarray(indices, dtype=np.int64),
+                    None if unlabeled is None else np.asarray(unlabeled, dtype=np.int64))
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """A whole split in memory: uint8 images (photos at their eval crop) and labels."""
@@ -90,10 +93,12 @@ class PreparedDataset:
 
 
 class Rows:
-    """Some rows of a split, read shard by shard (`chunks`), or all at once when known to be small (`arrays`)."""
+    """Some rows of a split, read shard by shard (`chunks`), or all at once when known to be small
+    (`arrays`); the labels of the rows in `unlabeled` read as UNLABELED."""
 
-    def __init__(self, data: PreparedDataset, split: str, indices: np.ndarray | None):
-        self.data, self.split, self.indices = data, split, indices
+    def __init__(self, data: PreparedDataset, split: str, indices: np.ndarray | None,
+                 unlabeled: np.ndarray | None = None):
+        self.data, self.split, self.indices, self.unlabeled = data, split, indices, unlabeled
 
     def __len__(self) -> int:
         if self.indices is not None:
@@ -102,7 +107,7 @@ class Rows:
 
     def labels(self) -> np.ndarray:
         y = self.data.labels(self.split)
-        return y if self.indices is None else y[self.indices]
+        return hide_labels(y if self.indices is None else y[self.indices], self.indices, self.unlabeled)
 
     def float_bytes(self) -> int:
         """Bytes these rows take as a float32 tensor: what holding them in memory costs."""
@@ -118,7 +123,7 @@ class Rows:
     def chunk_of(self, entry: dict, train: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(uint8 images, labels, indices) of these rows in one shard."""
         images, labels, index = rows_of(read_shard(self.data.path, entry), self.indices)
-        return self.decode(images, train), labels, index
+        return self.decode(images, train), hide_labels(labels, index, self.unlabeled), index
 
     def chunks(self, train: bool = False):
         """(uint8 images, labels) shard by shard, in index order: one shard held at a time."""
@@ -136,6 +141,14 @@ class Rows:
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.arrays()
         return self.data.normalise(x), torch.from_numpy(y)
+
+
+def hide_labels(labels: np.ndarray, index: np.ndarray | None, unlabeled: np.ndarray | None) -> np.ndarray:
+    """`labels` of the rows `index` (None: all), with those of the rows in `unlabeled` set to UNLABELED."""
+    if unlabeled is None or not len(unlabeled):
+        return labels
+    index = np.arange(len(labels)) if index is None else index
+    return np.where(np.isin(index, unlabeled), UNLABELED, labels)
 
 
 def decode_images(images: list[bytes], manifest: dict, train: bool = False) -> np.ndarray:

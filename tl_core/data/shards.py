@@ -97,7 +97,9 @@ def select_rows(table, wanted: np.ndarray | None):
 def rows_of(table, wanted: np.ndarray | None) -> tuple[list[bytes], np.ndarray, np.ndarray]:
     """(images, labels, indices) of a shard's wanted rows (see `select_rows`)."""
     table = select_rows(table, wanted)
-    return table.column("image").to_pylist(), table.column("label").to_numpy(), table.column("index").to_numpy()
+    # Copies: Arrow's zero-copy arrays are read-only, and torch wants to own what it wraps.
+    labels, index = (np.array(table.column(name).to_numpy(), dtype=np.int64) for name in ("label", "index"))
+    return table.column("image").to_pylist(), labels, index
 
 
 def shards_holding(entries: list[dict], wanted: np.ndarray | None) -> list[dict]:

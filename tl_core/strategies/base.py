@@ -20,8 +20,10 @@ class Strategy:
     needs_backbone = True  # False: trains from random init (the backbone only names the architecture)
     trains_on_images = True  # False: trains on cached features, so no image augmentation
     uses_unlabeled = False  # True: the loop hands it the train pool's unlabeled images too
-    # True: it can train on a labelled set streamed from shards (larger than memory, or photos
-    # cropped anew each epoch) through `stream_set`; False: it needs its training images in memory.
+    # True: it can train on its training images streamed from shards (larger than memory, or
+    # photos cropped anew each epoch) through `stream_set`: the labelled shots, and with
+    # `uses_unlabeled` the whole pool, the unlabeled rows labelled UNLABELED. False: it needs its
+    # training images in memory (its unlabeled pool then a seeded sample of what fits).
     streams = False
     # False where the model is no classifier of the dataset's classes (few-shot episodes on unseen
     # classes, zero-shot attribute signatures): then there is no scratch baseline on the same
@@ -84,6 +86,9 @@ class Strategy:
         """One worker's training batches, an iterable with `set_epoch` and `len`: shuffled
         mini-batches by default; episodes for the few-shot strategies."""
         return ShuffledBatches(x, y, batch_size, self.cfg.seed, rank, world_size)
+
+    def on_loader(self, loader, rank: int) -> None:
+        """The loader this worker trains from (in memory or streamed), once before the first epoch."""
 
     def param_groups(self, net: nn.Module) -> list[dict]:
         return [{"params": [p for p in net.parameters() if p.requires_grad], "lr": self.cfg.lr}]

@@ -17,12 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from tl_core.checkpoints import load_checkpoint, load_state
+from tl_core.data.prepare import UNLABELED
 from tl_core.errors import UserError
 from tl_core.models import build_from_spec
 from tl_core.strategies._registry import register_strategy
 from tl_core.strategies.base import Strategy
-
-UNLABELED = -1
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, temperature: float,
@@ -38,6 +37,7 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Ten
 @register_strategy
 class Distill(Strategy):
     name = "distill"
+    streams = True  # the pool streams with its unlabeled rows labelled UNLABELED: the loss takes both
 
     def __init__(self, cfg):
         super().__init__(cfg)

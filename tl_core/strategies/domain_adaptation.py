@@ -32,7 +32,9 @@ Shared by both: the papers' learning-rate annealing over training progress p, lr
 (without it dann oscillated on MNIST -> USPS); and after each epoch, the batch-norm statistics
 the model tests with are re-estimated on the target's train images (AdaBN, Li et al. 2016): the
 running statistics of the training batches, half source images, fit neither domain (on MNIST ->
-USPS they cost dann up to 20 points).
+USPS they cost dann up to 20 points). A target pool larger than memory (or photos) streams from
+its shards; its statistics are then re-estimated on a seeded sample of it, and the source batches
+are drawn from a seeded sample of the source that fits in memory.
 
 The start point is `--backbone`, a checkpoint trained on the source: since the source and the
 target share their classes, its head is loaded too (the source-only model is the start), unless
@@ -46,20 +48,22 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tl_core.checkpoints import load_state
 from tl_core.data import load_manifest
+from tl_core.data.prepare import UNLABELED
 from tl_core.data.transforms import random_shift
 from tl_core.errors import UserError
 from tl_core.models import Classifier
 from tl_core.strategies._registry import register_strategy
 from tl_core.strategies.base import Strategy, draw_batch, load_source, unwrap
-from tl_core.strategies.distill import UNLABELED
 
 DOMAIN_HIDDEN = 256  # width of the domain classifier's hidden layers (dann)
+BATCH_NORM_IMAGES = 8192  # a streamed pool's batch-norm statistics are re-estimated on a sample this large
 
 
 class GradientReversal(torch.autograd.Function):
@@ -142,6 +146,7 @@ class DomainAdaptation(Strategy):
     method's own term (`adaptation_loss`)."""
 
     uses_unlabeled = True
+    streams = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -193,12 +198,20 @@ class DomainAdaptation(Strategy):
         self.target_x = torch.cat([x, unlabeled])  # for the batch-norm statistics (on_epoch_end)
         return self.target_x, torch.cat([y, torch.full((len(unlabeled),), UNLABELED, dtype=y.dtype)])
 
-    def batches(self, x, y, batch_size, rank, world_size):
-        loader = super().batches(x, y, batch_size, rank, world_size)
+    def stream_set(self, model, rows, normalise):
+        """The pool streams (shots and unlabeled rows, larger than memory or photos); the shots are
+        held for the extra labelled batch, and batch norm is re-estimated on a seeded sample."""
+        shots = rows.data.rows(rows.split, np.setdiff1d(rows.indices, rows.unlabeled))
+        if len(shots):
+            self.labelled_x, self.labelled_y = shots.tensors()
+        sample = np.random.default_rng(self.cfg.seed).permutation(rows.indices)[:BATCH_NORM_IMAGES]
+        self.target_x = rows.data.rows(rows.split, np.sort(sample)).tensors()[0]
+        return None
+
+    def on_loader(self, loader, rank):
         self.steps_per_epoch = max(1, len(loader))  # for dann's schedule over training progress
         # Each worker draws its own source and labelled batches.
         self.generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + rank)
-        return loader
 
     def on_epoch_start(self, net, optimizer, epoch):
         super().on_epoch_start(net, optimizer, epoch)

@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tl_core.data.prepare import UNLABELED
 from tl_core.errors import UserError
 from tl_core.models import Classifier
 from tl_core.strategies._registry import register_strategy
 from tl_core.strategies.base import Strategy, load_source, unwrap
-from tl_core.strategies.distill import UNLABELED
 
 # View augmentation ranges, fit for small greyscale digits (no colour jitter, no flips: a
 # flipped 2 or 5 is not the same digit).

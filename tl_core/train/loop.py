@@ -19,7 +19,7 @@ from tl_core.config import TrainConfig
 from tl_core.data import load_prepared, sample_shots
 from tl_core.data.transforms import random_shift
 from tl_core.errors import UserError
-from tl_core.strategies import create_strategy
+from tl_core.strategies import STRATEGIES, create_strategy
 from tl_core.strategies.base import in_memory_sample, predict_chunks
 
 
@@ -57,16 +57,30 @@ def evaluate(strategy, model, chunks, classes: list[str], device) -> dict:
     return {"loss": F.cross_entropy(logits, labels).item(), "accuracy": (logits.argmax(1) == labels).float().mean().item()}
 
 
-def streams(cfg: TrainConfig, data, labelled, strategy) -> bool:
-    """Whether the labelled set streams from its shards rather than sitting in memory: when it is
-    larger than `in_memory_mb` as float32, and for photos (cropped anew each epoch) where the
+def training_rows(data, strategy, train_idx: np.ndarray, val_idx: np.ndarray):
+    """What a run trains on, as rows of the train split, and the unlabeled rest of the pool
+    (neither shots nor validation images; empty unless the strategy learns from unlabeled images).
+    The rows are the labelled shots, or for a strategy that streams its unlabeled images too, the
+    shots and the rest together, the rest labelled UNLABELED."""
+    rest = np.zeros(0, dtype=np.int64)
+    if strategy.uses_unlabeled:
+        rest = np.setdiff1d(np.arange(len(data.labels("train"))), np.concatenate([train_idx, val_idx]))
+    if strategy.uses_unlabeled and strategy.streams:
+        return data.rows("train", np.union1d(train_idx, rest), unlabeled=rest), rest
+    return data.rows("train", train_idx), rest
+
+
+def streams(cfg: TrainConfig, data, rows, strategy) -> bool:
+    """Whether the training rows stream from their shards rather than sitting in memory: when they
+    are larger than `in_memory_mb` as float32, and for photos (cropped anew each epoch) where the
     strategy can. The driver of a Ray Train run asks the same question to build its Ray Dataset."""
-    too_big = labelled.float_bytes() > cfg.in_memory_mb * 2**20
+    too_big = rows.float_bytes() > cfg.in_memory_mb * 2**20
     if too_big and not strategy.streams:
+        can = ", ".join(sorted(name for name, s in STRATEGIES.items() if s.streams))
         raise UserError(
-            f"strategy {cfg.strategy} needs its {len(labelled)} training images in memory "
-            f"({labelled.float_bytes() / 2**20:.0f} MB > --in-memory-mb {cfg.in_memory_mb}): raise --in-memory-mb, "
-            "lower --shots, or use a strategy that streams (scratch, finetune, linear-probe)")
+            f"strategy {cfg.strategy} needs its {len(rows)} training images in memory "
+            f"({rows.float_bytes() / 2**20:.0f} MB > --in-memory-mb {cfg.in_memory_mb}): raise --in-memory-mb, "
+            f"lower --shots, or use a strategy that streams ({can})")
     return too_big or (data.photos and strategy.streams)
 
 
@@ -90,10 +104,15 @@ def replica_spread(net, session) -> float:
 
 
 def rows_seen(loader, session, pool_size: int) -> dict:
-    """Of a streamed last epoch: the rows each worker trained on, and (on Ray Data, where the
-    loader knows which rows it got) how many rows two workers both saw, which should be none."""
-    counts = session.all_gather(torch.tensor([loader.rows_seen])).view(-1).tolist()
-    out = {f"rows_seen_worker{rank}": int(n) for rank, n in enumerate(counts)}
+    """Of a streamed last epoch: the rows and the bytes of decoded images each worker trained on,
+    the seconds it waited for them, and (on Ray Data, where the loader knows which rows it got) how many rows two workers both
+    saw, which should be none."""
+    counts = session.all_gather(torch.tensor([loader.rows_seen, loader.bytes_seen, loader.wait_seconds],
+                                             dtype=torch.float64))
+    out = {}
+    for rank, (rows, size, wait) in enumerate(counts.view(-1, 3).tolist()):
+        out[f"rows_seen_worker{rank}"], out[f"bytes_seen_worker{rank}"] = int(rows), int(size)
+        out[f"input_wait_seconds_worker{rank}"] = wait  # of the last epoch: > 0 where reading is the bottleneck
     if session.world_size > 1 and getattr(loader, "indices_seen", None) is not None:
         seen = torch.zeros(pool_size, dtype=torch.int32)
         for idx in loader.indices_seen:
@@ -117,17 +136,14 @@ def fit(cfg: TrainConfig, session) -> dict:
     strategy = create_strategy(cfg)
     backbone = load_checkpoint(cfg.backbone) if cfg.backbone else None
     model, spec = strategy.build_model(len(data.classes), data.shape, backbone)
-    streamed = streams(cfg, data, labelled, strategy)
+    trained, rest = training_rows(data, strategy, train_idx, val_idx)
+    streamed = streams(cfg, data, trained, strategy)
     if streamed:
-        train_x, train_y = strategy.stream_set(model, labelled, data.normalise) or (None, torch.from_numpy(labelled.labels()))
+        train_x, train_y = strategy.stream_set(model, trained, data.normalise) or (None, torch.from_numpy(trained.labels()))
     else:
-        # Images of the train pool that are neither shots nor validation: unlabeled data, for the
-        # strategies that use it (distillation on soft labels, domain adaptation), at most what
-        # fits in memory.
-        unlabeled = None
-        if strategy.uses_unlabeled:
-            rest = np.setdiff1d(np.arange(len(pool_y)), np.concatenate([train_idx, val_idx]))
-            unlabeled = in_memory_sample(data, "train", rest, cfg).tensors()[0]
+        # The unlabeled rest of the pool, for the strategies that use it (distillation on soft
+        # labels, domain adaptation, simclr), at most what fits in memory.
+        unlabeled = in_memory_sample(data, "train", rest, cfg).tensors()[0] if strategy.uses_unlabeled else None
         train_x, train_y = strategy.train_set(model, *labelled.tensors(), unlabeled)
     if not len(train_y):
         raise UserError(f"strategy {cfg.strategy} has no training images with shots={cfg.shots}: give it labels "
@@ -145,9 +161,10 @@ def fit(cfg: TrainConfig, session) -> dict:
     optimizer = make_optimizer(cfg, strategy.param_groups(net))
     per_worker_batch = max(1, cfg.batch_size // session.world_size)
     if train_x is None:  # the images themselves, streamed shard by shard
-        loader = session.stream(labelled, data.normalise, per_worker_batch, cfg.seed, augment=cfg.augment > 0)
+        loader = session.stream(trained, data.normalise, per_worker_batch, cfg.seed, augment=cfg.augment > 0)
     else:
         loader = strategy.batches(train_x, train_y, per_worker_batch, session.rank, session.world_size)
+    strategy.on_loader(loader, session.rank)
     generator = torch.Generator().manual_seed(cfg.seed + session.rank)  # augmentation differs per worker
     amp = cfg.amp and device.type == "cuda"
 

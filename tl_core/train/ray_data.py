@@ -13,10 +13,11 @@ from __future__ import annotations
 import numpy as np
 
 from tl_core import storage
-from tl_core.data.prepare import PreparedDataset, Rows, decode_images
+from tl_core.data.prepare import PreparedDataset, Rows, decode_images, hide_labels
 from tl_core.data.shards import select_rows, verified_table
 
 DECODE_BATCH = 256  # images per decode task: a few MB of pixels
+DATA_CPUS = 1  # logical CPUs a streaming Ray Train run leaves to these tasks (see fit_on_ray)
 
 
 def labelled_dataset(data: PreparedDataset, rows: Rows, augment: bool):
@@ -28,7 +29,7 @@ def labelled_dataset(data: PreparedDataset, rows: Rows, augment: bool):
     entries = rows.shards()
     located = [storage_for(storage.join(data.path, e["name"])) for e in entries]
     by_name = {e["name"]: e for e in entries}
-    manifest, wanted, folder = data.manifest, rows.indices, data.path
+    manifest, wanted, unlabeled, folder = data.manifest, rows.indices, rows.unlabeled, data.path
 
     def checked_rows(batch):  # one shard file per batch: its sha256 checked, the wanted rows kept
         import pyarrow as pa
@@ -39,7 +40,8 @@ def labelled_dataset(data: PreparedDataset, rows: Rows, augment: bool):
 
     def decoded(batch):
         return {"x": decode_images(list(batch["image"]), manifest, train=augment),
-                "y": batch["label"].astype(np.int64), "index": batch["index"].astype(np.int64)}
+                "y": hide_labels(batch["label"].astype(np.int64), batch["index"], unlabeled),
+                "index": batch["index"].astype(np.int64)}
 
     ds = ray.data.read_binary_files([path for path, _ in located], filesystem=located[0][1], include_paths=True,
                                     override_num_blocks=len(located))

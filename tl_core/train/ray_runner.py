@@ -17,8 +17,7 @@ from tl_core.config import TrainConfig, workdir
 from tl_core.data import load_prepared, sample_shots
 from tl_core.errors import UserError
 from tl_core.strategies import create_strategy
-from tl_core.strategies.base import Strategy
-from tl_core.train.loop import fit, streams
+from tl_core.train.loop import fit, streams, training_rows
 from tl_core.train.session import RaySession, read_ray_checkpoint
 
 
@@ -30,16 +29,16 @@ def train_loop_per_worker(config: dict) -> None:
 
 def preflight(cfg: TrainConfig):
     """Check data, shots and backbone here, before paying for a worker group: bad input fails in
-    a second with a clear message instead of inside a remote worker. Returns the labelled rows
+    a second with a clear message instead of inside a remote worker. Returns the training rows
     when the workers are to stream their images (see tl_core.train.ray_data), else None."""
     data = load_prepared(cfg.data)
-    train_idx, _ = sample_shots(data.labels("train"), cfg.shots, cfg.seed, data.classes, cfg.val_per_class)
+    train_idx, val_idx = sample_shots(data.labels("train"), cfg.shots, cfg.seed, data.classes, cfg.val_per_class)
     backbone = load_checkpoint(cfg.backbone) if cfg.backbone else None
     strategy = create_strategy(cfg)
     strategy.build_model(len(data.classes), data.shape, backbone)
-    labelled = data.rows("train", train_idx)
-    images_stream = type(strategy).stream_set is Strategy.stream_set  # not e.g. cached features instead
-    return labelled if streams(cfg, data, labelled, strategy) and images_stream else None
+    trained, _ = training_rows(data, strategy, train_idx, val_idx)
+    # A strategy that trains on features it computes (linear-probe) streams its images only once, itself.
+    return trained if streams(cfg, data, trained, strategy) and strategy.trains_on_images else None
 
 
 def _absolute(path: str | None) -> str | None:
@@ -92,15 +91,15 @@ def fit_on_ray(cfg: TrainConfig, run_name: str) -> dict:
     init_ray()
     datasets = {}
     if labelled is not None:
-        from tl_core.train.ray_data import labelled_dataset
+        from tl_core.train.ray_data import DATA_CPUS, labelled_dataset
 
         datasets["train"] = labelled_dataset(labelled.data, labelled, augment=cfg.augment > 0)
     # Each worker gets an equal share of the CPUs (Ray sets its torch threads to that share). A
-    # streaming run leaves one CPU to Ray Data's read and decode tasks: Ray Data only uses what
+    # streaming run leaves DATA_CPUS to Ray Data's read and decode tasks: Ray Data only uses what
     # the training workers do not hold, and with none it waits forever (seen here, 2 CPUs).
     cpus = cluster_cpus_and_gpus()[0]
     if datasets:
-        cpus_per_worker = max(0.25, (cpus - 1) / cfg.workers)
+        cpus_per_worker = max(0.25, (cpus - DATA_CPUS) / cfg.workers)
     else:
         cpus_per_worker = max(1, cpus // cfg.workers)
     storage_path, filesystem = storage_for(storage.join(workdir(), "ray"))
