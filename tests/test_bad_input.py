@@ -80,6 +80,27 @@ def test_not_a_checkpoint_and_unknown_strategy(work, digits, tmp_path):
     assert_error(tl_error("transfer", "--data", digits, "--strategy", "finetune"), "needs a pretrained backbone")
 
 
+def test_a_damaged_checkpoint_is_refused_by_name(work, digits, tiny_backbone, tmp_path):
+    """tl writes a checkpoint's sha256 beside it: a flipped byte or a truncated copy is never loaded."""
+    import shutil
+    from pathlib import Path
+
+    for damage in ("flip", "truncate"):
+        folder = tmp_path / damage
+        folder.mkdir()
+        for name in ("checkpoint.pt", "checkpoint.pt.sha256"):
+            shutil.copy(Path(tiny_backbone).parent / name, folder / name)
+        raw = bytearray((folder / "checkpoint.pt").read_bytes())
+        if damage == "flip":
+            raw[len(raw) // 2] ^= 0x01  # inside the weights: torch.load alone would not notice
+        else:
+            raw = raw[: len(raw) - 100]
+        (folder / "checkpoint.pt").write_bytes(bytes(raw))
+        line = tl_error("transfer", "--data", digits, "--strategy", "finetune", "--backbone", folder / "checkpoint.pt")
+        assert_error(line, f"checkpoint {folder / 'checkpoint.pt'} is corrupt", "does not match checkpoint.pt.sha256")
+        assert_error(tl_error("evaluate", "--model", folder / "checkpoint.pt", "--data", digits), "is corrupt")
+
+
 def test_failed_prepare_leaves_nothing_behind(work, tmp_path):
     before = sorted((work / "work" / "data").iterdir()) if (work / "work" / "data").exists() else []
     np.savez(tmp_path / "bad2.npz", x=np.zeros((4, 8, 8), np.uint8), y=np.array([0, 1, 2, 9]),

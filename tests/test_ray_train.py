@@ -67,6 +67,40 @@ def test_a_ray_run_started_again_resumes_from_its_latest_checkpoint(workdir, loc
     assert fresh["history"][0]["epoch_seconds"] != more["history"][0]["epoch_seconds"]
 
 
+def test_a_worker_killed_mid_fit_is_replaced_and_the_run_goes_on_from_its_checkpoint(workdir, local_ray):
+    """SIGKILL of one of 2 Ray Train workers after some epochs: Ray Train (FailureConfig) starts
+    the worker group again, `fit` resumes from the last reported checkpoint, and the run ends as an
+    undisturbed one does."""
+    import signal
+    import threading
+    import time
+    from pathlib import Path
+
+    from tl_core.train.ray_runner import fit_on_ray
+
+    data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
+    cfg = TrainConfig(data=data.path, shots=20, epochs=10, workers=2, runner="ray", lr=3e-3)
+    result = {}
+    run = threading.Thread(target=lambda: result.update(fit_on_ray(cfg, run_name="killed-test")))
+    run.start()
+    run_dir = Path(workdir, "ray", "killed-test")
+    deadline = time.monotonic() + 300
+    while len(list(run_dir.glob("checkpoint_*"))) < 2 and run.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)  # epochs reported with their checkpoints
+    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout.splitlines()
+    workers = [int(line.split()[0]) for line in ps if "RayTrainWorker" in line]
+    assert run.is_alive() and len(workers) == 2, ps
+    os.kill(workers[1], signal.SIGKILL)
+    run.join(timeout=300)
+    assert result, "the run did not finish after its worker was killed"
+    m = result["metrics"]
+    assert [h["epoch"] for h in result["history"]] == list(range(10))
+    assert 1 <= m["resumed_at_epoch"] <= 9  # went on from a checkpoint, not from the start
+    undisturbed = fit_on_ray(cfg, run_name="undisturbed-test")["metrics"]
+    assert "resumed_at_epoch" not in undisturbed
+    assert abs(m["test_accuracy"] - undisturbed["test_accuracy"]) <= 0.05, (m, undisturbed)
+
+
 def test_two_workers_stream_disjoint_shares_through_ray_data(workdir, local_ray, monkeypatch):
     """A labelled set too large for memory (here: --in-memory-mb 0) streams through Ray Data: each
     worker gets its own half of the rows (get_dataset_shard), none twice, and a run started again

@@ -21,6 +21,7 @@ from tl_core.errors import UserError
 
 FORMAT = "tl-checkpoint/1"
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+CHECKSUM_SUFFIX = ".sha256"
 
 
 def to_bytes(ckpt: dict) -> bytes:
@@ -30,10 +31,28 @@ def to_bytes(ckpt: dict) -> bytes:
 
 
 def save_checkpoint(ckpt: dict, uri: str) -> str:
-    """Write the checkpoint; returns its sha256."""
+    """Write the checkpoint, and its sha256 beside it (`checkpoint.pt.sha256`, written first: the
+    checkpoint's presence means both are complete); returns the sha256."""
     data = to_bytes(ckpt)
+    digest = storage.sha256_bytes(data)
+    storage.write_bytes(uri + CHECKSUM_SUFFIX, f"{digest}  {file_name(uri)}\n".encode())
     storage.write_bytes(uri, data)
-    return storage.sha256_bytes(data)
+    return digest
+
+
+def file_name(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def verify_checksum(uri: str, data: bytes) -> None:
+    """Refuse a checkpoint whose bytes no longer match the sha256 written beside it (a flipped
+    byte, a truncated copy). Checkpoints without one (older, or from MLflow) load as they are."""
+    if not storage.exists(uri + CHECKSUM_SUFFIX):
+        return
+    expected = storage.read_bytes(uri + CHECKSUM_SUFFIX).decode(errors="replace").split()
+    if not expected or expected[0] != storage.sha256_bytes(data):
+        raise UserError(f"checkpoint {uri} is corrupt: its sha256 does not match {file_name(uri)}{CHECKSUM_SUFFIX}; "
+                        "restore it from a copy or train it again")
 
 
 def _read_mlflow(uri: str) -> bytes:
@@ -59,7 +78,9 @@ def read_checkpoint_bytes(uri: str) -> bytes:
         uri = str(Path(uri, "checkpoint.pt"))
     if not storage.exists(uri):
         raise UserError(f"checkpoint {uri} does not exist: check the path, or run `tl pretrain` to make one")
-    return storage.read_bytes(uri)
+    data = storage.read_bytes(uri)
+    verify_checksum(uri, data)
+    return data
 
 
 def load_checkpoint(uri: str) -> dict:

@@ -133,6 +133,8 @@ class TrainConfig(StepConfig):
                               "float32); a larger labelled set streams from its shards, larger pools are sampled")
     workers: int = Field(1, ge=1, description="Ray Train workers; 1 runs in this process (unless RAY_ADDRESS is set)")
     runner: Literal["auto", "local", "ray"] = "auto"
+    max_failures: int = Field(2, ge=-1, description="on Ray Train: restart the workers this many times after one "
+                              "(or its node) is lost, from the last checkpoint (-1: always)")
     use_gpu: bool | None = Field(None, description="default: use GPUs where the worker has one")
     amp: bool = Field(True, description="mixed precision on GPU")
     eval_every: int = Field(1, ge=0, description="validate every N epochs (0: only at the end)")

@@ -3,6 +3,7 @@
 Every output goes through `write_bytes`, which never leaves a half-written file for a reader:
 locally it writes a temporary file and renames it; on S3 a PUT is atomic per object. Steps
 that write several files write their manifest last, so a folder with a manifest is complete.
+Two processes making the same local output take turns (`exclusive`).
 
 S3 is reached through boto3; the endpoint comes from `AWS_ENDPOINT_URL` or
 `MLFLOW_S3_ENDPOINT_URL` (MinIO, moto, or a cluster's own store).
@@ -10,9 +11,11 @@ S3 is reached through boto3; the endpoint comes from `AWS_ENDPOINT_URL` or
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import tempfile
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -132,3 +135,18 @@ def list_files(uri: str) -> list[str]:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@contextmanager
+def exclusive(uri: str):
+    """Hold an exclusive lock on the output `uri` among this machine's processes (flock on a hidden
+    `.NAME.lock` beside it): a second identical run waits here for the first, then finds its
+    result. s3:// has no locks: there each write is atomic and the last complete one stands."""
+    if is_s3(uri):
+        yield
+        return
+    path = Path(uri.rstrip("/"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        yield

@@ -35,6 +35,7 @@ def setup() -> str:
     name = os.environ.get("TL_EXPERIMENT", EXPERIMENT)
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     location = None  # a tracking server decides where artifacts go
+    turns = contextlib.nullcontext()
     if not uri:
         # SQLite needs a local file: with an s3:// work directory it stays in ./tl-work while
         # the artifacts go to S3 beside the other outputs.
@@ -42,11 +43,14 @@ def setup() -> str:
         folder.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{folder / 'mlflow.db'}"
         location = storage.join(workdir(), "mlartifacts") if storage.is_s3(workdir()) else (folder / "mlartifacts").as_uri()
+        # Two processes opening a new SQLite store at once race in its schema migration: take turns.
+        turns = storage.exclusive(str(folder / "mlflow.db"))
     mlflow.set_tracking_uri(uri)
     try:
-        if mlflow.get_experiment_by_name(name) is None:
-            _create_experiment(name, location)
-        mlflow.set_experiment(name)
+        with turns:
+            if mlflow.get_experiment_by_name(name) is None:
+                _create_experiment(name, location)
+            mlflow.set_experiment(name)
     except Exception as err:
         raise UserError(
             f"cannot reach the MLflow tracking store {uri} ({err.__class__.__name__}: {str(err)[:160]}); "

@@ -47,19 +47,20 @@ def train(cfg: TrainConfig, on_report: Callable[[dict], None] | None = None, for
     started = time.perf_counter()
     out = output_folder(cfg)
     ckpt_uri = storage.join(out, CHECKPOINT_FILE)
-    if storage.exists(ckpt_uri) and not force:
-        return TrainResult(ckpt_uri, load_checkpoint(ckpt_uri), time.perf_counter() - started, reused=True)
-    if cfg.resolved_runner() == "local":
-        ckpt = fit(cfg, LocalSession(cfg.use_gpu, on_report))
-    else:
-        from tl_core.train.ray_runner import fit_on_ray
+    with storage.exclusive(out):  # the same run started twice at once: the second waits, then reuses
+        if storage.exists(ckpt_uri) and not force:
+            return TrainResult(ckpt_uri, load_checkpoint(ckpt_uri), time.perf_counter() - started, reused=True)
+        if cfg.resolved_runner() == "local":
+            ckpt = fit(cfg, LocalSession(cfg.use_gpu, on_report))
+        else:
+            from tl_core.train.ray_runner import fit_on_ray
 
-        # Same name, same Ray storage: an interrupted run resumes from its latest checkpoint.
-        # A forced rerun takes a new name, or it would "resume" the finished run.
-        name = out.rstrip("/").split("/")[-1] + (f"-{int(time.time())}" if force else "")
-        ckpt = fit_on_ray(cfg, run_name=name)
-    storage.write_bytes(storage.join(out, "config.json"), json.dumps(cfg.model_dump(), indent=2).encode())
-    ckpt["sha256"] = save_checkpoint(ckpt, ckpt_uri)  # the checkpoint last: its presence means done
+            # Same name, same Ray storage: an interrupted run resumes from its latest checkpoint.
+            # A forced rerun takes a new name, or it would "resume" the finished run.
+            name = out.rstrip("/").split("/")[-1] + (f"-{int(time.time())}" if force else "")
+            ckpt = fit_on_ray(cfg, run_name=name)
+        storage.write_bytes(storage.join(out, "config.json"), json.dumps(cfg.model_dump(), indent=2).encode())
+        ckpt["sha256"] = save_checkpoint(ckpt, ckpt_uri)  # the checkpoint last: its presence means done
     return TrainResult(ckpt_uri, ckpt, time.perf_counter() - started, reused=False)
 
 

@@ -216,6 +216,8 @@ def fit(cfg: TrainConfig, session) -> dict:
         "train_seconds": time.perf_counter() - started,
         "workers": session.world_size,
     }
+    if resumed is not None:  # this attempt went on from a checkpoint (a lost worker, or a run resumed by name)
+        summary["resumed_at_epoch"] = start_epoch
     if len(val_idx):
         summary.update({f"val_{k}": v for k, v in evaluate(strategy, model, [(val_x, val_y)], data.classes, device).items()})
     if session.world_size > 1:

@@ -78,6 +78,9 @@ def make_trainer(cfg: TrainConfig, run_name: str, run_workdir: str, storage_path
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             checkpoint_config=train.CheckpointConfig(num_to_keep=num_to_keep),
+            # A lost worker or node (preempted, killed, out of memory) restarts the worker group,
+            # which resumes from the last reported checkpoint (RaySession.restore).
+            failure_config=train.FailureConfig(max_failures=cfg.max_failures),
             callbacks=list(callbacks) or None,
         ),
     )

@@ -9,6 +9,7 @@ Ray Data's `get_dataset_shard` on a Ray Train worker.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import tempfile
@@ -17,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from tl_core.checkpoints import save_checkpoint
+from tl_core.checkpoints import read_checkpoint_bytes, save_checkpoint
 from tl_core.data.batches import RayDataBatches, StreamedBatches
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -111,7 +112,8 @@ def read_ray_checkpoint(ckpt) -> dict | None:
     if ckpt is None:
         return None
     with ckpt.as_directory() as folder:
-        return torch.load(Path(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        data = read_checkpoint_bytes(str(Path(folder, CHECKPOINT_FILE)))  # its sha256 checked
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def report_to_ray(report, metrics: dict, checkpoint: dict | None) -> None:

@@ -1,0 +1,34 @@
+"""Two identical runs at once in one work directory: one trains, the other waits and reuses its result."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import torch
+
+from tests import servers
+from tl_core.config import PrepareConfig, TrainConfig
+from tl_core.data import prepare
+from tl_core.train import train
+
+
+def test_two_identical_transfers_at_once_train_once(workdir):
+    """linear-probe, so the feature cache is written by one and read by the other too."""
+    data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
+    backbone = train(TrainConfig(data=data.path, epochs=1)).checkpoint_uri
+    command = [str(servers.BIN / "tl"), "transfer", "--data", data.path, "--strategy", "linear-probe",
+               "--backbone", backbone, "--shots", "10", "--epochs", "5", "--no-baseline", "--json"]
+    runs = [subprocess.Popen(command, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outs = [run.communicate(timeout=300) for run in runs]
+    for run, (out, err) in zip(runs, outs):
+        assert run.returncode == 0, err[-3000:]
+    first, second = (json.loads(out.strip().splitlines()[-1]) for out, _ in outs)
+    assert first["checkpoint"] == second["checkpoint"]
+    assert sorted([first["reused"], second["reused"]]) == [False, True]  # trained once, then reused
+    assert first["metrics"]["accuracy"] == second["metrics"]["accuracy"]
+    assert torch.load(first["checkpoint"], weights_only=True)["metrics"]["test_accuracy"] > 0.5
+    leftovers = [p for p in (workdir / "work").rglob("*.tmp")]
+    assert not leftovers, leftovers  # no half-written file of either run
