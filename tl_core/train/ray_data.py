@@ -18,6 +18,9 @@ from tl_core.data.shards import select_rows, verified_table
 
 DECODE_BATCH = 256  # images per decode task: a few MB of pixels
 DATA_CPUS = 1  # logical CPUs a streaming Ray Train run leaves to these tasks (see fit_on_ray)
+# What each task asks for: a fraction, so that tasks fit in what the workers leave on any node
+# (2 nodes of 2 CPUs, a worker of 1.5 on each: 0.5 free per node, where whole-CPU tasks waited forever).
+TASK_CPUS = 0.25
 
 
 def labelled_dataset(data: PreparedDataset, rows: Rows, augment: bool):
@@ -44,7 +47,7 @@ def labelled_dataset(data: PreparedDataset, rows: Rows, augment: bool):
                 "index": batch["index"].astype(np.int64)}
 
     ds = ray.data.read_binary_files([path for path, _ in located], filesystem=located[0][1], include_paths=True,
-                                    override_num_blocks=len(located))
+                                    override_num_blocks=len(located), ray_remote_args={"num_cpus": TASK_CPUS})
     ds = ds.randomize_block_order()  # shards in a new order each epoch
-    ds = ds.map_batches(checked_rows, batch_size=1, batch_format="pyarrow")
-    return ds.map_batches(decoded, batch_size=DECODE_BATCH, batch_format="numpy")
+    ds = ds.map_batches(checked_rows, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS)
+    return ds.map_batches(decoded, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=TASK_CPUS)
