@@ -13,6 +13,7 @@ got; here they are set against the prepared set's size.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -37,7 +38,9 @@ def tl(args: list[str], env: dict) -> dict:
 
 
 def main() -> None:
-    if sys.argv[1:] == ["--markdown"]:  # the markdown again from worker_shares.json
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--markdown", action="store_true", help="only write worker_shares.md again from its .json")
+    if parser.parse_args().markdown:
         return write_markdown(json.loads((HERE / "worker_shares.json").read_text()))
     if not MNIST.is_dir():
         sys.exit(f"error: {MNIST} is missing: this bench reads ../shared/data/mnist-test")

@@ -105,8 +105,8 @@ def replica_spread(net, session) -> float:
 
 def rows_seen(loader, session, pool_size: int) -> dict:
     """Of a streamed last epoch: the rows and the bytes of decoded images each worker trained on,
-    the seconds it waited for them, and (on Ray Data, where the loader knows which rows it got) how many rows two workers both
-    saw, which should be none."""
+    the seconds it waited for them, and (on Ray Data, where the loader knows which rows it got)
+    how many rows two workers both saw, which should be none."""
     counts = session.all_gather(torch.tensor([loader.rows_seen, loader.bytes_seen, loader.wait_seconds],
                                              dtype=torch.float64))
     out = {}
