@@ -117,3 +117,100 @@ def ray_cluster(nodes: int = 2, cpus_per_node: int = 1):
         time.sleep(2)
         subprocess.run(["pkill", "-KILL", "-f", temp_dir], capture_output=True)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+class Relay:
+    """A TCP relay in front of a server on 127.0.0.1 that a test can take down and bring back.
+
+    While it is down, connections are refused and open ones are cut, as when the endpoint of a
+    store or a tracking server restarts; the server behind keeps its state (stopping moto itself
+    would lose every object it holds). `cut_when(pattern, seconds)` takes it down the moment a
+    request containing `pattern` passes (that request is cut before it reaches the server), for
+    `seconds`, once per call: an outage in the middle of a given write or read.
+    """
+
+    def __init__(self, target_port: int):
+        import threading
+
+        self.target_port = target_port
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.outages: list[bytes] = []  # the patterns that took it down, in order
+        self._triggers: list[tuple[bytes, float]] = []
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self.up()
+
+    def up(self) -> None:
+        import threading
+
+        with self._lock:
+            if self._listener is not None:
+                return
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", self.port))
+            listener.listen(64)
+            self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self, seconds: float | None = None) -> None:
+        """Refuse and cut connections; back up after `seconds` (None: until `up()`)."""
+        import threading
+
+        with self._lock:
+            listener, self._listener = self._listener, None
+            connections, self._open = self._open, []
+        for sock in ([listener] if listener else []) + connections:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept() or recv()
+            sock.close()
+        if seconds is not None:
+            threading.Timer(seconds, self.up).start()
+
+    def cut_when(self, pattern: bytes, seconds: float) -> None:
+        with self._lock:
+            self._triggers.append((pattern, seconds))
+
+    def _accept(self, listener: socket.socket) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # taken down
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, requests: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if requests and self._triggered(data):
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def _triggered(self, data: bytes) -> bool:
+        with self._lock:
+            hit = next((t for t in self._triggers if t[0] in data), None)
+            if hit is None:
+                return False
+            self._triggers.remove(hit)
+            self.outages.append(hit[0])
+        self.down(hit[1])
+        return True

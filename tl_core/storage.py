@@ -6,7 +6,9 @@ that write several files write their manifest last, so a folder with a manifest 
 Two processes making the same local output take turns (`exclusive`).
 
 S3 is reached through boto3; the endpoint comes from `AWS_ENDPOINT_URL` or
-`MLFLOW_S3_ENDPOINT_URL` (MinIO, moto, or a cluster's own store).
+`MLFLOW_S3_ENDPOINT_URL` (MinIO, moto, or a cluster's own store). While the endpoint cannot be
+reached (a restarting MinIO, a network blip) every request is retried with backoff for up to
+`TL_S3_OUTAGE_SECONDS` (default 60), then fails with one clear error.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import fcntl
 import hashlib
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -57,6 +60,44 @@ def s3_client():
     return _s3_client(s3_endpoint())
 
 
+S3_OUTAGE_SECONDS = 60.0  # how long an unreachable endpoint is waited for; TL_S3_OUTAGE_SECONDS overrides
+# Answers of a store that is up but cannot serve yet (MinIO starting, S3 throttling): worth waiting for.
+_BUSY = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"}
+
+
+def outage_seconds() -> float:
+    return float(os.environ.get("TL_S3_OUTAGE_SECONDS", S3_OUTAGE_SECONDS))
+
+
+def _unreachable(err: Exception) -> bool:
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    if isinstance(err, ClientError):
+        return err.response.get("Error", {}).get("Code") in _BUSY
+    return isinstance(err, (ConnectionError, HTTPClientError))  # refused, reset, timed out, cut mid-body
+
+
+def _s3_call(uri: str, request):
+    """`request()` against S3; while the endpoint is unreachable, again after 0.5, 1, 2, 4, 8, 8... s
+    until `outage_seconds()` have passed, then a UserError naming the endpoint. boto3's own retries
+    (3 attempts) sit inside each call; this outer loop rides out an outage of seconds to a minute."""
+    deadline = time.monotonic() + outage_seconds()
+    pause = 0.5
+    while True:
+        try:
+            return request()
+        except Exception as err:
+            if not _unreachable(err):
+                raise _s3_error(uri, err) from err
+            if time.monotonic() + pause > deadline:
+                raise UserError(
+                    f"cannot reach {uri}: the S3 endpoint {s3_endpoint() or '(AWS)'} did not answer for "
+                    f"{outage_seconds():.0f} s ({err.__class__.__name__}); start it or fix AWS_ENDPOINT_URL, then run "
+                    "again (TL_S3_OUTAGE_SECONDS sets how long to wait)") from err
+            time.sleep(pause)
+            pause = min(2 * pause, 8.0)
+
+
 def _s3_error(uri: str, err: Exception) -> UserError:
     return UserError(
         f"cannot reach {uri}: {err.__class__.__name__}: {err}. Check the bucket name, the credentials "
@@ -69,25 +110,24 @@ def exists(uri: str) -> bool:
         from botocore.exceptions import ClientError
 
         bucket, key = split_s3(uri)
-        try:
-            s3_client().head_object(Bucket=bucket, Key=key)
-            return True
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise _s3_error(uri, err) from err
-        except Exception as err:  # endpoint down, bad credentials
-            raise _s3_error(uri, err) from err
+
+        def head() -> bool:
+            try:
+                s3_client().head_object(Bucket=bucket, Key=key)
+                return True
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+
+        return _s3_call(uri, head)
     return Path(uri).exists()
 
 
 def read_bytes(uri: str) -> bytes:
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        try:
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-        except Exception as err:
-            raise _s3_error(uri, err) from err
+        return _s3_call(uri, lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
     path = Path(uri)
     if not path.is_file():
         raise UserError(f"{uri} does not exist: check the path")
@@ -98,10 +138,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     """Write atomically: a reader sees the old file or the new one, never half of it."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        try:
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
-        except Exception as err:
-            raise _s3_error(uri, err) from err
+        _s3_call(uri, lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data))
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,12 +157,12 @@ def list_files(uri: str) -> list[str]:
     if is_s3(uri):
         bucket, prefix = split_s3(uri)
         prefix = prefix.rstrip("/") + "/" if prefix else ""
-        keys = []
-        try:
-            for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-                keys += [obj["Key"][len(prefix) :] for obj in page.get("Contents", [])]
-        except Exception as err:
-            raise _s3_error(uri, err) from err
+
+        def listing() -> list[str]:
+            pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            return [obj["Key"][len(prefix) :] for page in pages for obj in page.get("Contents", [])]
+
+        keys = _s3_call(uri, listing)
         return sorted(k for k in keys if k and not k.endswith("/"))
     root = Path(uri)
     if not root.is_dir():

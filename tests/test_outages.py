@@ -1,0 +1,76 @@
+"""Issue 14, faults 3 and 4: the S3 endpoint and the MLflow tracking server go away mid-run.
+
+Each server sits behind a `servers.Relay` that the test takes down the moment a given request
+passes (that request is cut), so the outage falls inside the write or read it is about. Short
+outages are ridden out by bounded retries; long ones end in one `error:` line, with nothing
+half-written read as complete and the finished work kept for the rerun.
+"""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import urlparse
+
+import boto3
+import pytest
+
+from tests import servers
+from tests.conftest import tl_error, tl_json
+from tl_core import storage
+from tl_core.data import load_prepared
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def s3_relay(s3_endpoint, monkeypatch, tmp_path):
+    """AWS_ENDPOINT_URL through a relay to the session's moto server, a fresh bucket, and a
+    work directory in it (the SQLite MLflow store stays local, in tmp_path/tl-work)."""
+    relay = servers.Relay(urlparse(s3_endpoint).port)
+    bucket = f"outage-{time.time_ns()}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", relay.url)
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", relay.url)  # MLflow caches its S3 client by this one
+    monkeypatch.setenv("TL_WORKDIR", f"s3://{bucket}/work")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    relay.bucket = bucket
+    yield relay
+    relay.down()
+
+
+def test_s3_down_during_prepare_write_is_ridden_out(s3_relay):
+    s3_relay.cut_when(b"PUT /" + s3_relay.bucket.encode() + b"/work/data/", 10)
+    start = time.monotonic()
+    summary = tl_json("prepare", "sklearn:digits")
+    assert s3_relay.outages, "the outage never happened: the test proves nothing"
+    assert time.monotonic() - start >= 10
+    data = load_prepared(summary["path"])
+    assert len(data.split("train")[1]) == summary["train_images"]  # every shard reads, its sha256 checked
+
+
+def test_s3_that_stays_down_fails_clearly_and_nothing_half_written_is_read(s3_relay, monkeypatch):
+    monkeypatch.setenv("TL_S3_OUTAGE_SECONDS", "4")
+    s3_relay.cut_when(b"PUT /" + s3_relay.bucket.encode() + b"/work/data/", 3600)
+    start = time.monotonic()
+    error = tl_error("prepare", "sklearn:digits")
+    assert time.monotonic() - start < 60
+    assert "did not answer for 4 s" in error and s3_relay.url in error, error
+    s3_relay.up()
+    written = storage.list_files(f"s3://{s3_relay.bucket}/work/data")
+    assert not [name for name in written if name.endswith("manifest.json")], written  # the manifest is written last
+    summary = tl_json("prepare", "sklearn:digits")  # the rerun completes it
+    assert not summary["reused"] and load_prepared(summary["path"]).manifest["hash"] == summary["hash"]
+
+
+def test_s3_down_while_training_reads_data_and_stores_its_checkpoint(s3_relay):
+    data = tl_json("prepare", "sklearn:digits")["path"]
+    s3_relay.cut_when(b"/shards/", 8)  # a shard read while streaming (--in-memory-mb 0)
+    s3_relay.cut_when(b"PUT /" + s3_relay.bucket.encode() + b"/work/models/", 8)  # the checkpoint upload
+    summary = tl_json("transfer", "--data", data, "--strategy", "scratch", "--shots", "10", "--epochs", "2",
+                      "--in-memory-mb", "0", "--no-baseline")
+    assert len(s3_relay.outages) == 2, s3_relay.outages
+    assert summary["checkpoint"].startswith(f"s3://{s3_relay.bucket}/work/models/")
+    assert summary["metrics"]["accuracy"] > 0.3
+    assert storage.exists(summary["checkpoint"] + ".sha256")
