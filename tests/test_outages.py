@@ -74,3 +74,66 @@ def test_s3_down_while_training_reads_data_and_stores_its_checkpoint(s3_relay):
     assert summary["checkpoint"].startswith(f"s3://{s3_relay.bucket}/work/models/")
     assert summary["metrics"]["accuracy"] > 0.3
     assert storage.exists(summary["checkpoint"] + ".sha256")
+
+
+# -- the MLflow tracking server ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mlflow_server_url(s3_endpoint, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("mlflow-outage")
+    servers.make_bucket(s3_endpoint, "mlflow-outage")
+    with servers.mlflow_server(logs, s3_endpoint, "mlflow-outage") as url:
+        yield url
+
+
+@pytest.fixture
+def tracking_relay(mlflow_server_url, workdir, monkeypatch):
+    """MLFLOW_TRACKING_URI through a relay to a real `mlflow server`, a local work directory."""
+    relay = servers.Relay(urlparse(mlflow_server_url).port)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", relay.url)
+    yield relay
+    relay.down()
+
+
+TRANSFER = ("--strategy", "scratch", "--shots", "10", "--epochs", "3", "--no-baseline")
+
+
+def test_mlflow_server_restart_mid_run_is_ridden_out(tracking_relay):
+    import mlflow
+
+    data = tl_json("prepare", "sklearn:digits")["path"]
+    tracking_relay.cut_when(b"train_loss", 6)  # the epochs' metrics, logged once training is done
+    summary = tl_json("transfer", "--data", data, *TRANSFER)
+    assert tracking_relay.outages, "the outage never happened: the test proves nothing"
+    assert len(mlflow.MlflowClient().get_metric_history(summary["run_id"], "train_loss")) == 3
+
+
+def test_mlflow_server_down_mid_run_fails_clearly_and_the_rerun_reuses_the_training(tracking_relay, workdir):
+    data = tl_json("prepare", "sklearn:digits")["path"]
+    tracking_relay.cut_when(b"train_loss", 3600)  # after training
+    start = time.monotonic()
+    error = tl_error("transfer", "--data", data, *TRANSFER)
+    assert time.monotonic() - start < 120
+    assert f"the MLflow tracking server {tracking_relay.url} stopped answering" in error, error
+    kept = list((workdir / "models").rglob("checkpoint.pt"))
+    assert len(kept) == 1, kept  # training is not lost
+    tracking_relay.up()
+    summary = tl_json("transfer", "--data", data, *TRANSFER)
+    assert summary["reused"] and summary["checkpoint"] == str(kept[0])
+
+
+def test_mlflow_server_down_at_register_leaves_no_version_and_the_rerun_registers(tracking_relay):
+    import mlflow
+
+    data = tl_json("prepare", "sklearn:digits")["path"]
+    checkpoint = tl_json("transfer", "--data", data, *TRANSFER)["checkpoint"]
+    name = f"outage-{time.time_ns()}"
+    tracking_relay.cut_when(b"MLmodel", 3600)  # while the model's files are uploaded
+    error = tl_error("register", "--checkpoint", checkpoint, "--name", name, "--data", data)
+    assert tracking_relay.outages and "MLflow" in error, error
+    tracking_relay.up()
+    assert mlflow.MlflowClient().search_model_versions(f"name='{name}'") == []  # none without its artifacts
+    summary = tl_json("register", "--checkpoint", checkpoint, "--name", name, "--data", data)
+    assert summary["version"] == 1 and not summary["reused"]
+    assert mlflow.pyfunc.load_model(f"models:/{name}/1").metadata.metadata["classes"]

@@ -21,8 +21,10 @@ MAX_PARAM_LENGTH = 500
 
 
 def _bounded_retries() -> None:
-    # MLflow retries an unreachable server for minutes by default; fail in seconds instead.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    # MLflow retries an unreachable server for minutes by default (7 retries, backoff factor 2).
+    # 4 retries with factor 1 wait 0 + 2 + 4 + 8 s (plus jitter): a server that restarts within
+    # about 10 s is ridden out, one that stays down fails in under half a minute.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "4")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
@@ -82,16 +84,42 @@ def flat_params(config: dict, prefix: str = "") -> dict:
     return out
 
 
+def server_unreachable(err: BaseException) -> bool:
+    """Whether `err` (or what caused it) is the tracking server not answering, after MLflow's retries."""
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import ConnectionError, Timeout
+
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, (ConnectionError, Timeout)):
+            return True
+        # What MLflow's REST client raises once its retries are spent.
+        if isinstance(err, MlflowException) and ("Max retries exceeded" in err.message or "timed out" in err.message):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
 @contextlib.contextmanager
 def run(name: str, params: dict | None = None, tags: dict | None = None):
-    """Start an MLflow run (nested under the active one, if any)."""
+    """Start an MLflow run (nested under the active one, if any). If the tracking server stops
+    answering inside it, the step ends with one error line; what it already stored (checkpoints,
+    prepared data) stays, and the same command run again later reuses it."""
     import mlflow
 
-    setup()
-    with mlflow.start_run(run_name=name, nested=mlflow.active_run() is not None, tags=tags or {}) as active:
-        if params:
-            mlflow.log_params(flat_params(params))
-        yield active
+    uri = setup()
+    try:
+        with mlflow.start_run(run_name=name, nested=mlflow.active_run() is not None, tags=tags or {}) as active:
+            if params:
+                mlflow.log_params(flat_params(params))
+            yield active
+    except Exception as err:
+        if isinstance(err, UserError) or not server_unreachable(err):
+            raise  # an error line already (from this run or one nested in it), or not the server
+        raise UserError(
+            f"the MLflow tracking server {uri} stopped answering during {name!r}; what this step stored is kept: "
+            "run the same command again when the server is back, and finished work is reused"
+        ) from err
 
 
 def log_metrics(metrics: dict, step: int | None = None) -> None:
