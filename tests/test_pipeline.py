@@ -25,6 +25,11 @@ FAST = ["--pretrain-epochs", "1", "--epochs", "10"]
 SPACE = json.dumps({"lr": {"choice": [0.001, 0.003]}})
 
 
+# Credentials as a deployment sets them (unused here: local store, local files), to prove none leaks.
+FAKE_SECRETS = {"AWS_ACCESS_KEY_ID": "AKIATLFAKEKEY0000001", "AWS_SECRET_ACCESS_KEY": "tlFakeSecretKey0wJalrXUtnFEMI",
+                "MLFLOW_TRACKING_TOKEN": "tlFakeMlflowToken0dapi123", "MLFLOW_TRACKING_PASSWORD": "tlFakeMlflowPassword0"}
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """One TL_WORKDIR (data, checkpoints, the SQLite MLflow store) for the module, so later runs
@@ -35,6 +40,8 @@ def work(tmp_path_factory):
     mp.setenv("RAY_AUTH_MODE", "disabled")
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
     mp.delenv("RAY_ADDRESS", raising=False)
+    for name, value in FAKE_SECRETS.items():  # grepped for after the runs (test_no_credential_...)
+        mp.setenv(name, value)
     yield root
     mp.undo()
 
@@ -143,8 +150,10 @@ def test_compiled_pipeline_has_the_expected_dag(tmp_path):
 
 @pytest.fixture(scope="module")
 def first_run(work):
-    """The embedded default end to end, with the HPO branch (a search space)."""
-    return tl_json("pipeline", "run", "--local", *FAST, "--search-space", SPACE, "--num-samples", 2)
+    """The embedded default end to end, with the HPO branch (a search space); `log` is all it printed."""
+    result = tl("pipeline", "run", "--local", *FAST, "--search-space", SPACE, "--num-samples", 2, "--json")
+    assert result.exit_code == 0, result.output[-5000:]
+    return {**json.loads(result.stdout.strip().splitlines()[-1]), "log": result.output}
 
 
 @pytest.mark.slow
@@ -167,6 +176,27 @@ def test_local_run_registers_and_promotes_a_champion(first_run):
     name = first_run["arguments"]["model_name"]
     assert aliases(name)["champion"] == 1
     assert mlflow_client().get_model_version(name, "1").tags["tl.promotion.decision"] == "promoted"
+
+
+@pytest.mark.slow
+def test_no_credential_leaks_into_tracking_logs_or_the_pipeline(first_run, work, tmp_path):
+    """Issue 14, security: with credentials in the environment, none of them shows up in MLflow's
+    params and tags, the run's log, the KFP arguments and step outputs, or the compiled YAML."""
+    compiled = tmp_path / "pipeline.yaml"
+    tl_json("pipeline", "compile", "--output", compiled)
+    client = mlflow_client()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+    assert len(runs) >= 10  # prepare, pretrain, tune and its trials, transfer, scratch, evaluate, register...
+    tracked = json.dumps([[r.data.params, r.data.tags] for r in runs])
+    places = {"MLflow params and tags": tracked, "the run's log": first_run["log"],
+              "the KFP arguments": json.dumps(first_run["arguments"]), "the compiled pipeline": compiled.read_text()}
+    # Every file the runs wrote: the SQLite store, MLflow's artifacts, kfp.local's step outputs and logs.
+    for path in (work / "work").rglob("*"):
+        if path.is_file():
+            places[str(path)] = path.read_bytes().decode("latin-1")
+    assert len(places) > 50
+    leaks = [(secret, where) for where, text in places.items() for secret in FAKE_SECRETS.values() if secret in text]
+    assert not leaks, leaks
 
 
 @pytest.mark.slow
