@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copyreg
 import logging
 import os
 
@@ -62,6 +63,17 @@ def cluster_cpus_and_gpus() -> tuple[int, int]:
     return int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
 
 
+S3_ATTEMPTS = 8  # with the AWS SDK's backoff: an endpoint down for about half a minute is ridden out
+# (measured here against a closed port: 3 attempts gave up after 2 s, 8 after 30-120 s, 10 after 95 s)
+
+
+def s3_filesystem(options: dict):
+    """A pyarrow S3FileSystem with `options` and tl's retries, as tl_core.storage's own requests have."""
+    import pyarrow.fs
+
+    return pyarrow.fs.S3FileSystem(**options, retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(S3_ATTEMPTS))
+
+
 def storage_for(uri: str):
     """(storage_path, storage_filesystem) for Ray's RunConfig: local folders must be absolute;
     s3:// uses the endpoint from the environment (MinIO, moto) through pyarrow."""
@@ -75,14 +87,10 @@ def storage_for(uri: str):
     import pyarrow.fs
 
     scheme, _, host = endpoint.partition("://")
-    # 8 attempts with the AWS SDK's backoff ride out an endpoint that is down for about half a
-    # minute (measured: 3 attempts gave up in 2 s, 10 in 95 s), like tl_core.storage's own requests.
-    # That holds in this process; the copy pickled to Ray's workers loses the retry strategy
-    # (pyarrow does not pickle it), and there Ray Data retries failed reads itself
-    # (DataContext.retried_io_errors) and a failed checkpoint upload fails the worker, which
-    # FailureConfig restarts from the last stored checkpoint.
-    fs = pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme or "https",
-                                 region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-                                 retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=8),
-                                 connect_timeout=5, request_timeout=60)
+    fs = s3_filesystem({"endpoint_override": host, "scheme": scheme or "https", "connect_timeout": 5,
+                        "request_timeout": 60, "region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")})
+    # pyarrow pickles an S3FileSystem without its retry strategy: Ray's TrainController, its
+    # workers and Ray Data's tasks would get 3 attempts (2 s) and fail a run on the first blip of
+    # the endpoint (ray#47939). Pickled from here, it is rebuilt through s3_filesystem, retries kept.
+    copyreg.pickle(pyarrow.fs.S3FileSystem, lambda fs: (s3_filesystem, (fs.__reduce__()[1][0],)))
     return uri[len("s3://"):], fs

@@ -233,14 +233,16 @@ def run_search(cfg: SearchConfig, on_trial: Listener | None = None) -> dict:
         _listener = None
 
     # A trial that ended on its own or by the scheduler's decision has a last result marked done;
-    # one cut short by an interruption has not (Tune stops it too, but it resumes next time).
+    # one cut short by an interruption has not (Tune stops it too, but it resumes next time). One
+    # that ran all its epochs has ended too: killed between its last epoch and Tune's record of
+    # its end, it resumes from its last checkpoint with nothing left to train and reports nothing.
+    trials = [describe(result, list(specs)) for result in results]
     expected = trial_count(cfg, specs)
-    ended = sum(1 for r in results if r.error is not None or (r.metrics or {}).get("done"))
+    ended = sum(1 for r, t in zip(results, trials) if t.status != "stopped" or (r.metrics or {}).get("done"))
     if ended < expected:
         raise SearchInterrupted(f"the search {name} stopped with {ended} of {expected} trials finished: run it again "
                                 "with --resume to finish it (finished trials are kept)")
 
-    trials = [describe(result, list(specs)) for result in results]
     best = pick_best(trials, cfg.metric, cfg.resolved_mode())
     best_result = next(r for r, t in zip(results, trials) if t is best)
     best_config = TrainConfig(**best.config)
