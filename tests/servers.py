@@ -91,6 +91,9 @@ def make_bucket(endpoint: str, bucket: str) -> None:
                  region_name="us-east-1").create_bucket(Bucket=bucket)
 
 
+ADD_RAY_NODE: dict = {}  # address of a running ray_cluster -> a function that joins one more node to it
+
+
 @contextlib.contextmanager
 def ray_cluster(nodes: int = 2, cpus_per_node: int = 1):
     """`ray start --head` plus `nodes - 1` nodes joined with `ray start --address`; yields the
@@ -105,14 +108,21 @@ def ray_cluster(nodes: int = 2, cpus_per_node: int = 1):
     env.pop("RAY_ADDRESS", None)
     ray = str(BIN / "ray")
     common = [f"--num-cpus={cpus_per_node}", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    address = f"127.0.0.1:{port}"
+
+    def add_node() -> None:  # also a node that replaces a lost one, as KubeRay does
+        subprocess.run([ray, "start", f"--address={address}", *common], check=True, env=env, capture_output=True,
+                       timeout=120)
+
     try:
         subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
                        check=True, env=env, capture_output=True, timeout=120)
         for _ in range(nodes - 1):
-            subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", *common],
-                           check=True, env=env, capture_output=True, timeout=120)
-        yield f"127.0.0.1:{port}"
+            add_node()
+        ADD_RAY_NODE[address] = add_node
+        yield address
     finally:
+        ADD_RAY_NODE.pop(address, None)
         subprocess.run(["pkill", "-TERM", "-f", temp_dir], capture_output=True)
         time.sleep(2)
         subprocess.run(["pkill", "-KILL", "-f", temp_dir], capture_output=True)
