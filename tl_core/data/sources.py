@@ -23,7 +23,9 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +142,12 @@ def as_uint8_images(x: np.ndarray, what: str) -> np.ndarray:
         x = x.transpose(0, 3, 1, 2)
     if x.ndim != 4:
         raise UserError(f"{what}: images must be N x H x W or N x H x W x C, got shape {x.shape}")
+    if x.shape[1] not in (1, 3, 4):
+        raise UserError(f"{what}: images must have 1, 3 or 4 channels (grey, RGB, RGBA), got shape {x.shape}")
+    if 0 in x.shape[2:]:
+        raise UserError(f"{what}: images of shape {x.shape[1:]} have no pixels")
+    if x.dtype.kind not in "biuf":
+        raise UserError(f"{what}: images must be arrays of numbers, not {x.dtype}")
     if x.dtype == np.uint8:
         return np.ascontiguousarray(x)
     x = x.astype(np.float32)
@@ -164,14 +172,55 @@ def read_sklearn(name: str) -> RawData:
     )
 
 
+# -- archives (Omniglot zips, npz files): read whole, in memory, never extracted ----------------
+READABLE_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+BOMB_RATIO = 200  # a member that expands more than this many times (and past BOMB_BYTES) is a zip bomb;
+BOMB_BYTES = 64 * 2**20  # images and arrays of real data compress a few times, zeros a thousand
+
+
+def check_archive(archive: zipfile.ZipFile, where: str) -> None:
+    """Refuse, before reading a byte of it, what no dataset archive holds: member paths that climb
+    out of the archive (zip-slip: tl never extracts, but such an archive was made to attack),
+    encrypted members or compression Python cannot read, and zip bombs (a member expanding far
+    beyond its compressed size, or more in all than half this machine's memory: tl reads these
+    archives whole)."""
+    total = 0
+    for info in archive.infolist():
+        name, parts = info.filename, info.filename.replace("\\", "/").split("/")
+        if name.startswith(("/", "\\")) or ".." in parts or parts[0].endswith(":"):
+            raise UserError(f"{where}: member {name!r} has a path outside the archive (a zip-slip attack); tl "
+                            "refuses such archives: rebuild it with relative paths")
+        if info.flag_bits & 0x1:
+            raise UserError(f"{where}: member {name!r} is encrypted; give an archive without a password")
+        if info.compress_type not in READABLE_METHODS:
+            raise UserError(f"{where}: member {name!r} is compressed with method {info.compress_type}, which tl cannot "
+                            "read; rebuild the archive with deflate")
+        if info.file_size > BOMB_BYTES and info.file_size > BOMB_RATIO * max(info.compress_size, 1):
+            raise UserError(f"{where}: member {name!r} expands {info.file_size // max(info.compress_size, 1)}-fold to "
+                            f"{info.file_size / 2**20:.0f} MB (a zip bomb); tl refuses it")
+        total += info.file_size
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if total > memory // 2:
+        raise UserError(f"{where} expands to {total / 2**30:.1f} GB, more than half this machine's memory "
+                        f"({memory / 2**30:.1f} GB), and is read whole: split it, or use idx: or imagefolder:, which stream")
+
+
+def read_member(archive: zipfile.ZipFile, name: str, where: str) -> bytes:
+    """A member's bytes; a damaged member (bad CRC, broken deflate stream, cut short) is named."""
+    import zlib
+
+    try:
+        return archive.read(name)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
+        raise UserError(f"{where}: member {name!r} is damaged ({err}); download the archive again") from None
+
+
 def read_omniglot(location: str) -> RawData:
     """Omniglot's handwritten characters: one class per `<alphabet>/<character>` folder.
 
     The drawings are black strokes on white; they are inverted to bright strokes on black, as
     MNIST's digits are. Few-shot use holds out whole characters: `tl prepare --test-split classes`.
     """
-    import zipfile
-
     if not storage.exists(location):
         raise UserError(f"omniglot:{location}: no such file; give the path of an Omniglot zip such as "
                         "images_background_small1.zip")
@@ -179,6 +228,7 @@ def read_omniglot(location: str) -> RawData:
         archive = zipfile.ZipFile(io.BytesIO(storage.read_bytes(location)))
     except zipfile.BadZipFile as err:
         raise UserError(f"omniglot:{location} is not a zip file ({err}): give an Omniglot zip") from None
+    check_archive(archive, f"omniglot:{location}")
     by_class: dict[str, list[str]] = {}
     for name in archive.namelist():
         parts = name.split("/")
@@ -190,7 +240,12 @@ def read_omniglot(location: str) -> RawData:
     images, labels = [], []
     for label, name in enumerate(classes):
         for member in sorted(by_class[name]):
-            images.append(255 - _decode_image(archive.read(member), f"{location}:{member}"))
+            image = _decode_image(read_member(archive, member, f"omniglot:{location}"), f"{location}:{member}")
+            if images and image.shape != images[0].shape:  # Omniglot's drawings are all 105 x 105 px
+                raise UserError(f"omniglot:{location}: {member} is {image.shape[2]} x {image.shape[1]} px with "
+                                f"{image.shape[0]} channel(s), the images before it {images[0].shape[2]} x "
+                                f"{images[0].shape[1]} with {images[0].shape[0]}: give a zip of images of one size")
+            images.append(255 - image)
             labels.append(label)
     return RawData(np.stack(images), np.asarray(labels, dtype=np.int64), classes)
 
@@ -205,21 +260,36 @@ def read_fonts(name: str) -> RawData:
     return RawData(train_x=x, train_y=y, classes=list(charsets[name]))
 
 
+MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb limit: no image tl reads is larger
+READ_BYTES = 64 * 2**20  # an IDX file is read at most this much at a time
+
+
 class IdxFile:
     """One IDX file (gzip or not), read front to back in chunks: its header first, then
     `records(rows)` yields the sorted rows' records, never holding more than a chunk."""
 
     def __init__(self, path: Path):
         self.path = path
-        with self._open() as f:
-            head = f.read(4)
-            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
-                raise UserError(f"{path} is not an IDX file of unsigned bytes; expected MNIST's IDX format")
-            self.dims = [int.from_bytes(f.read(4), "big") for _ in range(head[3])]
-        self.offset = 4 + 4 * len(self.dims)
-        self.record = int(np.prod(self.dims[1:])) if len(self.dims) > 1 else 1
-        if not self.dims or self.dims[0] * self.record > 2**40:
-            raise UserError(f"{path}: its header declares dimensions {self.dims}, which no IDX file has; download it again")
+        try:
+            with self._open() as f:
+                head = f.read(4)
+                if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
+                    raise UserError(f"{path} is not an IDX file of unsigned bytes; expected MNIST's IDX format")
+                header = f.read(4 * head[3])
+        except (OSError, EOFError) as err:  # not gzip after all, a damaged stream, a symlink loop
+            raise UserError(f"{path} cannot be read as an IDX file ({err}); download it again") from None
+        if len(header) < 4 * head[3]:
+            raise UserError(f"{path} is truncated inside its header; download it again")
+        self.dims = [int.from_bytes(header[i : i + 4], "big") for i in range(0, len(header), 4)]
+        self.offset = 4 + len(header)
+        self.record = math.prod(self.dims[1:])
+        # A header is trusted only as far as the file bears it out: a few bytes may declare terabytes.
+        if not self.dims or 0 in self.dims[1:] or self.record > 4 * MAX_PIXELS:
+            raise UserError(f"{path}: its header declares dimensions {self.dims}, which no IDX file of images has; "
+                            "download it again")
+        if path.suffix != ".gz" and path.stat().st_size < self.offset + self.dims[0] * self.record:
+            raise UserError(f"{path} is truncated: its header declares {self.dims} ({self.offset + self.dims[0] * self.record} "
+                            f"bytes), the file has {path.stat().st_size}; download it again")
 
     def _open(self):
         if self.path.suffix != ".gz":
@@ -229,6 +299,7 @@ class IdxFile:
     def records(self, rows: np.ndarray, chunk: int = CHUNK) -> Iterator[np.ndarray]:
         """The records of the sorted `rows`, `chunk` rows of the file at a time."""
         n = self.dims[0]
+        chunk = max(1, min(chunk, READ_BYTES // self.record))  # large records: fewer per read
         try:
             with self._open() as f:
                 f.seek(self.offset)  # gzip files seek forward by decompressing
@@ -256,6 +327,8 @@ def _idx_pairs(folder: str) -> dict[str, tuple[IdxFile, np.ndarray]]:
     """{split: (its images file, its labels)}: MNIST names its splits train and t10k; with one pair
     only, that is the train split (prepare makes the test split)."""
     root = Path(folder)
+    if root.is_file():
+        raise UserError(f"idx:{folder} is a file; point idx: at the folder that holds the IDX files")
     if not root.is_dir():
         raise UserError(f"idx:{folder}: folder does not exist; point it at the folder with the IDX files")
     pairs = {}
@@ -267,6 +340,8 @@ def _idx_pairs(folder: str) -> dict[str, tuple[IdxFile, np.ndarray]]:
         x, y = IdxFile(images), IdxFile(labels[0]).read_all().astype(np.int64).reshape(-1)
         if len(x.dims) not in (3, 4):
             raise UserError(f"idx:{folder}: {images.name} holds {len(x.dims) - 1}-dimensional records, not images")
+        if x.dims[0] == 0:
+            raise UserError(f"idx:{folder}: {images.name} holds no images")
         if x.dims[0] != len(y):
             raise UserError(f"idx:{folder}: {x.dims[0]} images but {len(y)} labels in {prefix}")
         pairs[prefix] = (x, y)
@@ -309,36 +384,90 @@ def read_idx(folder: str) -> RawData:
     return RawData(*arrays["train"], _idx_classes({s: y for s, (_, y) in arrays.items()}), *test)
 
 
-def read_npz(file: str) -> RawData:
-    path = Path(file)
-    if not path.is_file():
-        raise UserError(f"npz:{file}: file does not exist; check the path")
+def as_labels(y: np.ndarray, what: str) -> np.ndarray:
+    """Labels as int64 class ids; text, fractions, NaN or objects are refused, not cast to garbage."""
+    y = np.asarray(y).reshape(-1)
+    whole = y.dtype.kind in "biu" or (y.dtype.kind == "f" and bool(np.isfinite(y).all()) and bool((y == np.round(y)).all()))
+    if not whole:
+        raise UserError(f"{what}: labels must be whole numbers (class ids 0, 1, ...), got {y.dtype} values such as "
+                        f"{y[:3].tolist()}; map them to ids and list the names in a `classes` array")
+    return y.astype(np.int64)
+
+
+def read_npz_arrays(path: Path, where: str) -> dict[str, np.ndarray]:
+    """The arrays of an .npz. Each .npy header is checked against its member's size before it is read:
+    np.load allocates whatever a header declares (a terabyte in a 1 kB file) before finding it is not there."""
     try:
-        arrays = np.load(path, allow_pickle=False)
-        keys = set(arrays.files)
-    except Exception as err:
-        raise UserError(f"npz:{file} is not a readable .npz file ({err})") from err
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise UserError(f"{where} is not a readable .npz file ({err}); save it with numpy.savez") from None
+    arrays = {}
+    with archive:
+        check_archive(archive, where)
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            name = info.filename[: -len(".npy")]
+            try:
+                with archive.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read_header(f)
+                    held = info.file_size - f.tell()
+                if dtype.hasobject:
+                    raise UserError(f"{where}: array {name!r} holds Python objects, which tl does not unpickle; "
+                                    "save arrays of numbers")
+                declared = math.prod(shape) * dtype.itemsize
+                if declared != held:
+                    raise UserError(f"{where}: array {name!r} declares shape {shape} of {dtype} ({declared} bytes) but "
+                                    f"holds {held} bytes; save it again")
+                with archive.open(info) as f:
+                    arrays[name] = np.lib.format.read_array(f, allow_pickle=False)
+            except (ValueError, EOFError, OSError, zipfile.BadZipFile) as err:
+                raise UserError(f"{where}: array {name!r} cannot be read ({err}); save it again") from None
+    return arrays
+
+
+def read_npz(file: str) -> RawData:
+    path, where = Path(file), f"npz:{file}"
+    if path.is_dir():
+        raise UserError(f"{where} is a folder; give the path of an .npz file")
+    if not path.is_file():
+        raise UserError(f"{where}: file does not exist; check the path")
+    arrays = read_npz_arrays(path, where)
+    keys = set(arrays)
     if {"x_train", "y_train"} <= keys:
         x, y = arrays["x_train"], arrays["y_train"]
         tx, ty = (arrays["x_test"], arrays["y_test"]) if {"x_test", "y_test"} <= keys else (None, None)
     elif {"x", "y"} <= keys:
         x, y, tx, ty = arrays["x"], arrays["y"], None, None
     else:
-        raise UserError(f"npz:{file} must hold x_train/y_train[/x_test/y_test] or x/y; it has {sorted(keys)}")
-    y = np.asarray(y).astype(np.int64).reshape(-1)
-    ty = None if ty is None else np.asarray(ty).astype(np.int64).reshape(-1)
+        raise UserError(f"{where} must hold x_train/y_train[/x_test/y_test] or x/y; it has {sorted(keys)}")
+    y = as_labels(y, where)
+    ty = None if ty is None else as_labels(ty, where)
+    if not y.size:
+        raise UserError(f"{where} holds no images")
     if "classes" in keys:
         classes = [str(c) for c in arrays["classes"]]
     else:
-        top = int(max(y.max(), ty.max() if ty is not None else 0))
+        top = int(max(y.max(), ty.max() if ty is not None and ty.size else 0))
         classes = [str(i) for i in range(top + 1)]
     return RawData(
-        as_uint8_images(x, f"npz:{file}"), y, classes,
-        None if tx is None else as_uint8_images(tx, f"npz:{file}"), ty,
+        as_uint8_images(x, where), y, classes,
+        None if tx is None else as_uint8_images(tx, where), ty,
     )
 
 
 GREY_MODES = ("1", "L", "I", "I;16", "F")
+
+
+def unreadable_image(name: str, err: Exception) -> UserError:
+    """The error for an image Pillow cannot open or decode (truncated, not an image, a decompression bomb)."""
+    from PIL import UnidentifiedImageError
+
+    # Pillow's own message would show the repr of the in-memory file it was given
+    reason = "not an image format Pillow knows" if isinstance(err, UnidentifiedImageError) else str(err)
+    return UserError(f"image {name} is corrupt or unreadable ({reason}); remove or replace it")
 
 
 def _decode_image(data: bytes, name: str) -> np.ndarray:
@@ -348,8 +477,8 @@ def _decode_image(data: bytes, name: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
             img = img.convert("L" if img.mode in GREY_MODES else "RGB")
             arr = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"image {name} is corrupt or unreadable ({err}); remove or replace it") from err
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise unreadable_image(name, err) from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
@@ -360,8 +489,8 @@ def _image_header(data: bytes, name: str) -> tuple[int, int, int]:
     try:
         with Image.open(io.BytesIO(data)) as img:
             return (1 if img.mode in GREY_MODES else 3), img.height, img.width
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"image {name} is corrupt or unreadable ({err}); remove or replace it") from err
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise unreadable_image(name, err) from None
 
 
 def _class_files(root: str, files: list[str], where: str) -> tuple[list[str], list[tuple[str, int]]]:
@@ -384,8 +513,28 @@ def _class_files(root: str, files: list[str], where: str) -> tuple[list[str], li
     return classes, [(rel, label) for label, name in enumerate(classes) for rel in by_class[name]]
 
 
+def _check_links(location: str) -> None:
+    """Refuse symlinks that lead nowhere (broken, or a loop) or back up the tree (a folder loop): the
+    listing skips them without a word, so the images they were meant to hold would go missing."""
+    root = Path(location)
+    if storage.is_s3(location) or not root.is_dir():
+        return
+    for path in root.rglob("*"):  # rglob does not follow links to folders, so a loop ends here
+        if not path.is_symlink():
+            continue
+        try:
+            target = path.resolve(strict=True)
+        except (OSError, RuntimeError):  # RuntimeError: a symlink loop
+            raise UserError(f"imagefolder:{location}: {path} is a broken symlink or a symlink loop; remove it or "
+                            "point it at an image") from None
+        if target.is_dir() and (target == path.parent.resolve() or target in path.parent.resolve().parents):
+            raise UserError(f"imagefolder:{location}: {path} links back to {target}, a folder above it (a loop); "
+                            "remove the link")
+
+
 def _imagefolder_splits(location: str) -> tuple[list[str], dict[str, list[str]]]:
     """Classes and {split: image URIs in label order}; DIR/{train,test|val}/<class>/ has both splits."""
+    _check_links(location)
     files = storage.list_files(location)
     if not files:
         raise UserError(f"imagefolder:{location}: the folder is empty or does not exist")
