@@ -22,7 +22,9 @@ import io
 import json
 import math
 import re
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,7 +32,7 @@ import torch
 from tl_core import storage
 from tl_core.config import PrepareConfig, workdir
 from tl_core.data.shards import ShardWriter, read_shard, rows_of, shards_holding
-from tl_core.data.sources import Source, open_source
+from tl_core.data.sources import Source, open_source, unreadable_image
 from tl_core.data.transforms import convert_channels, decode_files, resize, select_classes
 from tl_core.errors import UserError
 
@@ -38,6 +40,7 @@ FORMAT = "tl-prepared/2"
 SPLITS = ("train", "test")
 PHOTO_SIZE = 224  # what photos are cropped to unless --image-size says otherwise
 STATS_SIZE = 64  # photos' statistics are taken on a JPEG draft this small (a fast, close estimate)
+RESIZE_BYTES = 64 * 2**20  # images resized at once, as float32
 UNLABELED = -1  # the label of a training image whose label is not used (strategies that learn from unlabeled images)
 
 
@@ -78,7 +81,16 @@ class PreparedDataset:
         data = storage.read_bytes(storage.join(self.path, name))
         if storage.sha256_bytes(data) != self.manifest["files"][name]["sha256"]:
             raise UserError(f"{self.path}/{name} does not match its sha256 in the manifest: prepare the dataset again")
-        self._labels[split] = np.load(io.BytesIO(data), allow_pickle=False)
+        try:
+            labels = np.load(io.BytesIO(data), allow_pickle=False)
+        except ValueError as err:  # pickled objects, a damaged header
+            raise UserError(f"{self.path}/{name} is not an array of labels ({err}): prepare the dataset again") from None
+        rows, k = sum(entry["rows"] for entry in self.manifest["shards"][split]), len(self.classes)
+        if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != rows or (
+                labels.size and (labels.min() < 0 or labels.max() >= k)):
+            raise UserError(f"{self.path}/{name} does not hold {rows} labels in 0..{k - 1} as the manifest says: "
+                            "prepare the dataset again")
+        self._labels[split] = labels
         return self._labels[split]
 
     def rows(self, split: str, indices: np.ndarray | None = None, unlabeled: np.ndarray | None = None) -> "Rows":
@@ -156,7 +168,12 @@ def decode_images(images: list[bytes], manifest: dict, train: bool = False) -> n
     channels, height, width = manifest["shape"]
     if manifest["stored"] == "files":
         return decode_files(images, channels, height, train)
-    return np.frombuffer(bytearray().join(images), dtype=np.uint8).reshape(len(images), channels, height, width)
+    pixels = bytearray().join(images)
+    if len(pixels) != len(images) * channels * height * width:
+        raise UserError(f"a shard of {manifest['uri']} holds {len(pixels)} bytes of {len(images)} images, where the "
+                        f"manifest's shape {manifest['shape']} makes {len(images) * channels * height * width}: "
+                        "prepare the dataset again")
+    return np.frombuffer(pixels, dtype=np.uint8).reshape(len(images), channels, height, width)
 
 
 def normalise(x: np.ndarray, stats: dict) -> torch.Tensor:
@@ -213,6 +230,9 @@ def plan_splits(source: Source, cfg: PrepareConfig) -> tuple[list[str], Plan]:
         relabel[keep] = np.arange(len(keep))
         kept = {split: (rows[np.isin(y, keep)], relabel[y[np.isin(y, keep)]]) for split, (rows, y) in kept.items()}
         classes = [classes[i] for i in keep]
+    if len(classes) < 2:
+        raise UserError(f"{cfg.uri} has {len(classes)} class {classes}; a classifier needs at least 2 classes: add one"
+                        + (" or list more with --classes" if cfg.classes else ""))
     counts = np.bincount(kept["train"][1], minlength=len(classes))
     if (counts == 0).any():
         missing = classes[int(np.flatnonzero(counts == 0)[0])]
@@ -222,8 +242,6 @@ def plan_splits(source: Source, cfg: PrepareConfig) -> tuple[list[str], Plan]:
         # Hold out whole classes: the test split has every image of test_fraction of the classes
         # (the source's own test images join their classes), the train split every image of the
         # others, so few-shot episodes on the test split only see classes never trained on.
-        if len(classes) < 2:
-            raise UserError(f"{cfg.uri}: --test-split classes needs at least 2 classes, it has {len(classes)}")
         n_test = min(max(int(round(cfg.test_fraction * len(classes))), 1), len(classes) - 1)
         test_classes = rng.permutation(len(classes))[:n_test]
         plan: Plan = {"train": [], "test": []}
@@ -274,15 +292,19 @@ class _Stats:
         return [round(float(v), 6) for v in mean], [round(max(float(v), 1e-3), 6) for v in std]
 
 
-def _photo_draft(data: bytes, channels: int) -> np.ndarray:
-    """A photo decoded at about STATS_SIZE px (JPEG decodes at 1/2..1/8 scale for this): for statistics."""
+def _photo_draft(data: bytes, channels: int, name: str) -> np.ndarray:
+    """A photo decoded at about STATS_SIZE px (JPEG decodes at 1/2..1/8 scale for this): for statistics,
+    and to find now, by name, a photo that training could not decode."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as img:
-        img.draft("L" if channels == 1 else "RGB", (STATS_SIZE, STATS_SIZE))
-        img = img.convert("L" if channels == 1 else "RGB")
-        img.thumbnail((STATS_SIZE, STATS_SIZE))
-        arr = np.asarray(img, dtype=np.uint8)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("L" if channels == 1 else "RGB", (STATS_SIZE, STATS_SIZE))
+            img = img.convert("L" if channels == 1 else "RGB")
+            img.thumbnail((STATS_SIZE, STATS_SIZE))
+            arr = np.asarray(img, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # truncated, corrupt
+        raise unreadable_image(name, err) from None
     return arr[None, None] if arr.ndim == 2 else arr.transpose(2, 0, 1)[None]
 
 
@@ -293,20 +315,24 @@ def _write_split(source: Source, parts, out: str, split: str, shape: list[int], 
         done = 0
         for chunk in source.read(source_split, rows):
             if source.kind == "files":
-                for data, _ in chunk:
+                for data, name in chunk:
+                    draft = _photo_draft(data, channels, name)  # test photos too: all must decode
                     if stats:
-                        stats.add(_photo_draft(data, channels))
+                        stats.add(draft)
                     writer.add(data, labels[done])
                     done += 1
                 continue
-            # Channels first, then the train split's size, then --image-size (as for whole arrays).
-            x = resize(convert_channels(chunk, channels), source.shape["train"][1:])
-            x = resize(x, (height, width))
-            if stats:
-                stats.add(x)
-            for image in x:
-                writer.add(image.tobytes(), labels[done])
-                done += 1
+            # Channels first, then the train split's size, then --image-size (as for whole arrays),
+            # a few images at a time: --image-size can make a chunk of small images a thousand times larger.
+            x = convert_channels(chunk, channels)
+            step = max(1, RESIZE_BYTES // (4 * channels * max(height * width, math.prod(x.shape[2:]))))
+            for start in range(0, len(x), step):
+                piece = resize(resize(x[start : start + step], source.shape["train"][1:]), (height, width))
+                if stats:
+                    stats.add(piece)
+                for image in piece:
+                    writer.add(image.tobytes(), labels[done])
+                    done += 1
     writer.flush()
     return writer
 
@@ -328,14 +354,18 @@ def prepare(cfg: PrepareConfig) -> tuple[PreparedDataset, bool]:
         shape = [cfg.channels or channels, cfg.image_size or height, cfg.image_size or width]
     stats = _Stats(shape[0])
     files, shards, counts = {}, {}, {}
-    for split in SPLITS:
-        writer = _write_split(source, plan[split], out, split, shape, stats if split == "train" else None)
-        labels = np.concatenate([y for _, _, y in plan[split]]).astype(np.int64)
-        data = _npy_bytes(labels)
-        storage.write_bytes(storage.join(out, f"labels-{split}.npy"), data)
-        files[f"labels-{split}.npy"] = {"bytes": len(data), "sha256": storage.sha256_bytes(data)}
-        shards[split] = writer.entries
-        counts[split] = {c: int(n) for c, n in zip(classes, np.bincount(labels, minlength=len(classes)))}
+    try:
+        for split in SPLITS:
+            writer = _write_split(source, plan[split], out, split, shape, stats if split == "train" else None)
+            labels = np.concatenate([y for _, _, y in plan[split]]).astype(np.int64)
+            data = _npy_bytes(labels)
+            storage.write_bytes(storage.join(out, f"labels-{split}.npy"), data)
+            files[f"labels-{split}.npy"] = {"bytes": len(data), "sha256": storage.sha256_bytes(data)}
+            shards[split] = writer.entries
+            counts[split] = {c: int(n) for c, n in zip(classes, np.bincount(labels, minlength=len(classes)))}
+    except BaseException:  # an image found bad half-way, Ctrl-C
+        _remove_unfinished(out)
+        raise
     mean, std = stats.result()
     manifest = {
         "format": FORMAT,
@@ -357,6 +387,13 @@ def prepare(cfg: PrepareConfig) -> tuple[PreparedDataset, bool]:
     return PreparedDataset(out, manifest), False
 
 
+def _remove_unfinished(out: str) -> None:
+    """Remove a dataset folder that a prepare stopped half-way left without its manifest: a folder
+    is complete or absent. Local folders only (storage has no delete for s3://; a rerun overwrites)."""
+    if not storage.is_s3(out) and not Path(out, "manifest.json").exists():
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def load_manifest(uri: str) -> dict:
     """A prepared dataset's manifest alone (classes, shape, counts...), without reading its images."""
     manifest_uri = storage.join(uri, "manifest.json")
@@ -366,10 +403,39 @@ def load_manifest(uri: str) -> dict:
         manifest = json.loads(storage.read_bytes(manifest_uri))
     except ValueError as err:
         raise UserError(f"{manifest_uri} is not valid JSON ({err}): prepare the dataset again") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{manifest_uri} holds a JSON {type(manifest).__name__}, not a manifest: prepare the dataset again")
     if manifest.get("format") != FORMAT:
         raise UserError(f"{uri} was prepared by an older tl (format {manifest.get('format')!r}, this one reads "
                         f"{FORMAT!r}): prepare it again with `tl prepare {manifest.get('uri', 'URI')}`")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise UserError(f"{manifest_uri} is damaged ({problem}): prepare the dataset again")
     return manifest
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with a manifest's structure, if anything: the readers index it without looking."""
+    kinds = {"classes": list, "shape": list, "stored": str, "mean": list, "std": list, "files": dict, "shards": dict,
+             "counts": dict, "hash": str}
+    for key, kind in kinds.items():
+        if not isinstance(manifest.get(key), kind):
+            return f"{key!r} is missing or not a {kind.__name__}"
+    shape = manifest["shape"]
+    if len(shape) != 3 or not all(isinstance(n, int) and n >= 1 for n in shape):
+        return f"shape {shape} is not [channels, height, width]"
+    if len(manifest["mean"]) != shape[0] or len(manifest["std"]) != shape[0]:
+        return f"mean and std do not have one value per channel of shape {shape}"
+    if manifest["stored"] not in ("arrays", "files"):
+        return f"stored is {manifest['stored']!r}, neither 'arrays' nor 'files'"
+    for split in SPLITS:
+        entries = manifest["shards"].get(split)
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and {"name", "rows", "first", "sha256"} <= set(e)
+                                                    for e in entries):
+            return f"the {split} split's shards are not listed"
+        if not isinstance(manifest["files"].get(f"labels-{split}.npy"), dict):
+            return f"labels-{split}.npy is not listed"
+    return None
 
 
 def load_prepared(uri: str) -> PreparedDataset:

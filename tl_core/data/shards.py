@@ -75,12 +75,22 @@ class ShardWriter:
 
 def verified_table(data: bytes, entry: dict, where: str):
     """A shard's bytes as a pyarrow table, refused by name if they are not what the manifest says."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if storage.sha256_bytes(data) != entry["sha256"]:
         raise UserError(f"{where}/{entry['name']} does not match its sha256 in the manifest (corrupt or "
                         "changed since it was prepared): prepare the dataset again")
-    return pq.read_table(io.BytesIO(data))
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowException, OSError, ValueError) as err:
+        reason = " ".join(str(err).split())  # Arrow's messages span lines
+        raise UserError(f"{where}/{entry['name']} is not a readable Parquet shard ({reason}): prepare the dataset "
+                        "again") from None
+    missing = sorted({"image", "label", "index"} - set(table.column_names))
+    if missing:
+        raise UserError(f"{where}/{entry['name']} has no {', '.join(missing)} column: prepare the dataset again")
+    return table
 
 
 def read_shard(folder: str, entry: dict):
