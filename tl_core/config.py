@@ -34,20 +34,30 @@ class StepConfig(BaseModel):
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def class_name(value):
+    """Class names may be written as numbers in YAML (`classes: [0, 1]`), as they are on the command line."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+ClassName = Annotated[str, BeforeValidator(class_name)]
+
+
 class PrepareConfig(StepConfig):
     """Turn a data URI into a prepared dataset (tensors + manifest)."""
 
     uri: str = Field(..., description="data URI: sklearn:digits, fonts:digits, idx:DIR, npz:FILE, imagefolder:DIR "
                                       "(or s3://...), torchvision:NAME, omniglot:ZIP")
-    classes: list[str] | None = Field(None, description="keep only these classes (names or label ids)")
-    image_size: int | None = Field(None, ge=1, description="resize images to SIZE x SIZE (photos: crop them to "
-                                                          "it, default 224)")
-    channels: int | None = Field(None, description="convert to 1 (grey) or 3 (RGB) channels")
+    classes: list[ClassName] | None = Field(None, description="keep only these classes (names or label ids)")
+    # At most 4096 px a side: larger than any model here takes, and a few bytes of YAML must not
+    # ask for terabytes.
+    image_size: int | None = Field(None, ge=1, le=4096, description="resize images to SIZE x SIZE (photos: crop "
+                                                                   "them to it, default 224)")
+    channels: int | None = Field(None, ge=1, le=3, description="convert to 1 (grey) or 3 (RGB) channels")
     test_fraction: float = Field(0.3, gt=0, lt=1, description="held-out share when the source has no test split")
     test_split: Literal["images", "classes"] = Field(
         "images", description="images: hold out images of every class; classes: hold out whole classes (few-shot "
         "episodes on classes never seen in training), test_fraction of them")
-    max_per_class: int | None = Field(None, description="cap the training images of each class")
+    max_per_class: int | None = Field(None, ge=1, description="cap the training images of each class")
     store: Literal["auto", "arrays", "files"] = Field(
         "auto", description="arrays: uint8 pixels; files: image files as they are, decoded and cropped each epoch "
         "(photos); auto: files for image folders of images larger than 64 px")
@@ -127,7 +137,7 @@ class TrainConfig(StepConfig):
     first_order: bool = strategy_option(False, "drop second-order terms (FOMAML), cheaper", ("maml",))
     attributes: str | None = strategy_option(None, "class descriptions file (default: seven-segment digits)",
                                              ("zero-shot",))
-    unseen_classes: list[str] = strategy_option([], "classes never seen with labels", ("zero-shot",))
+    unseen_classes: list[ClassName] = strategy_option([], "classes never seen with labels", ("zero-shot",))
     # Where and how it runs.
     in_memory_mb: int = Field(2048, ge=0, description="hold training images in memory up to this many MB (as "
                               "float32); a larger labelled set streams from its shards, larger pools are sampled")
@@ -321,15 +331,50 @@ def read_config_file(path: str | None) -> dict:
     if path:
         file = Path(path)
         if not file.is_file():
-            raise UserError(f"config file {path} does not exist: check the path")
+            raise UserError(f"config file {path} does not exist (or is not a file): check the path")
         try:
-            values = yaml.safe_load(file.read_text()) or {}
+            values = yaml.safe_load(file.read_bytes()) or {}  # bytes: YAML finds the encoding, refuses bad bytes
         except yaml.YAMLError as err:
-            raise UserError(f"config file {path} is not valid YAML: {err}") from err
+            raise UserError(f"config file {path} is not valid YAML: {yaml_problem(err)}") from None
+        except RecursionError:  # PyYAML builds nested lists by recursion
+            raise UserError(f"config file {path} nests too deeply to be settings: write them out plainly") from None
+        if isinstance(values, dict):
+            values = values.get("config", values)  # accept a saved run's {"config": {...}} too
         if not isinstance(values, dict):
             raise UserError(f"config file {path} must hold a mapping of settings, not {type(values).__name__}")
-        values = values.get("config", values)  # accept a saved run's {"config": {...}} too
+        odd = [key for key in values if not isinstance(key, str)]
+        if odd:
+            raise UserError(f"config file {path}: {odd[0]!r} is not the name of a setting (keys are names such as "
+                            "epochs or lr)")
+        if count_values(values, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+            raise UserError(f"config file {path} expands to more than {MAX_CONFIG_VALUES} values (YAML aliases "
+                            "repeating each other, a 'billion laughs'): write the settings out plainly")
     return values
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's complaint on one line: what it found and where (its own message spans several)."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if problem and mark:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(err).split())
+
+
+MAX_CONFIG_VALUES = 100_000  # far more than any settings file: a few aliases can expand past memory
+
+
+def count_values(value, limit: int) -> int:
+    """The values in a loaded YAML document, an alias counted each time it is used; stops past `limit`
+    (an alias that contains itself makes the document endless)."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            stack += item
+    return count
 
 
 def validate(cls: type[StepConfig], values: dict) -> StepConfig:
