@@ -58,17 +58,19 @@ def verify_checksum(uri: str, data: bytes) -> None:
 def _read_mlflow(uri: str) -> bytes:
     import mlflow
 
-    try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="tl-ckpt-"))
-    except Exception as err:
-        raise UserError(f"cannot fetch {uri} from MLflow ({err.__class__.__name__}: {str(err)[:200]})") from err
-    path = Path(local)
-    if path.is_dir():
-        found = sorted(path.rglob("checkpoint.pt"))
-        if not found:
-            raise UserError(f"{uri} holds no checkpoint.pt; point at a run or model logged by tl")
-        path = found[0]
-    return path.read_bytes()
+    # Downloaded into a temporary folder removed afterwards, whether the download worked or not.
+    with tempfile.TemporaryDirectory(prefix="tl-ckpt-") as folder:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder)
+        except Exception as err:
+            raise UserError(f"cannot fetch {uri} from MLflow ({err.__class__.__name__}: {str(err)[:200]})") from err
+        path = Path(local)
+        if path.is_dir():
+            found = sorted(path.rglob("checkpoint.pt"))
+            if not found:
+                raise UserError(f"{uri} holds no checkpoint.pt; point at a run or model logged by tl")
+            path = found[0]
+        return path.read_bytes()
 
 
 def read_checkpoint_bytes(uri: str) -> bytes:
@@ -91,8 +93,32 @@ def load_checkpoint(uri: str) -> dict:
         raise UserError(f"{uri} is not a readable checkpoint ({err.__class__.__name__}); was it written by tl?") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{uri} is not a tl checkpoint (format {FORMAT}); export it with tl or wrap its state_dict")
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise UserError(f"checkpoint {uri} is damaged or was not written by tl ({problem}): train it again")
     ckpt["sha256"] = storage.sha256_bytes(data)
     return ckpt
+
+
+def checkpoint_problem(ckpt: dict) -> str | None:
+    """What is missing from a checkpoint or of the wrong kind, if anything: the steps index it without looking."""
+    for key in ("model_spec", "model", "config", "data"):
+        if not isinstance(ckpt.get(key), dict):
+            return f"{key!r} is missing or not a dict"
+    spec, data = ckpt["model_spec"], ckpt["data"]
+    if not isinstance(spec.get("name"), str) or not isinstance(spec.get("kwargs", {}), dict):
+        return f"model_spec {spec} has no architecture name or kwargs"
+    for key in ("num_classes", "in_channels"):
+        if not isinstance(spec.get(key), int) or spec[key] < 1:
+            return f"model_spec's {key} is {spec.get(key)!r}, not a positive number"
+    shape = data.get("shape")
+    if not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(n, int) and n >= 1 for n in shape):
+        return f"its data shape {shape!r} is not [channels, height, width]"
+    if not isinstance(data.get("classes"), list):
+        return "its data has no list of classes"
+    if not all(isinstance(data.get(k), list) and len(data[k]) == shape[0] for k in ("mean", "std")):
+        return f"its data mean and std do not have one value per channel of shape {shape}"
+    return None
 
 
 def load_state(model: torch.nn.Module, state: dict, uri: str, part: str = "model") -> None:

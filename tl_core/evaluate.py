@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from tl_core.checkpoints import load_checkpoint, load_state
-from tl_core.config import TrainConfig
+from tl_core.config import TrainConfig, validate
 from tl_core.data import PreparedDataset, load_prepared, normalise
 from tl_core.errors import UserError
 from tl_core.models import build_from_spec
@@ -87,7 +87,10 @@ def evaluate_loaded(ckpt: dict, data: PreparedDataset, split: str = "test", uri:
     chunks = ((normalise(x, ckpt["data"]), torch.from_numpy(y)) for x, y in data.rows(split).chunks())
     # Scored as the model's strategy scores it: logits over the classes by default, episodes for
     # few-shot models, attribute signatures for zero-shot ones.
-    cfg = TrainConfig(**ckpt["config"])
+    try:
+        cfg = validate(TrainConfig, ckpt["config"])
+    except UserError as err:
+        raise UserError(f"{uri} holds a config this tl cannot use ({err}): train it again") from None
     logits, labels, classes = predict_chunks(STRATEGIES[cfg.strategy], model, cfg, chunks, data.classes,
                                              torch.device("cpu"))
     return classification_metrics(logits, labels, classes)

@@ -7,6 +7,7 @@ model registry.)
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 from tl_core.errors import UserError
@@ -39,6 +40,10 @@ def defaults_for_shape(name: str, shape: list[int]) -> dict:
 def create_model(name: str, num_classes: int, in_channels: int = 1, **kwargs) -> Classifier:
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    try:  # the arguments checked against the architecture's signature, not found by a TypeError inside it
+        inspect.signature(MODELS[name]).bind(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    except TypeError as err:
+        raise UserError(f"model {name} does not take these arguments ({err}): fix model_kwargs") from None
     return MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
