@@ -173,6 +173,38 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(work, l
 
 
 @pytest.mark.slow
+def test_a_search_whose_driver_is_killed_resumes_without_rerunning_finished_trials(work, local_ray, digits, tmp_path):
+    """`tl tune` SIGKILLed with its local Ray (a lost pod: no chance to save anything) once one
+    trial has finished and the next has started; the resume trains only what was unfinished."""
+    import subprocess
+
+    cfg = search(digits, {"lr": {"grid": [BAD_LR, GOOD_LR]}}, search="grid", scheduler="fifo", max_concurrent_trials=1,
+                 name="driver-killed")
+    config = write_yaml(tmp_path / "search.yaml", cfg.model_dump(mode="json", exclude_none=True))
+    run = subprocess.Popen([str(servers.BIN / "tl"), "tune", "--config", str(config)], env=dict(os.environ),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    folder = Path(cfg.storage_uri()) / "driver-killed"
+
+    def reports() -> dict[str, int]:  # trial folder -> epochs it has reported
+        return {p.parent.name: len(p.read_text().splitlines()) for p in folder.glob("trial-*/result.json")}
+
+    deadline = time.time() + 600
+    while run.poll() is None and time.time() < deadline:
+        now = reports()
+        finished = [trial for trial, epochs in now.items() if epochs >= digits["epochs"]]
+        if finished and any(0 < epochs < digits["epochs"] for epochs in now.values()):
+            os.killpg(run.pid, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    run.wait(60)
+    assert run.returncode == -signal.SIGKILL, f"tl tune ended before the kill: {run.stderr.read()[-3000:]}"
+
+    s = run_search(cfg.model_copy(update={"resume": True}))
+    assert s["resumed"] and s["trials_completed"] == 2 and s["best_params"] == {"lr": GOOD_LR}
+    assert all(reports()[trial] == digits["epochs"] for trial in finished)  # not trained again
+
+
+@pytest.mark.slow
 def test_a_multi_worker_trial_trains_on_ray_train_inside_the_search(work, local_ray, digits):
     from tl_core.checkpoints import load_checkpoint
 
