@@ -84,7 +84,9 @@ def decode_file(data: bytes, channels: int, name: str) -> torch.Tensor:
     """An image file's bytes -> uint8 C x H x W tensor (PIL, as torchvision's ImageFolder decodes)."""
     from tl_core.data.sources import _decode_image
 
-    return torch.from_numpy(convert_channels(_decode_image(data, name)[None], channels)[0])
+    pixels = convert_channels(_decode_image(data, name)[None], channels)[0]
+    # PIL's pixels come read-only, which torch.from_numpy warns about: torch needs its own copy then.
+    return torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
 
 
 def decode_files(files: list[bytes], channels: int, size: int, train: bool) -> np.ndarray:
