@@ -1480,8 +1480,9 @@ def run_in_process(args: list[str]) -> Outcome:
     outcome = Outcome(result.exit_code, result.output, time.perf_counter() - started,
                       peak_mb=(memory_kb("VmHWM") - resident) / 1024)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
-        message = str(result.exception).strip().splitlines()
-        outcome.crash = f"{type(result.exception).__name__}{': ' + message[0] if message else ''}"[:300]
+        kind, message = type(result.exception), str(result.exception).strip().splitlines()
+        name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        outcome.crash = f"{name}{': ' + message[0] if message else ''}"[:300]
         frames = [f for f in traceback.extract_tb(result.exc_info[2]) if "/tl_core/" in f.filename]
         if frames:
             outcome.crash_at = f"tl_core/{frames[-1].filename.split('/tl_core/')[-1]}:{frames[-1].lineno}"
@@ -1684,7 +1685,11 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="drop the runs fuzz.json holds (else this run is added)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (for a look at a case)")
     parser.add_argument("--note", default="", help="what this run is, kept with its figures (e.g. the code it ran on)")
+    parser.add_argument("--markdown", action="store_true", help="only write fuzz.md again from fuzz.json")
     args = parser.parse_args()
+    if args.markdown:
+        write_markdown(json.loads((HERE / "fuzz.json").read_text()))
+        return
 
     started = time.perf_counter()
     fz = Fuzz(Path(tempfile.mkdtemp(prefix="tl-bench-fuzz-")).resolve(), args.seed)
@@ -1742,7 +1747,8 @@ def main() -> None:
            "valid_cases": len(results) - len(malformed),
            "sample_matching": sum(s["match"] for s in sample), "sample": len(sample),
            "passed_by_kind": {kind: f"{row['passed']}/{row['cases']}" for kind, row in rows.items()},
-           "crashes": sorted({f"{r['traceback'][:120]} (at {r['raised_at']})" for r in results if r["traceback"]}),
+           "crashes": sorted({r["traceback"][:120] + (f" (at {r['raised_at']})" if r["raised_at"] else "")
+                              for r in results if r["traceback"]}),
            "wall_seconds": round(time.perf_counter() - started), "cases_seconds": round(cases_seconds)}
     report = {"command": COMMAND, "seed": args.seed, "runs": [*earlier, run], "rows": rows, "sample": sample,
               "cases": results}
@@ -1789,8 +1795,8 @@ def write_markdown(report: dict) -> None:
                       f"{row['prepared']} prepared, {row['tracebacks']} tracebacks, {row['passed']} passed.", ""]
     lines += ["## Example error lines", ""]
     for kind in rows:
-        examples = [r for r in report["cases"] if r["kind"] == kind and r["error_line"]][:2]
-        for r in examples:
+        examples = {r["case"]: r for r in report["cases"] if r["kind"] == kind and r["error_line"]}  # one a variant
+        for r in list(examples.values())[:3]:
             lines.append(f"- {kind}, {r['case']}: `{r['error_line'][:240]}`")
     failed = [r for r in report["cases"] if not r["passed"]]
     lines += ["", "## Cases that failed", ""]
