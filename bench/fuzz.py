@@ -1138,11 +1138,12 @@ def checkpoint_cases(fz: Fuzz) -> list[Case]:
     def foreign_dict(rng, folder):  # a plain state_dict, as other tools save them
         return use(save(load_valid()["model"], folder / "checkpoint.pt"), command_of(rng))
 
-    def without(key: str):
+    def without(key: str, command: str | None = None):
         def make(rng, folder):
             ckpt = load_valid()
             del ckpt[key]
-            return use(save(ckpt, folder / "checkpoint.pt"), command_of(rng), key)
+            drawn = command_of(rng)  # drawn even when fixed: the cases after it stay the same
+            return use(save(ckpt, folder / "checkpoint.pt"), command or drawn, key)
         return make
 
     def with_value(key: str, value, mention: str | None = None, command: str | None = None):
@@ -1197,7 +1198,10 @@ def checkpoint_cases(fz: Fuzz) -> list[Case]:
         ("a flipped bit under its checksum", flipped, 2),
         ("not a dict", not_a_dict, 2),
         ("a bare state_dict", foreign_dict, 1),
-        *[(f"no {key!r}", without(key), 1) for key in ("model_spec", "model", "data", "config")],
+        *[(f"no {key!r}", without(key), 1) for key in ("model_spec", "model")],
+        # Without config or data it is a bare backbone, which transfer takes (README: wrap a
+        # state_dict); evaluate needs what a tl training stores.
+        *[(f"no {key!r} (evaluate)", without(key, "evaluate"), 1) for key in ("data", "config")],
         ("model_spec not a dict", with_value("model_spec", "small_cnn"), 1),
         ("an unknown architecture", spec({"name": "resnet1000"}, "resnet1000"), 1),
         ("num_classes -1", spec({"num_classes": -1}, "num_classes"), 1),

@@ -101,16 +101,24 @@ def load_checkpoint(uri: str) -> dict:
 
 
 def checkpoint_problem(ckpt: dict) -> str | None:
-    """What is missing from a checkpoint or of the wrong kind, if anything: the steps index it without looking."""
-    for key in ("model_spec", "model", "config", "data"):
+    """What is missing from a checkpoint or of the wrong kind, if anything: the steps index it without
+    looking. A backbone wrapped by hand (format, model_spec, model: see the README) has no config
+    or data; where they are, they must be whole."""
+    for key in ("model_spec", "model"):
         if not isinstance(ckpt.get(key), dict):
             return f"{key!r} is missing or not a dict"
-    spec, data = ckpt["model_spec"], ckpt["data"]
+    for key in ("config", "data"):
+        if key in ckpt and not isinstance(ckpt[key], dict):
+            return f"{key!r} is not a dict"
+    spec = ckpt["model_spec"]
     if not isinstance(spec.get("name"), str) or not isinstance(spec.get("kwargs", {}), dict):
         return f"model_spec {spec} has no architecture name or kwargs"
     for key in ("num_classes", "in_channels"):
         if not isinstance(spec.get(key), int) or spec[key] < 1:
             return f"model_spec's {key} is {spec.get(key)!r}, not a positive number"
+    if "data" not in ckpt:
+        return None
+    data = ckpt["data"]
     shape = data.get("shape")
     if not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(n, int) and n >= 1 for n in shape):
         return f"its data shape {shape!r} is not [channels, height, width]"
@@ -119,6 +127,14 @@ def checkpoint_problem(ckpt: dict) -> str | None:
     if not all(isinstance(data.get(k), list) and len(data[k]) == shape[0] for k in ("mean", "std")):
         return f"its data mean and std do not have one value per channel of shape {shape}"
     return None
+
+
+def require_trained(ckpt: dict, uri: str) -> None:
+    """Evaluating and registering need what tl training stores; a wrapped backbone has only weights."""
+    missing = [key for key in ("config", "data") if key not in ckpt]
+    if missing:
+        raise UserError(f"{uri} is a bare backbone (no {' or '.join(missing)} from a tl training): transfer it to a "
+                        "dataset first (tl transfer --backbone), then evaluate or register that model")
 
 
 def load_state(model: torch.nn.Module, state: dict, uri: str, part: str = "model") -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tl_core.checkpoints import load_checkpoint, load_state
+from tl_core.checkpoints import load_checkpoint, load_state, require_trained
 from tl_core.config import TrainConfig, validate
 from tl_core.data import PreparedDataset, load_prepared, normalise
 from tl_core.errors import UserError
@@ -62,6 +62,7 @@ def classification_metrics(logits: torch.Tensor, y: torch.Tensor, classes: list[
 
 
 def check_fits(ckpt: dict, data: PreparedDataset, uri: str) -> None:
+    require_trained(ckpt, uri)
     trained = ckpt["data"]["classes"]
     if trained != data.classes:
         raise UserError(

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from tl_core import tracking
-from tl_core.checkpoints import load_checkpoint, read_checkpoint_bytes
+from tl_core.checkpoints import load_checkpoint, read_checkpoint_bytes, require_trained
 from tl_core.data import load_prepared
 from tl_core.errors import UserError
 from tl_core.evaluate import evaluate_loaded
@@ -201,6 +201,7 @@ def register_model(checkpoint_uri: str, name: str, data_uri: str | None = None, 
     started = time.perf_counter()
     client = _client()  # the server answers, or we stop before logging anything
     ckpt = load_checkpoint(checkpoint_uri)
+    require_trained(ckpt, checkpoint_uri)
     strategy = ckpt["config"]["strategy"]
     if not STRATEGIES[strategy].classifies_dataset_classes:
         raise UserError(f"{checkpoint_uri} is a {strategy} model: it does not predict its dataset's classes, and the "
