@@ -125,17 +125,7 @@ def raylet_killed(data: str, env: dict, work: Path) -> dict:
         while run.poll() is None and not killed:
             new = [d for d in (work / "ray").glob("*") if d not in known]
             if new and len(list(new[0].glob("checkpoint_*"))) >= 2:
-                ps = [line.split(maxsplit=2) for line in subprocess.run(
-                    ["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout.splitlines()]
-                gcs_port = address.rsplit(":", 1)[1]  # this cluster's raylets name its GCS (at the host's IP)
-                raylets = sorted(int(pid) for pid, _, args in ps
-                                 if args.split()[0].endswith("/raylet") and "--gcs-address=" in args
-                                 and f":{gcs_port} " in args + " ")
-                if len(raylets) >= 2:
-                    node = raylets[-1]  # the node joined last: not the head
-                    # The node is lost: its raylet and every process it started (its Ray Train worker).
-                    for pid in [node] + [int(pid) for pid, ppid, _ in ps if int(ppid) == node]:
-                        os.kill(pid, signal.SIGKILL)
+                if servers.lose_ray_node(address):  # the node joined last, with its Ray Train worker
                     killed = True
                     time.sleep(3)
                     servers.ADD_RAY_NODE[address]()

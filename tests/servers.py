@@ -94,6 +94,25 @@ def make_bucket(endpoint: str, bucket: str) -> None:
 ADD_RAY_NODE: dict = {}  # address of a running ray_cluster -> a function that joins one more node to it
 
 
+def lose_ray_node(address: str) -> list[int]:
+    """SIGKILL the node of the ray_cluster at `address` that joined last (not the head): its raylet
+    and every process the raylet started (its Ray workers), as when a machine is preempted.
+    Returns the pids killed (none when the cluster has no second node)."""
+    gcs_port = address.rsplit(":", 1)[1]  # a cluster's raylets name its GCS, at the host's own IP
+    ps = [line.split(maxsplit=2) for line in subprocess.run(
+        ["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout.splitlines()]  # -ww: whole lines
+    raylets = sorted(int(pid) for pid, _, args in ps
+                     if args.split()[0].endswith("/raylet") and "--gcs-address=" in args and f":{gcs_port} " in args + " ")
+    if len(raylets) < 2:
+        return []
+    node = raylets[-1]
+    pids = [node] + [int(pid) for pid, ppid, _ in ps if int(ppid) == node]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
 @contextlib.contextmanager
 def ray_cluster(nodes: int = 2, cpus_per_node: int = 1):
     """`ray start --head` plus `nodes - 1` nodes joined with `ray start --address`; yields the
