@@ -494,6 +494,17 @@ def write_markdown(report: dict) -> None:
         seconds = "" if r["seconds_lost"] is None else f"{r['seconds_lost']:.0f}"
         detail = r["detail"].replace("|", "/")
         lines.append(f"| {r['fault']} | {r['tried']} | {r['survived']} | {r['data_lost']} | {seconds} | {detail} |")
+    fuzz = HERE / "fuzz.json"  # the bad-input classes, from bench/fuzz.py's latest run
+    if fuzz.exists():
+        found = json.loads(fuzz.read_text())
+        lines += ["", f"Bad input, by class (`bench/fuzz.py`, seed {found['seed']}, run of {found['runs'][-1]['date']}; "
+                      "survived: exit 2 with one `error:` line naming it, no traceback; data lost: stored files "
+                      "changed, outside files touched, half-written outputs left):", "",
+                  "| input class | tried | survived | tracebacks | data lost |", "|---|---|---|---|---|"]
+        for name, row in found["rows"].items():
+            if row["expect"] == "error":
+                lost_files = row["stored_changed"] + row["outside_touched"] + row["left_behind"]
+                lines.append(f"| {name} | {row['cases']} | {row['passed']} | {row['tracebacks']} | {lost_files} |")
     ran = "the whole bench" if report["rerun"] == "all" else f"the rows of {', '.join(report['rerun'])} (the others as last measured)"
     lines += ["", f"Last run: {ran}, {report['wall_seconds']} s. Rerun some: `--only s3,mlflow`.", "",
               "The S3 and MLflow rows: real servers on 127.0.0.1 behind a relay taken down the moment a given",
