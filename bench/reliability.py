@@ -43,6 +43,12 @@ def tl(args: list, env: dict, check: bool = True) -> subprocess.CompletedProcess
     return out
 
 
+def timed(args: list, env: dict, check: bool = True) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.perf_counter()
+    out = tl(args, env, check)
+    return out, time.perf_counter() - start
+
+
 def summary(out: subprocess.CompletedProcess) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -69,42 +75,62 @@ def lost(before: dict, after: dict) -> int:
     return len(changed)
 
 
+def fit_with_a_fault(args: list, env: dict, work: Path, name: str, strike) -> tuple[dict | None, str, float, bool]:
+    """`tl <args> --output work/name` (a folder of its own: --force would replace an undisturbed
+    run's checkpoint); once its Ray run has stored two epochs' checkpoints, `strike()` (True when it
+    found what to hit). Returns the run's summary (None if it failed), its stderr, its seconds and
+    whether the fault struck."""
+    start = time.perf_counter()
+    run = subprocess.Popen([TL, *args, "--output", work / name], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    known = set((work / "ray").glob("*"))
+    struck = False
+    while run.poll() is None and not struck:
+        new = [d for d in (work / "ray").glob("*") if d not in known]
+        if new and len(list(new[0].glob("checkpoint_*"))) >= 2:
+            struck = strike()
+        time.sleep(0.1)
+    try:
+        out, err = run.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        run.kill()
+        out, err = run.communicate()
+    result = json.loads(out.strip().splitlines()[-1]) if run.returncode == 0 else None
+    return result, err, time.perf_counter() - start, struck
+
+
+def resumed_row(fault: str, fitted: tuple, undisturbed: dict, undisturbed_s: float, before: dict, work: Path) -> dict:
+    """The row of a run hit mid-fit: survived if it went on from a checkpoint to the end."""
+    import torch
+
+    result, err, seconds, struck = fitted
+    metrics = torch.load(result["checkpoint"], weights_only=True)["metrics"] if result else {}
+    return {"fault": fault, "tried": 1,
+            "survived": int(struck and result is not None and "resumed_at_epoch" in metrics),
+            "data_lost": lost(before, snapshot(work)), "seconds_lost": round(seconds - undisturbed_s, 1),
+            "detail": (f"{'' if struck else 'NOT HIT: nothing found to kill; '}went on from epoch "
+                       f"{metrics.get('resumed_at_epoch')}; test accuracy {100 * result['metrics']['accuracy']:.1f} % "
+                       f"against {100 * undisturbed['metrics']['accuracy']:.1f} % undisturbed")
+            if result else (err or "")[-300:]}
+
+
 def worker_killed(data: str, env: dict, work: Path) -> dict:
     """SIGKILL one of 2 Ray Train workers once two epochs' checkpoints are stored."""
     args = ["transfer", "--data", data, "--strategy", "scratch", "--shots", "20", "--epochs", "10",
             "--workers", "2", "--no-baseline", "--json"]
-    start = time.perf_counter()
-    undisturbed = summary(tl(args, env))
-    undisturbed_s = time.perf_counter() - start
+    undisturbed, undisturbed_s = timed(args, env)
     before = snapshot(work)
-    start = time.perf_counter()
-    # The same run into a folder of its own (--force would replace the undisturbed run's checkpoint).
-    run = subprocess.Popen([TL, *args, "--output", work / "killed-run"], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    known = set((work / "ray").glob("*"))
-    killed = False
-    while run.poll() is None and not killed:
-        new = [d for d in (work / "ray").glob("*") if d not in known]
-        if new and len(list(new[0].glob("checkpoint_*"))) >= 2:
-            ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout.splitlines()
-            workers = [int(line.split()[0]) for line in ps if "RayTrainWorker" in line]
-            if workers:
-                os.kill(workers[-1], signal.SIGKILL)
-                killed = True
-        time.sleep(0.1)
-    out, err = run.communicate()
-    seconds = time.perf_counter() - start
-    result = json.loads(out.strip().splitlines()[-1]) if run.returncode == 0 else None
-    import torch
 
-    metrics = torch.load(result["checkpoint"], weights_only=True)["metrics"] if result else {}
-    return {"fault": "a Ray Train worker SIGKILLed mid-fit (2 workers, 10 epochs)", "tried": 1,
-            "survived": int(killed and result is not None and "resumed_at_epoch" in metrics),
-            "data_lost": lost(before, snapshot(work)),
-            "seconds_lost": round(seconds - undisturbed_s, 1),
-            "detail": (f"went on from epoch {metrics.get('resumed_at_epoch')}; test accuracy "
-                       f"{100 * result['metrics']['accuracy']:.1f} % against {100 * undisturbed['metrics']['accuracy']:.1f} % "
-                       "undisturbed") if result else err[-300:]}
+    def kill_a_worker() -> bool:
+        ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout.splitlines()
+        workers = [int(line.split()[0]) for line in ps if "RayTrainWorker" in line]
+        if workers:
+            os.kill(workers[-1], signal.SIGKILL)
+        return bool(workers)
+
+    fitted = fit_with_a_fault(args, env, work, "killed-run", kill_a_worker)
+    return resumed_row("a Ray Train worker SIGKILLed mid-fit (2 workers, 10 epochs)", fitted, summary(undisturbed),
+                       undisturbed_s, before, work)
 
 
 def raylet_killed(data: str, env: dict, work: Path) -> dict:
@@ -115,38 +141,19 @@ def raylet_killed(data: str, env: dict, work: Path) -> dict:
             "--no-baseline", "--json"]
     with servers.ray_cluster(nodes=2, cpus_per_node=1) as address:  # one worker per node
         env = {**env, "RAY_ADDRESS": address}
-        undisturbed, plain = timed([*args, "--seed", "1"], env)
+        undisturbed, undisturbed_s = timed([*args, "--seed", "1"], env)
         before = snapshot(work)
-        start = time.perf_counter()
-        run = subprocess.Popen([TL, *args, "--output", work / "raylet-killed-run"], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-        known = set((work / "ray").glob("*"))
-        killed = False
-        while run.poll() is None and not killed:
-            new = [d for d in (work / "ray").glob("*") if d not in known]
-            if new and len(list(new[0].glob("checkpoint_*"))) >= 2:
-                if servers.lose_ray_node(address):  # the node joined last, with its Ray Train worker
-                    killed = True
-                    time.sleep(3)
-                    servers.ADD_RAY_NODE[address]()
-            time.sleep(0.1)
-        try:
-            out, err = run.communicate(timeout=900)
-        except subprocess.TimeoutExpired:
-            run.kill()
-            out, err = run.communicate()
-        seconds = time.perf_counter() - start
-    result = json.loads(out.strip().splitlines()[-1]) if run.returncode == 0 else None
-    import torch
 
-    metrics = torch.load(result["checkpoint"], weights_only=True)["metrics"] if result else {}
-    return {"fault": "a Ray node's raylet SIGKILLed mid-fit (2-node cluster, 2 workers), a new node joined", "tried": 1,
-            "survived": int(killed and result is not None and "resumed_at_epoch" in metrics),
-            "data_lost": lost(before, snapshot(work)), "seconds_lost": round(seconds - plain, 1),
-            "detail": (f"{'' if killed else 'NOT KILLED: no worker node found; '}went on from epoch "
-                       f"{metrics.get('resumed_at_epoch')}; test accuracy {100 * result['metrics']['accuracy']:.1f} % "
-                       f"against {100 * summary(undisturbed)['metrics']['accuracy']:.1f} % undisturbed")
-            if result else (err or "")[-300:]}
+        def lose_a_node() -> bool:
+            if not servers.lose_ray_node(address):  # the node joined last, with its Ray Train worker
+                return False
+            time.sleep(3)
+            servers.ADD_RAY_NODE[address]()
+            return True
+
+        fitted = fit_with_a_fault(args, env, work, "raylet-killed-run", lose_a_node)
+    return resumed_row("a Ray node's raylet SIGKILLed mid-fit (2-node cluster, 2 workers), a new node joined", fitted,
+                       summary(undisturbed), undisturbed_s, before, work)
 
 
 def damaged_checkpoints(data: str, env: dict, work: Path, backbone: str) -> dict:
@@ -237,12 +244,6 @@ def register_retried(data: str, env: dict, work: Path, model: str) -> dict:
             "survived": int(again["version"] == first["version"] and again["reused"]),
             "data_lost": lost(before, snapshot(work)), "seconds_lost": None,
             "detail": f"version {first['version']} both times"}
-
-
-def timed(args: list, env: dict, check: bool = True) -> tuple[subprocess.CompletedProcess, float]:
-    start = time.perf_counter()
-    out = tl(args, env, check)
-    return out, time.perf_counter() - start
 
 
 def s3_outages(env: dict, root: Path) -> list[dict]:
