@@ -2,7 +2,7 @@
 
 Two files in locks/, written by this script, never by hand:
 
-- `locks/runtime.txt`: what `tl-core[tune,server]` needs, and the pip that installs it. The image
+- `locks/runtime.txt`: what `tl-core[tune,server,text]` needs, and the pip that installs it. The image
   installs exactly this (k8s/Dockerfile); so do `scripts/setup.sh` and CI.
 - `locks/test.txt`: what the test tools (`tl-core[test]`: pytest, moto, kubernetes-validate)
   need beyond the runtime. Set-up and CI install it too; the image never does.
@@ -38,7 +38,7 @@ LOCKS = REPO / "locks"
 RUNTIME = LOCKS / "runtime.txt"
 TEST = LOCKS / "test.txt"
 PROJECT = "tl-core"
-RUNTIME_EXTRAS = {"tune", "server"}  # the image runs HPO and the MLflow server too
+RUNTIME_EXTRAS = {"tune", "server", "text"}  # the image runs HPO, the MLflow server and text models too
 TEST_EXTRAS = {"test"}
 INSTALLERS = ("pip", "setuptools")  # pinned too: setuptools builds the project (no build isolation)
 FIX = "bash scripts/setup.sh"
@@ -110,7 +110,7 @@ def write_locks() -> None:
     test = {k: v for k, v in closure(PROJECT, TEST_EXTRAS).items() if k not in runtime}
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     for path, pins, what in (
-        (RUNTIME, runtime, "what tl-core[tune,server] needs, and the pip/setuptools that install it: the image, set-up and CI"),
+        (RUNTIME, runtime, "what tl-core[tune,server,text] needs, and the pip/setuptools that install it: the image, set-up and CI"),
         (TEST, test, "the test tools (tl-core[test]) beyond locks/runtime.txt: set-up and CI, never the image"),
     ):
         path.parent.mkdir(exist_ok=True)
@@ -178,7 +178,7 @@ def upgrade() -> int:
     try:
         run(sys.executable, "-m", "venv", venv)
         run(python, "-m", "pip", "install", "-q", "--upgrade", *INSTALLERS)
-        run(python, "-m", "pip", "install", "-q", "--upgrade", "-e", ".[test,tune,server]")
+        run(python, "-m", "pip", "install", "-q", "--upgrade", "-e", ".[test,tune,server,text]")
         run(python, "-m", "pip", "check")
         run(python, __file__, "--write")
     finally:

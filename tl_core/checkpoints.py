@@ -5,7 +5,8 @@
      "data": {hash, classes, shape, mean, std}}
 
 They live at a local path, `s3://...`, or in MLflow (`runs:/RUN_ID/PATH`, `models:/NAME/VERSION`,
-`models:/NAME@ALIAS`, `mlflow-artifacts:/...`).
+`models:/NAME@ALIAS`, `mlflow-artifacts:/...`). `packaged:NAME` is a pretrained backbone that an
+installed package ships (`packaged:minilm-l6`, the text encoder): a bare backbone built on load.
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ def _read_mlflow(uri: str) -> bytes:
 
 
 def read_checkpoint_bytes(uri: str) -> bytes:
+    """A checkpoint's bytes (checked against its sha256 where one is beside it); of a packaged
+    backbone, its weights file, which is what identifies it."""
+    if uri.startswith(PACKAGED):
+        return packaged_weights(uri)
     if uri.startswith(MLFLOW_SCHEMES):
         return _read_mlflow(uri)
     if not storage.is_s3(uri) and Path(uri).is_dir():
@@ -85,7 +90,34 @@ def read_checkpoint_bytes(uri: str) -> bytes:
     return data
 
 
+PACKAGED = "packaged:"
+PACKAGED_MODELS = ("minilm-l6",)
+
+
+def packaged_weights(uri: str) -> bytes:
+    from tl_core.models.text import packaged_folder
+
+    name = uri[len(PACKAGED):]
+    if name not in PACKAGED_MODELS:
+        raise UserError(f"{uri}: no packaged backbone of that name; there is {', '.join(PACKAGED + n for n in PACKAGED_MODELS)}")
+    return (packaged_folder() / "model.safetensors").read_bytes()
+
+
+def packaged_backbone(uri: str) -> dict:
+    """A bare backbone (format, model_spec, model) of a model whose pretrained weights come with an
+    installed package; its sha256 is that of its weights file, so feature caches key on it."""
+    from tl_core.models import create_model, model_spec
+
+    digest = storage.sha256_bytes(packaged_weights(uri))
+    name = uri[len(PACKAGED):]
+    model = create_model(name, num_classes=1, in_channels=1, weights="packaged")
+    return {"format": FORMAT, "model_spec": model_spec(name, 1, 1, {}), "sha256": digest,
+            "model": {k: v for k, v in model.state_dict().items()}}
+
+
 def load_checkpoint(uri: str) -> dict:
+    if uri.startswith(PACKAGED):
+        return packaged_backbone(uri)
     data = read_checkpoint_bytes(uri)
     try:
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

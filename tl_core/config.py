@@ -46,7 +46,8 @@ class PrepareConfig(StepConfig):
     """Turn a data URI into a prepared dataset (tensors + manifest)."""
 
     uri: str = Field(..., description="data URI: sklearn:digits, fonts:digits, idx:DIR, npz:FILE, imagefolder:DIR "
-                                      "(or s3://...), torchvision:NAME, omniglot:ZIP")
+                                      "(or s3://...), torchvision:NAME, omniglot:ZIP; text: tsv:, csv:, jsonl: a "
+                                      "FILE or a DIR with train.* and test.*")
     classes: list[ClassName] | None = Field(None, description="keep only these classes (names or label ids)")
     # At most 4096 px a side: larger than any model here takes, and a few bytes of YAML must not
     # ask for terabytes.
@@ -61,6 +62,12 @@ class PrepareConfig(StepConfig):
     store: Literal["auto", "arrays", "files"] = Field(
         "auto", description="arrays: uint8 pixels; files: image files as they are, decoded and cropped each epoch "
         "(photos); auto: files for image folders of images larger than 64 px")
+    text_column: str | None = Field(None, description="text sources: the text column (default: text, or "
+                                                      "sentence); a number from 0 with --no-header")
+    label_column: str | None = Field(None, description="text sources: the label column (default: label); a number "
+                                                       "from 0 with --no-header")
+    header: bool = Field(True, description="text sources: the first row names the columns (--no-header: it does "
+                                           "not; text is column 0, label column 1)")
     seed: int = Field(0, description="seed of the train/test split")
     output: str | None = Field(None, description="folder (local or s3://) for prepared datasets")
 

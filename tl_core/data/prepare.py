@@ -5,7 +5,8 @@ at most 32 MB (`shards/train-00000.parquet`..., see `shards.py`) and its labels
 (`labels-train.npy`), and `manifest.json`: source URI, settings, class names and counts, image
 shape, normalisation statistics, seed, each file's sha256 and size, and a content hash of it
 all. Small images are stored as their uint8 pixels ("arrays"); photos as their JPEG/PNG files
-("files"), decoded and cropped to `shape` on the fly each epoch. `tl prepare` streams: it reads
+("files"), decoded and cropped to `shape` on the fly each epoch; texts as their UTF-8 bytes ("text",
+see `text.py`). `tl prepare` streams: it reads
 the source's labels first, decides the splits from them, then reads, converts and writes the
 images a chunk at a time, computing the statistics as it goes, so its memory does not grow with
 the number of images. The manifest is written last: a folder with a manifest is complete. The
@@ -33,6 +34,7 @@ from tl_core import storage
 from tl_core.config import PrepareConfig, workdir
 from tl_core.data.shards import ShardWriter, read_shard, rows_of, shards_holding
 from tl_core.data.sources import Source, open_source, unreadable_image
+from tl_core.data.text import bytes_rows, is_text_uri, open_text
 from tl_core.data.transforms import convert_channels, decode_files, resize, select_classes
 from tl_core.errors import UserError
 
@@ -68,6 +70,11 @@ class PreparedDataset:
     def photos(self) -> bool:
         """Images stored as files, decoded and cropped on the fly (else uint8 pixel arrays)."""
         return self.manifest["stored"] == "files"
+
+    @property
+    def text(self) -> bool:
+        """Texts (UTF-8 bytes), which a model's first block tokenises (see `tl_core.data.text`)."""
+        return self.manifest["stored"] == "text"
 
     def normalise(self, x: np.ndarray) -> torch.Tensor:
         """uint8 images -> float tensor scaled by this dataset's mean and std."""
@@ -168,6 +175,8 @@ def decode_images(images: list[bytes], manifest: dict, train: bool = False) -> n
     channels, height, width = manifest["shape"]
     if manifest["stored"] == "files":
         return decode_files(images, channels, height, train)
+    if manifest["stored"] == "text":
+        return bytes_rows(images, width)
     pixels = bytearray().join(images)
     if len(pixels) != len(images) * channels * height * width:
         raise UserError(f"a shard of {manifest['uri']} holds {len(pixels)} bytes of {len(images)} images, where the "
@@ -178,7 +187,10 @@ def decode_images(images: list[bytes], manifest: dict, train: bool = False) -> n
 
 def normalise(x: np.ndarray, stats: dict) -> torch.Tensor:
     """uint8 images -> float tensor scaled by `stats`' per-channel mean and std: a dataset's
-    manifest, or a checkpoint's `data` dict (to feed a model as its training data was)."""
+    manifest, or a checkpoint's `data` dict (to feed a model as its training data was). Texts'
+    bytes go to the model as they are: its first block tokenises them."""
+    if stats.get("stored") == "text":
+        return torch.from_numpy(np.ascontiguousarray(x)) if not isinstance(x, torch.Tensor) else x
     mean = torch.tensor(stats["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(stats["std"]).view(1, -1, 1, 1)
     if not isinstance(x, torch.Tensor):  # Ray Data hands out read-only arrays
@@ -314,6 +326,11 @@ def _write_split(source: Source, parts, out: str, split: str, shape: list[int], 
     for source_split, rows, labels in parts:
         done = 0
         for chunk in source.read(source_split, rows):
+            if source.kind == "text":
+                for text in chunk:
+                    writer.add(text, labels[done])
+                    done += 1
+                continue
             if source.kind == "files":
                 for data, name in chunk:
                     draft = _photo_draft(data, channels, name)  # test photos too: all must decode
@@ -339,7 +356,12 @@ def _write_split(source: Source, parts, out: str, split: str, shape: list[int], 
 
 def prepare(cfg: PrepareConfig) -> tuple[PreparedDataset, bool]:
     """Prepare the dataset; returns it and whether an existing identical one was reused."""
-    source = open_source(cfg.uri, cfg.store)
+    if is_text_uri(cfg.uri):
+        if cfg.image_size or cfg.channels or cfg.store != "auto":
+            raise UserError(f"{cfg.uri} is text: --image-size, --channels and --store are for images; drop them")
+        source = open_text(cfg.uri, cfg.text_column, cfg.label_column, cfg.header)
+    else:
+        source = open_source(cfg.uri, cfg.store)
     settings = cfg.model_dump(exclude={"output"})
     key = _canonical_hash({"settings": settings, "source": source.fingerprint, "format": FORMAT})[:12]
     out = storage.join(cfg.output or storage.join(workdir(), "data"), f"{_slug(cfg.uri)}-{key}")
@@ -347,7 +369,9 @@ def prepare(cfg: PrepareConfig) -> tuple[PreparedDataset, bool]:
         return load_prepared(out), True
 
     classes, plan = plan_splits(source, cfg)
-    if source.kind == "files":
+    if source.kind == "text":
+        shape = list(source.shape["train"])  # one row of UTF-8 bytes, as long as the longest text
+    elif source.kind == "files":
         shape = [cfg.channels or 3, cfg.image_size or PHOTO_SIZE, cfg.image_size or PHOTO_SIZE]
     else:
         channels, height, width = source.shape["train"]
@@ -366,7 +390,7 @@ def prepare(cfg: PrepareConfig) -> tuple[PreparedDataset, bool]:
     except BaseException:  # an image found bad half-way, Ctrl-C
         _remove_unfinished(out)
         raise
-    mean, std = stats.result()
+    mean, std = ([0.0], [1.0]) if source.kind == "text" else stats.result()  # texts are not scaled
     manifest = {
         "format": FORMAT,
         "uri": cfg.uri,
@@ -426,8 +450,8 @@ def manifest_problem(manifest: dict) -> str | None:
         return f"shape {shape} is not [channels, height, width]"
     if len(manifest["mean"]) != shape[0] or len(manifest["std"]) != shape[0]:
         return f"mean and std do not have one value per channel of shape {shape}"
-    if manifest["stored"] not in ("arrays", "files"):
-        return f"stored is {manifest['stored']!r}, neither 'arrays' nor 'files'"
+    if manifest["stored"] not in ("arrays", "files", "text"):
+        return f"stored is {manifest['stored']!r}, not 'arrays', 'files' or 'text'"
     for split in SPLITS:
         entries = manifest["shards"].get(split)
         if not isinstance(entries, list) or not all(isinstance(e, dict) and {"name", "rows", "first", "sha256"} <= set(e)

@@ -10,7 +10,7 @@ this package imports them all (a new architecture: one module, one line below).
 
 from __future__ import annotations
 
-from tl_core.models import small_cnn, tv  # the built-in architectures register themselves
+from tl_core.models import small_cnn, text, tv  # the built-in architectures register themselves
 from tl_core.models._registry import (
     MODELS, build_from_spec, create_model, defaults_for_shape, model_spec, register_architecture,
 )
@@ -19,5 +19,5 @@ from tl_core.models.predict import predict_logits
 
 __all__ = [
     "MODELS", "Classifier", "build_from_spec", "create_model", "defaults_for_shape", "model_spec", "predict_logits", "register_architecture",
-    "small_cnn", "tv",
+    "small_cnn", "text", "tv",
 ]

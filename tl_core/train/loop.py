@@ -29,7 +29,8 @@ def train_one_epoch(net, strategy, loader, optimizer, device, augment: int, gene
     total_loss, seen = 0.0, 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if augment and strategy.trains_on_images and not photos:  # photos: cropped when decoded
+        if augment and strategy.trains_on_images and not photos and x.dtype != torch.uint8:
+            # photos: cropped when decoded; texts (byte rows, uint8) are not shifted
             x = random_shift(x, augment, generator)
 
         def closure():
@@ -180,14 +181,15 @@ def fit(cfg: TrainConfig, session) -> dict:
         return {
             "format": FORMAT,
             "model_spec": spec,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            # Tensors, and a text model's tokenizer (a string: tl_core.models.text.Tokenize)
+            "model": {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()},
             "optimizer": optimizer.state_dict(),
             "strategy_state": strategy.extra_state(net),
             "epoch": epoch,
             "config": cfg.model_dump(),
             "history": history,
             "metrics": metrics,
-            "data": {k: data.manifest[k] for k in ("hash", "uri", "classes", "shape", "mean", "std")},
+            "data": {k: data.manifest[k] for k in ("hash", "uri", "classes", "shape", "mean", "std", "stored")},
             "backbone": {"uri": cfg.backbone, "sha256": backbone["sha256"]} if backbone else None,
         }
 
