@@ -147,8 +147,10 @@ def show_table(summary: dict) -> None:
     if not console.is_terminal:
         console = Console(width=110)  # piped or logged: do not squeeze the table to 80 columns
     console.print(table)
-    console.print(f"pretrained backbone {summary['pretrain']['checkpoint']} (source test accuracy "
-                  f"{summary['pretrain']['metrics']['accuracy']:.3f}); MLflow parent run {summary['run_id']}; "
+    pretrain = summary["pretrain"]
+    source = ("no source training" if pretrain["metrics"] is None
+              else f"source test accuracy {pretrain['metrics']['accuracy']:.3f}")
+    console.print(f"pretrained backbone {pretrain['checkpoint']} ({source}); MLflow parent run {summary['run_id']}; "
                   f"{summary['seconds']:.0f}s in all")
 
 

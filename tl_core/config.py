@@ -215,6 +215,13 @@ class ExperimentSettings(StepConfig):
 
     _model = field_validator("model")(TrainConfig._known_model.__func__)
 
+    def packaged_backbone(self) -> str | None:
+        """`packaged:MODEL` where the model's pretrained weights ship in a package (the text
+        encoder): then that is the source, and nothing is pretrained."""
+        from tl_core.checkpoints import PACKAGED, PACKAGED_MODELS
+
+        return PACKAGED + self.model if self.model in PACKAGED_MODELS else None
+
     def target_prepare(self, image_size: int | None = None, channels: int | None = None) -> PrepareConfig:
         return PrepareConfig(uri=self.target, image_size=image_size, channels=channels)
 

@@ -20,7 +20,9 @@ from typing import Callable
 
 from tl_core import storage, tracking
 from tl_core.config import ExperimentConfig, ExperimentSettings, PrepareConfig, SearchSettings, TrainConfig
+from tl_core.baselines import TFIDF_LR, tfidf_logistic
 from tl_core.data import load_prepared, prepare
+from tl_core.data.text import is_text_uri
 from tl_core.evaluate import (
     Evaluation,
     evaluate_checkpoint,
@@ -115,6 +117,15 @@ def train_step(cfg: TrainConfig, step: str, on_report: Progress | None = None, f
     return {**summary, "run_id": active.info.run_id, "seconds": result.seconds}
 
 
+def tfidf_step(data_uri: str, shots, seed: int) -> dict:
+    """The TF-IDF + logistic regression baseline on a text dataset, as an MLflow run."""
+    with tracking.run(f"baseline {TFIDF_LR} seed={seed}", params={"data": data_uri, "shots": shots, "seed": seed},
+                      tags={"tl.step": "baseline", "tl.strategy": TFIDF_LR}) as active:
+        row = tfidf_logistic(load_prepared(data_uri), shots, seed)
+        tracking.log_metrics({f"test_{k}": v for k, v in row["metrics"].items()})
+    return {**row, "checkpoint": None, "run_id": active.info.run_id}
+
+
 def pretrain_step(cfg: TrainConfig, on_report: Progress | None = None, force: bool = False) -> dict:
     return train_step(cfg, "pretrain", on_report, force)
 
@@ -195,9 +206,19 @@ def prepare_and_pretrain(settings: ExperimentSettings, say: Callable[[str], None
                          on_report: Progress | None = None, image_size: int | None = None,
                          channels: int | None = None) -> tuple[dict, dict, dict]:
     """The target, the source at the target's shape, and the backbone pretrained on the source:
-    the first steps of `tl run`, of `tl tune` without a base config, and of the pipeline."""
+    the first steps of `tl run`, of `tl tune` without a base config, and of the pipeline. A
+    packaged encoder (`--model minilm-l6`) is its own source: nothing to prepare or pretrain."""
     say(f"preparing the target {settings.target}")
     target = prepare_step(settings.target_prepare(image_size, channels))
+    packaged = settings.packaged_backbone()
+    if packaged:
+        say(f"the source is the pretrained encoder {packaged}: no source data, no pretraining")
+        return target, {"path": packaged, "packaged": True}, {"checkpoint": packaged, "metrics": None}
+    if is_text_uri(settings.target):
+        from tl_core.errors import UserError
+
+        raise UserError(f"the target {settings.target} is text, which {settings.model} cannot pretrain on a source "
+                        "of images: pass --model minilm-l6 (the packaged encoder is the source)")
     say(f"preparing the source {settings.source} at the target's shape {target['shape']}")
     source = prepare_step(settings.source_prepare(target["shape"]))
     say(f"pretraining {settings.model} on the source ({source['train_images']} images, "
@@ -224,7 +245,15 @@ def run_step(cfg: ExperimentConfig, on_progress: Callable[[str], None] | None = 
         strategies = with_teachers_first(cfg.strategies)
         labels = cfg.shots != 0
         baseline = "scratch" if labels else SOURCE_ONLY
+        if not labels and source.get("packaged"):
+            from tl_core.errors import UserError
+
+            raise UserError("with shots 0 tl run compares with the source model, and a packaged encoder has no "
+                            "classifier of the target's classes: use tl transfer --strategy zero-shot")
         results = [] if labels else source_only(pretrain["checkpoint"], source, target, cfg.seeds)
+        text = load_prepared(target["path"]).text
+        classic = [TFIDF_LR] if text and labels else []  # the practitioner's baseline, on the same labels
+        source_data = None if source.get("packaged") else source["path"]
         for seed in cfg.seeds:
             done = {}
             if labels:
@@ -232,16 +261,19 @@ def run_step(cfg: ExperimentConfig, on_progress: Callable[[str], None] | None = 
                 done["scratch"] = train_step(cfg.transfer(target["path"], pretrain["checkpoint"], "scratch", seed),
                                              "transfer", on_report)
                 results.append(done["scratch"])
+            if classic:
+                say(f"seed {seed}: {TFIDF_LR} on the same labels")
+                results.append(tfidf_step(target["path"], cfg.shots, seed))
             reference = next(r for r in results if r["strategy"] == baseline and r["seed"] == seed)
             for strategy in strategies:
                 say(f"seed {seed}: {strategy}")
                 teacher = done.get("finetune", {}).get("checkpoint")
                 run_cfg = cfg.transfer(target["path"], pretrain["checkpoint"], strategy, seed,
-                                       source_data=source["path"], teacher=teacher)
+                                       source_data=source_data, teacher=teacher)
                 done[strategy] = train_step(run_cfg, "transfer", on_report,
                                             scratch_accuracy=reference["metrics"]["accuracy"])
                 results.append(done[strategy])
-        table = summarise(results, strategies, baseline)
+        table = summarise(results, [*classic, *strategies], baseline)
         for row in table:
             tracking.log_metrics({f"{row['strategy']}.test_accuracy": row["test_accuracy"],
                                   f"{row['strategy']}.gain_over_scratch": row["gain_over_scratch"]})
