@@ -29,6 +29,7 @@ class Strategy:
     # classes, zero-shot attribute signatures): then there is no scratch baseline on the same
     # labels, no `tl run`, and no registry pyfunc (which predicts the dataset's classes).
     classifies_dataset_classes = True
+    needs_examples = True  # False: it may have nothing to train on (zero-shot with every class unseen)
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -20,6 +20,16 @@ seven-segment display that a digit lights (`seven_segment.yaml`, packaged beside
 - `generalized_scores` / `generalized_accuracy`: the harder generalized setting, where every
   class (seen and unseen) is a candidate for every test image.
 
+**By description embeddings** (a file with `descriptions:`, one per class; for a text dataset
+without a file, the class names themselves): a class is described by something the model can
+embed, here a sentence, and an example goes to the class whose description's embedding is
+nearest (cosine similarity, times SCALE as logits). The same encoder embeds both, so with
+a pretrained sentence encoder (`--backbone packaged:minilm-l6`) this needs no labels at all:
+with no `--unseen-classes` every class is unseen and nothing is trained. With some classes
+seen, the encoder is first trained on their labelled examples to put each near its own class's
+description (cross-entropy over the seen descriptions' similarities), so the space is learnt on
+the seen classes only.
+
 An attribute that is constant over the seen classes (with unseen {0, 2, 6, 8}, no seen digit
 lights e) cannot be learnt: its predictor only learns "always off", which says nothing about
 an image. Such an attribute is left out of the scores, with a warning; if two unseen classes
@@ -81,6 +91,75 @@ def load_descriptions(path: str | None) -> ClassDescriptions:
             raise UserError(f"{file}: class {name!r} has the signature {signature}; every value must be 0 or 1")
         signatures[name] = [int(v) for v in signature]
     return ClassDescriptions(str(file), attributes, signatures)
+
+
+@dataclass(frozen=True)
+class Sentences:
+    """A descriptions file: one sentence per class, which the model embeds."""
+
+    path: str
+    descriptions: dict[str, str]
+
+
+SCALE = 20.0  # cosine similarities (in [-1, 1]) times this are the logits: a softmax sharp enough to train on
+
+
+def load_sentences(path: str | None) -> Sentences | None:
+    """The `descriptions:` of a descriptions file (None where the file has attributes instead)."""
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        content = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"class descriptions file {path} is not valid YAML: {err}") from None
+    if not isinstance(content, dict) or "descriptions" not in content:
+        return None
+    found = content["descriptions"]
+    if not isinstance(found, dict) or not all(isinstance(v, str) and v.strip() for v in found.values()):
+        raise UserError(f"{path}: `descriptions:` must map each class name to a sentence, e.g. World: \"news about "
+                        "world politics\"")
+    return Sentences(path, {str(k): v.strip() for k, v in found.items()})
+
+
+def class_sentences(cfg, classes: list[str]) -> list[str]:
+    """One sentence per dataset class: from the descriptions file, else the class name itself."""
+    sentences = load_sentences(cfg.attributes)
+    if sentences is None:
+        return list(classes)
+    missing = [c for c in classes if c not in sentences.descriptions]
+    if missing:
+        raise UserError(f"{sentences.path} has no description of the dataset's classes {missing}: add them under "
+                        f"`descriptions:` (the dataset's classes are {classes})")
+    return [sentences.descriptions[c] for c in classes]
+
+
+def by_embeddings(cfg, manifest: dict) -> bool:
+    """Zero-shot by description embeddings (else by attribute signatures): for text, and for any
+    dataset whose descriptions file has `descriptions:`."""
+    return manifest["stored"] == "text" or load_sentences(cfg.attributes) is not None
+
+
+def unseen_and_seen(cfg, classes: list[str]) -> tuple[list[int], list[int]]:
+    """Dataset labels of the unseen classes (default: all of them) and of the seen ones."""
+    names = list(cfg.unseen_classes) or list(classes)
+    unknown = [c for c in names if c not in classes]
+    if unknown:
+        raise UserError(f"unseen classes {unknown} are not classes of the dataset: choose from {classes}")
+    if len(set(names)) != len(names) or len(names) < 2:
+        raise UserError(f"--unseen-classes needs 2 or more different classes of {classes}, got {names}")
+    unseen = [classes.index(c) for c in names]
+    return unseen, [k for k in range(len(classes)) if k not in unseen]
+
+
+def description_inputs(cfg, classes: list[str], shape: list[int]) -> torch.Tensor:
+    """What the model embeds for each class's description, as it takes its inputs."""
+    from tl_core.data.text import to_byte_rows
+
+    return to_byte_rows(class_sentences(cfg, classes), shape[-1])
+
+
+def similarity_logits(features: torch.Tensor, described: torch.Tensor) -> torch.Tensor:
+    return SCALE * F.normalize(features, dim=-1) @ F.normalize(described, dim=-1).T
 
 
 @dataclass(frozen=True)
@@ -162,22 +241,44 @@ class ZeroShot(Strategy):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.needs_backbone = cfg.backbone is not None
-        self.task = zero_shot_task(cfg, load_manifest(cfg.data)["classes"])
+        manifest = load_manifest(cfg.data)
+        self.embeds = by_embeddings(cfg, manifest)
+        if self.embeds:
+            self.unseen, self.seen = unseen_and_seen(cfg, manifest["classes"])
+            self.described = description_inputs(cfg, manifest["classes"], manifest["shape"])
+            self.needs_examples = bool(self.seen)  # every class unseen: nothing to train, no label read
+        else:
+            self.task = zero_shot_task(cfg, manifest["classes"])
+            self.seen = self.task.seen
 
     def build_model(self, num_classes, shape, backbone):
+        if self.embeds:  # the head is not used: classes are scored by their descriptions' embeddings
+            return super().build_model(num_classes, shape, backbone)
         # One output per attribute, not per class: the head predicts the signature.
         return super().build_model(len(self.task.attributes), shape, backbone)
 
+    def trainable(self, model: Classifier) -> nn.Module:
+        # By embeddings, the encoder alone trains (and DDP wraps it): net(x) are features.
+        return model.backbone if self.embeds else model
+
     def train_set(self, model, x, y, unlabeled):
-        seen = torch.isin(y, torch.tensor(self.task.seen))  # the unseen classes' labels are never used
+        seen = torch.isin(y, torch.tensor(self.seen, dtype=torch.long))  # the unseen classes' labels are never used
         return x[seen], y[seen]
 
     def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.embeds:
+            seen = torch.tensor(self.seen, device=y.device)
+            # Examples and the seen classes' descriptions in one forward pass of the (DDP) encoder.
+            features = net(torch.cat([x, self.described[self.seen].to(x.device)]))
+            logits = similarity_logits(features[: len(x)], features[len(x):])
+            return F.cross_entropy(logits, (y.unsqueeze(1) == seen).int().argmax(1))
         targets = self.task.signatures.to(y.device)[y]
         return F.binary_cross_entropy_with_logits(net(x), targets)
 
     @classmethod
     def predict(cls, model, cfg, x, y, classes, device):
+        if by_embeddings(cfg, load_manifest(cfg.data)):
+            return cls.predict_by_embeddings(model, cfg, x, y, classes, device)
         task = zero_shot_task(cfg, classes)
         unseen = torch.tensor(task.unseen)
         keep = torch.isin(y, unseen)
@@ -187,6 +288,21 @@ class ZeroShot(Strategy):
         scores = dap_scores(attribute_logits(model, x[keep], device), task.signatures[unseen], task.scored)
         labels = (y[keep].unsqueeze(1) == unseen).int().argmax(1)  # dataset label -> its place among the unseen
         return scores, labels, [classes[k] for k in task.unseen]
+
+    @classmethod
+    @torch.no_grad()
+    def predict_by_embeddings(cls, model, cfg, x, y, classes, device):
+        unseen_idx, _ = unseen_and_seen(cfg, classes)
+        unseen = torch.tensor(unseen_idx)
+        keep = torch.isin(y, unseen)
+        if not keep.any():
+            raise UserError(f"the evaluated examples hold none of the unseen classes {[classes[k] for k in unseen_idx]}: "
+                            "evaluate on a split that has them")
+        model = model.to(device).eval()
+        described = model.features(description_inputs(cfg, classes, list(x.shape[1:]))[unseen_idx].to(device))
+        features = torch.cat([model.features(x[keep][i : i + 256].to(device)) for i in range(0, int(keep.sum()), 256)])
+        labels = (y[keep].unsqueeze(1) == unseen).int().argmax(1)
+        return similarity_logits(features, described).cpu(), labels, [classes[k] for k in unseen_idx]
 
 
 def generalized_scores(model: Classifier, cfg, x: torch.Tensor, y: torch.Tensor, classes: list[str],
