@@ -1,10 +1,14 @@
-"""zero-shot (issue 7) on real digits: the packaged seven-segment descriptions are the true
-codes, attribute predictors trained on the seen digits recognise held-out digits above chance,
-the description file is replaceable (and decides the prediction), and bad descriptions or
-unseen classes give clear errors."""
+"""zero-shot on real digits. By description embeddings (issue 16, images' default): each digit
+described by its printed glyph, an encoder trained on the seen digits only recognises held-out
+digits above chance, never reading an unseen label, and the glyphs decide the prediction. By
+attributes (DAP, issue 7, a file with `attributes:` such as the packaged seven_segment.yaml):
+the packaged descriptions are the true seven-segment codes, attribute predictors trained on the
+seen digits recognise held-out digits above chance, the file is replaceable (and decides the
+prediction), and bad descriptions or unseen classes give clear errors."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +20,11 @@ from tl_core.evaluate import evaluate_loaded
 from tl_core.models import build_from_spec
 from tl_core.strategies import create_strategy
 from tl_core.strategies.zero_shot import (
+    DEFAULT_DESCRIPTIONS,
+    GLYPHS_PER_CLASS,
     ZeroShot,
+    by_embeddings,
+    description_inputs,
     generalized_accuracy,
     load_descriptions,
     zero_shot_task,
@@ -39,8 +47,15 @@ def digits(module_workdir):
 
 
 def config(data, unseen, **options) -> TrainConfig:
+    """By attributes: the packaged seven-segment file unless `attributes` names another."""
     return TrainConfig(**{"data": data.path, "strategy": "zero-shot", "unseen_classes": unseen, "epochs": 20,
-                          "augment": 1, "eval_every": 0, "checkpoint_every": 0, **options})
+                          "augment": 1, "eval_every": 0, "checkpoint_every": 0,
+                          "attributes": str(DEFAULT_DESCRIPTIONS), **options})
+
+
+def by_glyphs(data, unseen, **options) -> TrainConfig:
+    """By description embeddings, the images' default: no descriptions file, each digit its glyph."""
+    return config(data, unseen, **{"attributes": None, **options})
 
 
 def load_model(ckpt):
@@ -165,3 +180,78 @@ def test_editing_the_description_file_in_place_trains_again(digits, tmp_path):
     write(tmp_path, SEVEN_SEGMENT.replace('"2"', '"x"').replace('"6"', '"2"').replace('"x"', '"6"'))
     edited = train(config(digits, ["2", "6"], attributes=path, epochs=2))
     assert not edited.reused and edited.checkpoint_uri != first.checkpoint_uri
+
+
+# -- by description embeddings: each class described by its printed glyph ---------------------
+@pytest.fixture(scope="module")
+def glyph_trained(digits):
+    return train(by_glyphs(digits, ["0", "3", "6"], epochs=10))
+
+
+def test_images_are_described_by_glyphs_unless_the_file_gives_attributes(digits, tmp_path):
+    manifest = digits.manifest
+    assert by_embeddings(by_glyphs(digits, ["2", "6"]), manifest)
+    assert not by_embeddings(config(digits, ["2", "6"]), manifest)  # the seven-segment file: DAP
+    assert by_embeddings(by_glyphs(digits, ["2", "6"], attributes=write(tmp_path, 'glyphs: {"1": "I"}')), manifest)
+    glyphs = description_inputs(by_glyphs(digits, ["2", "6"]), digits.classes, manifest["shape"])
+    assert glyphs.shape[0] == 10 and glyphs.shape[2:] == (1, 8, 8) and glyphs.shape[1] == GLYPHS_PER_CLASS  # classes, fonts
+    # normalised as the dataset's images are: ink bright, background at the dataset's zero level
+    background = digits.normalise(torch.zeros(1, 1, 8, 8, dtype=torch.uint8).numpy()).max()
+    assert glyphs.min() == pytest.approx(background.item()) and glyphs.max() > 1
+
+
+@pytest.mark.slow
+def test_glyphs_recognise_held_out_digits_above_chance(digits, glyph_trained):
+    accuracy = glyph_trained.checkpoint["metrics"]["test_accuracy"]
+    assert accuracy > 0.5, accuracy  # chance among the 3 unseen digits: 1/3
+    ev = evaluate_loaded(glyph_trained.checkpoint, digits)
+    _, test_y = digits.split("test")
+    assert ev.classes == ["0", "3", "6"] and ev.confusion.sum() == np.isin(test_y, [0, 3, 6]).sum()
+    assert ev.metrics["accuracy"] == pytest.approx(accuracy)
+
+
+@pytest.mark.slow
+def test_the_glyphs_decide_the_prediction(digits, glyph_trained, tmp_path):
+    """The same encoder, with 0 and 3 described by each other's glyph, predicts the other digit."""
+    swapped = by_glyphs(digits, ["0", "3", "6"], attributes=write(tmp_path, 'glyphs: {"0": "3", "3": "0"}'))
+    x, y = digits.split("test")
+    logits, labels, _ = ZeroShot.predict(load_model(glyph_trained.checkpoint), swapped, digits.normalise(x),
+                                         torch.from_numpy(y), digits.classes, torch.device("cpu"))
+    predicted = logits.argmax(1)
+    straight, _, _ = ZeroShot.predict(load_model(glyph_trained.checkpoint), by_glyphs(digits, ["0", "3", "6"]),
+                                      digits.normalise(x), torch.from_numpy(y), digits.classes, torch.device("cpu"))
+    swap = torch.tensor([1, 0, 2])  # the 0 column now holds 3's glyph and the other way round
+    assert torch.equal(predicted, swap[straight.argmax(1)])
+
+
+def test_training_by_glyphs_never_reads_an_unseen_label(digits, monkeypatch):
+    """Every batch the encoder trains on, instrumented: only seen digits' labels, and the
+    descriptions in the same forward pass are the seen digits' glyphs only."""
+    batches, described = [], []
+    loss = ZeroShot.loss
+
+    def recording(self, net, x, y):
+        batches.append(y.clone())
+        described.append(self.seen)
+        return loss(self, net, x, y)
+
+    monkeypatch.setattr(ZeroShot, "loss", recording)
+    train(by_glyphs(digits, ["0", "3", "6"], epochs=1))
+    trained_on = torch.cat(batches)
+    assert set(trained_on.tolist()) == set(range(10)) - {0, 3, 6} and len(trained_on) > 500
+    assert all(seen == [1, 2, 4, 5, 7, 8, 9] for seen in described)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('glyphs: {"3": "字"}', r"no font has the glyphs \['字'\]"),
+    ('glyphs: {"3": "33"}', r"classes \['3'\] have no one-character glyph"),
+    ('glyphs: {"3": " "}', "must map each class name to a text"),
+    ("glyph_margin: 0.7", "glyph_margin is 0.7"),
+    ('descriptions: {"3": "three"}', "only a text model embeds"),
+])
+def test_a_class_without_a_printable_glyph_is_a_clear_error(digits, tmp_path, text, problem):
+    cfg = by_glyphs(digits, ["3", "7"], attributes=write(tmp_path, text))
+    with pytest.raises(UserError, match=problem):
+        description_inputs(cfg, digits.classes, digits.manifest["shape"])
+    with pytest.raises(UserError, match=problem):  # and before any training
+        train(cfg)

@@ -1,10 +1,35 @@
 """`zero-shot`: recognise classes never seen with labels, from a description of each class.
 
-Direct attribute prediction (DAP; Lampert, Nickisch & Harmeling 2009, "Learning to Detect
-Unseen Object Classes by Between-Class Attribute Transfer", and TPAMI 2014). Every class is
-described by a 0/1 signature over M attributes, here the seven segments a..g of a
-seven-segment display that a digit lights (`seven_segment.yaml`, packaged beside this file;
-`--attributes FILE` replaces it). Then:
+Two ways to describe a class, chosen by the descriptions file (`--attributes FILE`):
+
+**By description embeddings** (the default; a file with `glyphs:` or `descriptions:`, or none):
+a class is described by something the model can embed, and an example goes to the class whose
+description's embedding is nearest (cosine similarity, times SCALE as logits). The same encoder
+(the model's backbone) embeds both. What describes a class:
+
+- text: a sentence (`descriptions:`, one per class), by default the class name itself. With a
+  pretrained sentence encoder (`--backbone packaged:minilm-l6`) this needs no labels at all:
+  with no `--unseen-classes` every class is unseen and nothing is trained.
+- images: the class's printed character, its glyph, rendered in GLYPHS_PER_CLASS of the
+  fonts that `fonts:` data uses (tl_core/data/fonts.py), framed as `tl prepare` frames the
+  dataset's images (its channels and size, normalised with its mean and std). By default the
+  glyph is the class name ("0".."9" for digits); a class's embedding is the mean of its
+  fonts' embeddings. A file may name them and frame them:
+
+      glyphs: {"0": "O", "1": "I"}   # class name -> the one character to print (others: the name)
+      glyph_margin: 0.14             # blank border, a fraction of the side (MNIST: 20 px in 28)
+
+With some classes seen, the encoder is first trained on their labelled examples to put each
+near its own class's description (cross-entropy over the seen descriptions' similarities, the
+batch and the descriptions in one forward pass), so the space is learnt on the seen classes
+only: the unseen classes' examples and labels are never used, only their descriptions, at
+prediction.
+
+**By attributes**, direct attribute prediction (DAP; Lampert, Nickisch & Harmeling 2009,
+"Learning to Detect Unseen Object Classes by Between-Class Attribute Transfer", and TPAMI
+2014; a file with `attributes:`, e.g. `seven_segment.yaml`, packaged beside this file: the
+seven segments a..g of a seven-segment display that each digit lights). Every class is described
+by a 0/1 signature over M attributes. Then:
 
 - training sees only the labelled images of the *seen* classes (every class not in
   `--unseen-classes`). The model has one output per attribute (built with num_classes = M),
@@ -20,16 +45,6 @@ seven-segment display that a digit lights (`seven_segment.yaml`, packaged beside
 - `generalized_scores` / `generalized_accuracy`: the harder generalized setting, where every
   class (seen and unseen) is a candidate for every test image.
 
-**By description embeddings** (a file with `descriptions:`, one per class; for a text dataset
-without a file, the class names themselves): a class is described by something the model can
-embed, here a sentence, and an example goes to the class whose description's embedding is
-nearest (cosine similarity, times SCALE as logits). The same encoder embeds both, so with
-a pretrained sentence encoder (`--backbone packaged:minilm-l6`) this needs no labels at all:
-with no `--unseen-classes` every class is unseen and nothing is trained. With some classes
-seen, the encoder is first trained on their labelled examples to put each near its own class's
-description (cross-entropy over the seen descriptions' similarities), so the space is learnt on
-the seen classes only.
-
 An attribute that is constant over the seen classes (with unseen {0, 2, 6, 8}, no seen digit
 lights e) cannot be learnt: its predictor only learns "always off", which says nothing about
 an image. Such an attribute is left out of the scores, with a warning; if two unseen classes
@@ -42,6 +57,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -65,9 +81,11 @@ class ClassDescriptions:
     signatures: dict[str, list[int]]
 
 
-def load_descriptions(path: str | None) -> ClassDescriptions:
-    """Read and check a class descriptions file (None: the packaged seven-segment digits)."""
-    file = Path(path) if path else DEFAULT_DESCRIPTIONS
+def read_descriptions_file(path: str | None) -> dict | None:
+    """A class descriptions file's YAML mapping (None: no file given)."""
+    if not path:
+        return None
+    file = Path(path)
     fix = f"see {DEFAULT_DESCRIPTIONS.name} (packaged with tl_core) for the format"
     if not file.is_file():
         raise UserError(f"class descriptions file {file} does not exist: check --attributes ({fix})")
@@ -75,9 +93,19 @@ def load_descriptions(path: str | None) -> ClassDescriptions:
         content = yaml.safe_load(file.read_text())
     except yaml.YAMLError as err:
         raise UserError(f"class descriptions file {file} is not valid YAML: {err}") from None
-    if not isinstance(content, dict) or not isinstance(content.get("attributes"), list) \
-            or not isinstance(content.get("classes"), dict):
-        raise UserError(f"class descriptions file {file} needs an `attributes:` list and a `classes:` mapping ({fix})")
+    if not isinstance(content, dict):
+        raise UserError(f"class descriptions file {file} needs an `attributes:` list and a `classes:` mapping "
+                        f"(attribute signatures), `glyphs:` (images) or `descriptions:` (text) ({fix})")
+    return content
+
+
+def load_descriptions(path: str | None) -> ClassDescriptions:
+    """Read and check a file of attribute signatures (None: the packaged seven-segment digits)."""
+    file = path or str(DEFAULT_DESCRIPTIONS)
+    content = read_descriptions_file(file)
+    if not isinstance(content.get("attributes"), list) or not isinstance(content.get("classes"), dict):
+        raise UserError(f"class descriptions file {file} needs an `attributes:` list and a `classes:` mapping (see "
+                        f"{DEFAULT_DESCRIPTIONS.name}, packaged with tl_core, for the format)")
     attributes = [str(a) for a in content["attributes"]]
     if not attributes or len(set(attributes)) != len(attributes):
         raise UserError(f"{file}: `attributes` must name at least one attribute, each once; got {attributes}")
@@ -90,53 +118,95 @@ def load_descriptions(path: str | None) -> ClassDescriptions:
         if any(isinstance(v, bool) or v not in (0, 1) for v in signature):
             raise UserError(f"{file}: class {name!r} has the signature {signature}; every value must be 0 or 1")
         signatures[name] = [int(v) for v in signature]
-    return ClassDescriptions(str(file), attributes, signatures)
-
-
-@dataclass(frozen=True)
-class Sentences:
-    """A descriptions file: one sentence per class, which the model embeds."""
-
-    path: str
-    descriptions: dict[str, str]
+    return ClassDescriptions(file, attributes, signatures)
 
 
 SCALE = 20.0  # cosine similarities (in [-1, 1]) times this are the logits: a softmax sharp enough to train on
+# Glyph renders that describe an image class: this many fonts, spread over DejaVu, STIX and
+# Computer Modern (a glyph in fewer fonts repeats some), their embeddings averaged. Every one goes
+# through the encoder with each training batch, so few keep a step cheap.
+GLYPHS_PER_CLASS = 4
 
 
-def load_sentences(path: str | None) -> Sentences | None:
-    """The `descriptions:` of a descriptions file (None where the file has attributes instead)."""
-    if not path or not Path(path).is_file():
-        return None
-    try:
-        content = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as err:
-        raise UserError(f"class descriptions file {path} is not valid YAML: {err}") from None
-    if not isinstance(content, dict) or "descriptions" not in content:
-        return None
-    found = content["descriptions"]
-    if not isinstance(found, dict) or not all(isinstance(v, str) and v.strip() for v in found.values()):
-        raise UserError(f"{path}: `descriptions:` must map each class name to a sentence, e.g. World: \"news about "
-                        "world politics\"")
-    return Sentences(path, {str(k): v.strip() for k, v in found.items()})
+def described(path: str | None, key: str) -> dict[str, str]:
+    """The `key:` mapping of a descriptions file (class name -> text); {} without a file or key."""
+    found = (read_descriptions_file(path) or {}).get(key, {})
+    if not isinstance(found, dict) or not all(isinstance(v, (str, int)) and str(v).strip() for v in found.values()):
+        raise UserError(f"{path}: `{key}:` must map each class name to a text, e.g. " + (
+            'World: "news about world politics"' if key == "descriptions" else '"0": "0"'))
+    return {str(k): str(v).strip() for k, v in found.items()}
 
 
 def class_sentences(cfg, classes: list[str]) -> list[str]:
     """One sentence per dataset class: from the descriptions file, else the class name itself."""
-    sentences = load_sentences(cfg.attributes)
-    if sentences is None:
+    sentences = described(cfg.attributes, "descriptions")
+    if not sentences:
         return list(classes)
-    missing = [c for c in classes if c not in sentences.descriptions]
+    missing = [c for c in classes if c not in sentences]
     if missing:
-        raise UserError(f"{sentences.path} has no description of the dataset's classes {missing}: add them under "
+        raise UserError(f"{cfg.attributes} has no description of the dataset's classes {missing}: add them under "
                         f"`descriptions:` (the dataset's classes are {classes})")
-    return [sentences.descriptions[c] for c in classes]
+    return [sentences[c] for c in classes]
+
+
+def class_glyphs(cfg, classes: list[str]) -> list[str]:
+    """The printed character that describes each image class: from `glyphs:`, else its name."""
+    if described(cfg.attributes, "descriptions"):
+        raise UserError(f"{cfg.attributes} describes classes by sentences (`descriptions:`), which only a text model "
+                        "embeds: describe an image class by its printed character under `glyphs:`, or by attributes")
+    glyphs = described(cfg.attributes, "glyphs")
+    chosen = [glyphs.get(c, c) for c in classes]
+    long = [c for c, g in zip(classes, chosen) if len(g) != 1]
+    if long:
+        raise UserError(f"classes {long} have no one-character glyph: an image class is described by its printed "
+                        f"character, by default its name; name one per class under `glyphs:` in a descriptions file "
+                        f"(--attributes FILE), e.g. glyphs: {{{long[0]!r}: \"A\"}}, or describe them by attributes")
+    return chosen
+
+
+def glyph_margin(cfg) -> float:
+    """The blank border around a printed glyph, a fraction of the image's side: frame the glyphs
+    as the dataset frames its characters (MNIST: 4 px of 28, 0.14; default 0, the glyph filling
+    the image as in sklearn's digits, USPS and fonts:)."""
+    margin = (read_descriptions_file(cfg.attributes) or {}).get("glyph_margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 0.5:
+        raise UserError(f"{cfg.attributes}: glyph_margin is {margin!r}; it must be a fraction of the image side in "
+                        "[0, 0.5), e.g. 0.14 for MNIST (a 20 px digit in 28 px)")
+    return float(margin)
+
+
+def glyph_images(glyphs: list[str], manifest: dict, shape: list[int], margin: float = 0.0) -> torch.Tensor:
+    """Each glyph printed in GLYPHS_PER_CLASS fonts, framed as `tl prepare` frames the
+    dataset's images (its channels, size, mean and std): (classes, fonts, C, H, W)."""
+    from tl_core.data import normalise
+    from tl_core.data.fonts import font_files, render_characters
+    from tl_core.data.transforms import convert_channels, resize
+
+    unprintable = sorted({g for g in glyphs if not font_files(g)})
+    if unprintable:
+        raise UserError(f"no font has the glyphs {unprintable}, so they cannot describe their classes: name printable "
+                        "characters under `glyphs:` in a descriptions file (--attributes FILE), or describe the "
+                        "classes by attributes")
+    renders = {}
+    for glyph in dict.fromkeys(glyphs):
+        # Each glyph alone, one render per font that has it: its pictures do not depend on the other classes.
+        images, _ = render_characters(glyph, variants=1, seed=0)
+        if len(images) < len(font_files(glyph)):
+            raise UserError(f"the glyph {glyph!r} prints nothing visible, so it cannot describe a class: name a "
+                            "visible character under `glyphs:`")
+        renders[glyph] = images[np.linspace(0, len(images) - 1, GLYPHS_PER_CLASS).round().astype(int)]
+    per_glyph = np.stack([renders[g] for g in glyphs])  # (K, fonts, 1, 32, 32); fonts spread over the families
+    side = per_glyph.shape[-1]
+    pad = round((side / (1 - 2 * margin) - side) / 2)  # so the glyph spans 1 - 2 * margin of the framed side
+    per_glyph = np.pad(per_glyph, [(0, 0)] * 3 + [(pad, pad)] * 2)
+    framed = resize(convert_channels(per_glyph.reshape(-1, *per_glyph.shape[2:]), shape[0]), tuple(shape[1:]))
+    return normalise(framed, manifest).view(len(glyphs), GLYPHS_PER_CLASS, *shape)
 
 
 def by_embeddings(cfg, manifest: dict) -> bool:
-    """Zero-shot by description embeddings (else by attribute signatures): for text, and for any
-    dataset whose descriptions file has `descriptions:`."""
-    return manifest["stored"] == "text" or load_sentences(cfg.attributes) is not None
+    """Zero-shot by description embeddings, unless the descriptions file gives attribute
+    signatures (`attributes:`, e.g. the packaged seven_segment.yaml): DAP then. Text always embeds."""
+    return manifest["stored"] == "text" or "attributes" not in (read_descriptions_file(cfg.attributes) or {})
 
 
 def unseen_and_seen(cfg, classes: list[str]) -> tuple[list[int], list[int]]:
@@ -152,10 +222,21 @@ def unseen_and_seen(cfg, classes: list[str]) -> tuple[list[int], list[int]]:
 
 
 def description_inputs(cfg, classes: list[str], shape: list[int]) -> torch.Tensor:
-    """What the model embeds for each class's description, as it takes its inputs."""
-    from tl_core.data.text import to_byte_rows
+    """What the model embeds for each class's description, as it takes its inputs:
+    (classes, descriptions per class, *shape); a class's embedding is the mean over its
+    descriptions (one sentence for text, a few fonts' glyphs for images)."""
+    manifest = load_manifest(cfg.data)
+    if manifest["stored"] == "text":
+        from tl_core.data.text import to_byte_rows
 
-    return to_byte_rows(class_sentences(cfg, classes), shape[-1])
+        return to_byte_rows(class_sentences(cfg, classes), shape[-1])[:, None]
+    return glyph_images(class_glyphs(cfg, classes), manifest, shape, glyph_margin(cfg))
+
+
+def class_embeddings(features: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """The features of n_classes x V descriptions (class-major) -> one embedding per class: the
+    mean of its descriptions' unit vectors (so no one font outweighs the others)."""
+    return F.normalize(features, dim=-1).view(n_classes, -1, features.shape[-1]).mean(1)
 
 
 def similarity_logits(features: torch.Tensor, described: torch.Tensor) -> torch.Tensor:
@@ -269,8 +350,8 @@ class ZeroShot(Strategy):
         if self.embeds:
             seen = torch.tensor(self.seen, device=y.device)
             # Examples and the seen classes' descriptions in one forward pass of the (DDP) encoder.
-            features = net(torch.cat([x, self.described[self.seen].to(x.device)]))
-            logits = similarity_logits(features[: len(x)], features[len(x):])
+            features = net(torch.cat([x, self.described[self.seen].flatten(0, 1).to(x.device)]))
+            logits = similarity_logits(features[: len(x)], class_embeddings(features[len(x):], len(self.seen)))
             return F.cross_entropy(logits, (y.unsqueeze(1) == seen).int().argmax(1))
         targets = self.task.signatures.to(y.device)[y]
         return F.binary_cross_entropy_with_logits(net(x), targets)
@@ -299,7 +380,8 @@ class ZeroShot(Strategy):
             raise UserError(f"the evaluated examples hold none of the unseen classes {[classes[k] for k in unseen_idx]}: "
                             "evaluate on a split that has them")
         model = model.to(device).eval()
-        described = model.features(description_inputs(cfg, classes, list(x.shape[1:]))[unseen_idx].to(device))
+        inputs = description_inputs(cfg, classes, list(x.shape[1:]))[unseen_idx].flatten(0, 1)
+        described = class_embeddings(model.features(inputs.to(device)), len(unseen_idx))
         features = torch.cat([model.features(x[keep][i : i + 256].to(device)) for i in range(0, int(keep.sum()), 256)])
         labels = (y[keep].unsqueeze(1) == unseen).int().argmax(1)
         return similarity_logits(features, described).cpu(), labels, [classes[k] for k in unseen_idx]
