@@ -10,6 +10,10 @@ size, and prepares them exactly as training did: the data sources' conversion to
 in [0, 1] are fractions of white, larger floats are scaled by the batch's maximum), channel
 conversion, resize, and normalisation with the training data's mean and std. It returns one row
 per image: the class name, its probability, and the probability of every class (`p_<class>`).
+
+A text model's `predict` takes raw strings: a DataFrame with a `text` column (as its signature
+says), a list or a 1-D array of strings. They go in as its training texts did, as UTF-8 bytes;
+the tokenizer is inside the checkpoint's state_dict (`tl_core.models.text`).
 """
 
 import mlflow
@@ -21,11 +25,12 @@ from mlflow.pyfunc import PythonModel
 from tl_core.checkpoints import load_checkpoint, load_state
 from tl_core.data import normalise
 from tl_core.data.sources import as_uint8_images  # the conversion training data went through
+from tl_core.data.text import to_byte_rows
 from tl_core.data.transforms import convert_channels, resize
 from tl_core.models import build_from_spec, predict_logits
 
 
-class ImageClassifier(PythonModel):
+class ClassifierModel(PythonModel):
     def load_context(self, context):
         self.checkpoint = load_checkpoint(context.artifacts["checkpoint"])
         self.model = build_from_spec(self.checkpoint["model_spec"])
@@ -33,14 +38,17 @@ class ImageClassifier(PythonModel):
         self.model.eval()
         self.classes = list(self.checkpoint["data"]["classes"])
 
-    def prepare(self, images: np.ndarray) -> torch.Tensor:
+    def prepare(self, images) -> torch.Tensor:
         channels, height, width = self.checkpoint["data"]["shape"]
+        if self.checkpoint["data"].get("stored") == "text":
+            texts = images["text"] if isinstance(images, pd.DataFrame) else images
+            return to_byte_rows([str(t) for t in list(texts)], width)
         x = as_uint8_images(np.asarray(images), "model input")
         x = resize(convert_channels(x, channels), (height, width))
         return normalise(x, self.checkpoint["data"])  # with the training data's mean and std
 
     # An ndarray hint: MLflow then neither infers a schema from it nor warns that hints are missing.
-    def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
+    def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:  # or texts (see above)
         with torch.no_grad():
             logits = predict_logits(self.model, self.prepare(model_input), torch.device("cpu"))
         probs = torch.softmax(logits, dim=1).numpy()
@@ -51,4 +59,4 @@ class ImageClassifier(PythonModel):
         return table
 
 
-mlflow.models.set_model(ImageClassifier())
+mlflow.models.set_model(ClassifierModel())

@@ -146,19 +146,30 @@ def _signature(ckpt: dict):
 
     outputs = [ColSpec("string", "label"), ColSpec("double", "probability")]
     outputs += [ColSpec("double", f"p_{name}") for name in ckpt["data"]["classes"]]
+    if ckpt["data"].get("stored") == "text":  # raw strings in a `text` column
+        return ModelSignature(inputs=Schema([ColSpec("string", "text")]), outputs=Schema(outputs))
     return ModelSignature(inputs=Schema([TensorSpec(np.dtype(object), (-1,))]), outputs=Schema(outputs))
 
 
 def _input_example(ckpt: dict, data):
-    """Two raw uint8 images as training saw them: from the test split when given, else blank."""
+    """Two raw uint8 images as training saw them: from the test split when given, else blank
+    (texts: two strings)."""
     import numpy as np
+
+    if ckpt["data"].get("stored") == "text":
+        import pandas as pd
+
+        from tl_core.data.text import strings_of
+
+        texts = strings_of(data.rows("test", np.arange(2)).arrays()[0]) if data is not None else ["a text", "another"]
+        return pd.DataFrame({"text": texts})
 
     if data is not None:
         return data.rows("test", np.arange(2)).arrays()[0]
     return np.zeros((2, *ckpt["data"]["shape"]), dtype=np.uint8)
 
 
-def _pip_requirements() -> list[str]:
+def _pip_requirements(ckpt: dict) -> list[str]:
     # Written out, so MLflow does not load the model in a subprocess to infer them. tl-core
     # itself must be installed where the model is served (the wrapper imports it).
     import mlflow
@@ -167,7 +178,8 @@ def _pip_requirements() -> list[str]:
     import torch
 
     return [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
-            f"numpy=={numpy.__version__}", f"pandas=={pandas.__version__}", "tl-core"]
+            f"numpy=={numpy.__version__}", f"pandas=={pandas.__version__}",
+            "tl-core[text]" if ckpt["data"].get("stored") == "text" else "tl-core"]
 
 
 def _run_of(checkpoint_uri: str) -> str | None:
@@ -229,9 +241,10 @@ def register_model(checkpoint_uri: str, name: str, data_uri: str | None = None, 
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=MODEL_CODE, artifacts={"checkpoint": str(local)},
                 signature=_signature(ckpt), input_example=_input_example(ckpt, data),
-                pip_requirements=_pip_requirements(),
+                pip_requirements=_pip_requirements(ckpt),
                 metadata={"classes": ckpt["data"]["classes"], "trained_shape": ckpt["data"]["shape"],
-                          "input": "raw images, uint8 or float, N x H x W or N x C x H x W, any size"},
+                          "input": "raw strings, a `text` column" if ckpt["data"].get("stored") == "text"
+                          else "raw images, uint8 or float, N x H x W or N x C x H x W, any size"},
             )
             if evaluation:
                 tracking.log_metrics({f"test_{k}": v for k, v in evaluation.metrics.items()})

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from tl_core.models import small_cnn, text, tv  # the built-in architectures register themselves
 from tl_core.models._registry import (
-    MODELS, build_from_spec, create_model, defaults_for_shape, model_spec, register_architecture,
+    MODELS, SCRATCH_STAND_INS, build_from_spec, create_model, defaults_for_shape, model_spec, register_architecture,
 )
 from tl_core.models.classifier import Classifier
 from tl_core.models.predict import predict_logits
 
 __all__ = [
-    "MODELS", "Classifier", "build_from_spec", "create_model", "defaults_for_shape", "model_spec", "predict_logits", "register_architecture",
+    "MODELS", "SCRATCH_STAND_INS", "Classifier", "build_from_spec", "create_model", "defaults_for_shape", "model_spec", "predict_logits", "register_architecture",
     "small_cnn", "text", "tv",
 ]

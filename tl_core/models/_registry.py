@@ -16,17 +16,24 @@ from tl_core.models.classifier import Classifier
 MODELS: dict[str, Callable[..., Classifier]] = {}
 # Keyword arguments an architecture takes by the input's shape [C, H, W] unless a config sets them.
 SHAPE_DEFAULTS: dict[str, Callable[[list[int]], dict]] = {}
+# The architecture the scratch baseline trains in place of a large pretrained one (a 22 M
+# parameter encoder from random init on a few labels is no baseline anyone would run).
+SCRATCH_STAND_INS: dict[str, str] = {}
 
 
-def register_architecture(name: str, shape_defaults: Callable[[list[int]], dict] | None = None):
+def register_architecture(name: str, shape_defaults: Callable[[list[int]], dict] | None = None,
+                          scratch_stand_in: str | None = None):
     """Decorator: `@register_architecture("small_cnn")` over a function
     `(num_classes, in_channels, **kwargs) -> Classifier`; `shape_defaults(shape)` gives the
-    keyword arguments that depend on the input's shape (e.g. a stem for small images)."""
+    keyword arguments that depend on the input's shape (e.g. a stem for small images);
+    `scratch_stand_in` names the model the scratch baseline trains instead of this one."""
 
     def add(fn):
         MODELS[name] = fn
         if shape_defaults is not None:
             SHAPE_DEFAULTS[name] = shape_defaults
+        if scratch_stand_in is not None:
+            SCRATCH_STAND_INS[name] = scratch_stand_in
         return fn
 
     return add

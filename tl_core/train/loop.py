@@ -53,9 +53,13 @@ def train_one_epoch(net, strategy, loader, optimizer, device, augment: int, gene
 
 
 def evaluate(strategy, model, chunks, classes: list[str], device) -> dict:
-    """Loss and accuracy of the model on chunks of (images, labels), scored as its strategy scores it."""
-    logits, labels, _ = predict_chunks(type(strategy), model, strategy.cfg, chunks, classes, device)
-    return {"loss": F.cross_entropy(logits, labels).item(), "accuracy": (logits.argmax(1) == labels).float().mean().item()}
+    """Loss, accuracy and macro-F1 of the model on chunks of (images, labels), scored as its strategy scores it."""
+    from tl_core.evaluate import classification_metrics
+
+    logits, labels, names = predict_chunks(type(strategy), model, strategy.cfg, chunks, classes, device)
+    metrics = classification_metrics(logits, labels, names).metrics
+    return {"loss": F.cross_entropy(logits, labels).item(), "accuracy": (logits.argmax(1) == labels).float().mean().item(),
+            "macro_f1": metrics["macro_f1"]}
 
 
 def training_rows(data, strategy, train_idx: np.ndarray, val_idx: np.ndarray):
@@ -214,6 +218,7 @@ def fit(cfg: TrainConfig, session) -> dict:
     summary = {
         "test_accuracy": final["accuracy"],
         "test_loss": final["loss"],
+        "test_macro_f1": final["macro_f1"],
         "train_images": int(len(train_idx)),
         "train_seconds": time.perf_counter() - started,
         "workers": session.world_size,

@@ -1,0 +1,199 @@
+"""Text (issue 16): tsv/csv/jsonl sources and their bad input, the byte rows and the tokenizer,
+the packaged MiniLM encoder against sentence-transformers, transfer and zero-shot on real AG
+News headlines, a 2-worker Ray Train run, and a registered model predicting raw strings in a
+fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import tl_error, tl_json
+from tl_core.config import PrepareConfig, TrainConfig
+from tl_core.data import prepare
+from tl_core.data.text import bytes_rows, strings_of
+
+AG_CLASSES = ["Business", "Sci/Tech", "Sports", "World"]
+AG_DESCRIPTIONS = {
+    "World": "world news about international politics, governments, elections, war and conflict",
+    "Sports": "sports news about games, teams, players, matches and championships",
+    "Business": "business news about companies, markets, stocks, the economy and finance",
+    "Sci/Tech": "science and technology news about computers, software, the internet, space and research",
+}
+
+
+def small_agnews(shared: str, folder, train_per_class: int = 40, test_per_class: int = 50):
+    """A seeded, class-balanced slice of AG News (header-less tsv) in `folder`: quick to encode."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        rows = [line.split("\t") for line in open(f"{shared}/text/agnews/{split}.tsv", encoding="utf-8").read().splitlines()]
+        keep = []
+        for name in AG_CLASSES:
+            mine = [r for r in rows if r[-1] == name]
+            keep += [mine[i] for i in sorted(rng.choice(len(mine), n, replace=False))]
+        (folder / f"{split}.tsv").write_text("".join(f"{t}\t{label}\n" for t, label in keep), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def agnews(module_workdir, shared_data):
+    folder = small_agnews(str(shared_data), module_workdir / "agnews")
+    data, _ = prepare(PrepareConfig(uri=f"tsv:{folder}", header=False))
+    return data
+
+
+def test_text_sources_keep_every_text_byte_for_byte(workdir, tmp_path):
+    texts = ["a fine film", "café ☕ crème brûlée", "dull , flat and long", "an utterly charming ride"] * 3
+    labels = ["pos" if i % 2 == 0 else "neg" for i in range(len(texts))]
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    (folder / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{l}\n" for t, l in zip(texts, labels)))
+    (folder / "test.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{l}\n" for t, l in zip(texts[:4], labels[:4])))
+    (tmp_path / "one.csv").write_text("label,review\n" + "".join(f'{l},"{t}, really"\n' for t, l in zip(texts, labels)))
+    (tmp_path / "one.jsonl").write_text("".join(json.dumps({"text": t, "label": i % 3}) + "\n" for i, t in enumerate(texts)))
+
+    data, _ = prepare(PrepareConfig(uri=f"tsv:{folder}"))
+    assert data.classes == ["neg", "pos"] and data.text and data.manifest["stored"] == "text"
+    x, y = data.split("train")
+    assert x.dtype == np.uint8 and x.shape[1:3] == (1, 1)
+    assert strings_of(x) == texts and [data.classes[i] for i in y] == labels  # byte for byte, in order
+    assert data.normalise(x).dtype == torch.uint8  # bytes go to the model unscaled
+
+    csv_data, _ = prepare(PrepareConfig(uri=f"csv:{tmp_path / 'one.csv'}", text_column="review", test_fraction=0.25))
+    train_x, _ = csv_data.split("train")
+    test_x, _ = csv_data.split("test")
+    assert len(train_x) + len(test_x) == len(texts) and len(test_x) > 0  # one file: a stratified held-out split
+    assert set(strings_of(train_x) + strings_of(test_x)) == {f"{t}, really" for t in texts}
+
+    json_data, _ = prepare(PrepareConfig(uri=f"jsonl:{tmp_path / 'one.jsonl'}"))
+    assert json_data.classes == ["0", "1", "2"]  # numbers sorted as numbers
+
+    # A cut inside a multi-byte character drops the broken tail, not the text.
+    assert strings_of(bytes_rows(["é".encode() * 3], 5)) == ["éé"]
+
+
+@pytest.mark.parametrize("content, flags, expected", [
+    (b"", [], "is empty"),
+    (b"review\tlabel\ngood\t1\nbad\t0\n", [], "no 'text' or 'sentence' column"),
+    (b"text\tlabel\ngood\t1\nfine\t1\n", [], "a classifier needs at least 2 classes"),
+    (b"text\tlabel\ngood\t1\nbad \xe9t\xe9\t0\n", [], "line 3: not UTF-8"),
+    (b"text\tlabel\n" + b"x" * (1 << 20 | 5) + b"\t1\nbad\t0\n", [], "more than 1048576 in one line"),
+    (b"good\t1\nbad\n", ["--no-header"], "row 2: 1 column(s)"),
+    (b"text\tlabel\n\t1\nbad\t0\n", [], "text 1: empty"),
+])
+def test_bad_text_input_is_one_clear_error(workdir, tmp_path, content, flags, expected):
+    path = tmp_path / "data.tsv"
+    path.write_bytes(content)
+    line = tl_error("prepare", f"tsv:{path}", *flags)
+    assert expected in line and str(path) in line, line
+
+
+def test_images_options_and_missing_folder_are_refused(workdir, tmp_path):
+    (tmp_path / "train.tsv").write_text("text\tlabel\na\t0\nb\t1\n")
+    assert "--image-size" in tl_error("prepare", f"tsv:{tmp_path}", "--image-size", "32")
+    assert "does not exist" in tl_error("prepare", f"csv:{tmp_path / 'nope'}")
+
+
+def test_the_packaged_encoder_is_all_minilm_and_carries_its_tokenizer(workdir):
+    from sentence_transformers import SentenceTransformer
+
+    from tl_core.checkpoints import load_checkpoint
+    from tl_core.models import build_from_spec
+    from tl_core.models.text import packaged_folder
+
+    texts = ["The stock market fell sharply today.", "A thrilling final in extra time!", "naïve café owners"]
+    x = bytes_rows([t.encode() for t in texts], 64)
+    backbone = load_checkpoint("packaged:minilm-l6")
+    model = build_from_spec(backbone["model_spec"])
+    model.load_state_dict(backbone["model"], strict=False)  # the backbone's part: the head is new
+    model.eval()
+    with torch.no_grad():
+        ours = model.features(x)
+    theirs = torch.tensor(SentenceTransformer(str(packaged_folder()), device="cpu").encode(texts))
+    assert torch.allclose(ours, theirs, atol=1e-5)  # the same sentence embeddings
+
+    # The tokenizer is in the state_dict (a string): a model built with another one reads it back.
+    tokenize = model.backbone[0]
+    ids, mask = tokenize(x)
+    assert tokenize.tokenizer.decode(ids[0][mask[0].bool()].tolist()) == "the stock market fell sharply today."
+    state = model.state_dict()
+    assert isinstance(state["backbone.0._extra_state"]["tokenizer"], str)
+    other = build_from_spec(backbone["model_spec"])
+    other.backbone[0].set_extra_state({"tokenizer": '{"version": "1.0", "model": {"type": "WordLevel", "vocab": '
+                                                    '{"[UNK]": 0}, "unk_token": "[UNK]"}}'})
+    other.load_state_dict(state)
+    assert torch.equal(other.backbone[0](x)[0], ids)
+
+
+def test_transfer_beats_scratch_and_tfidf_and_zero_shot_needs_no_labels(agnews, module_workdir):
+    from tl_core.baselines import tfidf_logistic
+
+    probe = tl_json("transfer", "--data", agnews.path, "--strategy", "linear-probe", "--backbone", "packaged:minilm-l6",
+                    "--shots", 8, "--epochs", 60, "--lr", 0.05, "--eval-every", 0, "--checkpoint-every", 0)
+    assert probe["metrics"]["accuracy"] > 0.6  # 4 classes: chance 0.25
+    assert probe["metrics"]["accuracy"] > probe["baseline"]["metrics"]["accuracy"]  # scratch: the same net, random init
+    tfidf = tfidf_logistic(agnews, 8, 0)
+    assert 0 < tfidf["metrics"]["accuracy"] < probe["metrics"]["accuracy"]
+
+    descriptions = module_workdir / "agnews.yaml"
+    descriptions.write_text("descriptions:\n" + "".join(f'  "{k}": "{v}"\n' for k, v in AG_DESCRIPTIONS.items()))
+    zero = tl_json("transfer", "--data", agnews.path, "--strategy", "zero-shot", "--backbone", "packaged:minilm-l6",
+                   "--shots", 0, "--epochs", 1, "--attributes", descriptions)
+    assert zero["metrics"]["accuracy"] > 0.6 and zero["metrics"]["n"] == 200
+    line = tl_error("transfer", "--data", agnews.path, "--strategy", "zero-shot", "--backbone", "packaged:minilm-l6",
+                    "--shots", 0, "--epochs", 1, "--attributes", _without(descriptions, "World"))
+    assert "no description of the dataset's classes ['World']" in line
+
+
+def _without(path, name: str):
+    lines = [line for line in path.read_text().splitlines() if not line.strip().startswith(f'"{name}"')]
+    out = path.with_name(f"without-{name}.yaml")
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+@pytest.mark.slow
+def test_two_ray_workers_finetune_text_in_sync(agnews, s3_endpoint):
+    import ray
+
+    from tl_core.ray_cluster import init_ray
+    from tl_core.train.ray_runner import fit_on_ray
+
+    init_ray()
+    try:
+        cfg = TrainConfig(data=agnews.path, backbone="packaged:minilm-l6", strategy="finetune", shots=4, epochs=2,
+                          batch_size=16, lr=1e-3, backbone_lr_mult=0.05, freeze=4, eval_every=0, workers=2, runner="ray")
+        result = fit_on_ray(cfg, run_name="text-ddp")
+    finally:
+        ray.shutdown()
+    metrics = result["metrics"]
+    assert metrics["workers"] == 2 and metrics["replica_spread"] == 0.0  # DDP kept the replicas identical
+    assert isinstance(result["model"]["backbone.0._extra_state"]["tokenizer"], str)
+
+
+@pytest.mark.slow
+def test_a_registered_text_model_predicts_raw_strings_in_a_fresh_process(agnews, module_workdir):
+    from tl_core import registry
+
+    trained = tl_json("transfer", "--data", agnews.path, "--strategy", "linear-probe", "--backbone",
+                      "packaged:minilm-l6", "--shots", 8, "--epochs", 60, "--lr", 0.05, "--eval-every", 0, "--checkpoint-every", 0, "--no-baseline")
+    registered = registry.register_model(trained["checkpoint"], "agnews-text", agnews.path)
+    assert registered["version"] == 1
+    code = (
+        "import json, mlflow, pandas as pd; from tl_core import tracking; tracking.setup();"
+        "m = mlflow.pyfunc.load_model('models:/agnews-text@challenger');"
+        "out = m.predict(pd.DataFrame({'text': ['Stocks slump as oil prices jump', 'Federer wins the Wimbledon final',"
+        " 'NASA launches a new Mars probe']}));"
+        "print(json.dumps(list(out['label'])))"
+    )
+    env = {**os.environ, "TL_WORKDIR": str(module_workdir / "work")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == ["Business", "Sports", "Sci/Tech"]
