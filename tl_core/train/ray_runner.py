@@ -12,7 +12,7 @@ import re
 from typing import Sequence
 
 from tl_core import storage
-from tl_core.checkpoints import load_checkpoint
+from tl_core.checkpoints import PACKAGED, load_checkpoint
 from tl_core.config import TrainConfig, workdir
 from tl_core.data import load_prepared, sample_shots
 from tl_core.errors import UserError
@@ -42,8 +42,9 @@ def preflight(cfg: TrainConfig):
 
 
 def _absolute(path: str | None) -> str | None:
-    """Workers run in another folder: send local paths as absolute ones (s3:// and MLflow URIs as they are)."""
-    if path is None or storage.is_s3(path) or ":/" in path:
+    """Workers run in another folder: send local paths as absolute ones (s3://, MLflow and packaged:
+    URIs as they are)."""
+    if path is None or storage.is_s3(path) or ":/" in path or path.startswith(PACKAGED):
         return path
     return os.path.abspath(path)
 
