@@ -197,3 +197,21 @@ def test_a_registered_text_model_predicts_raw_strings_in_a_fresh_process(agnews,
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == ["Business", "Sports", "Sci/Tech"]
+
+
+def test_tl_run_on_text_has_scratch_tfidf_and_the_transfer_in_one_table(agnews, module_workdir):
+    """`tl run --model minilm-l6`: no source, no pretraining; scratch (text_cnn) and TF-IDF + LR on
+    the same labels beside the transfer."""
+    folder = module_workdir / "agnews-with-header"
+    folder.mkdir(exist_ok=True)
+    for split in ("train", "test"):
+        rows = (module_workdir / "agnews" / f"{split}.tsv").read_text(encoding="utf-8")
+        (folder / f"{split}.tsv").write_text("text\tlabel\n" + rows, encoding="utf-8")
+    summary = tl_json("run", "--target", f"tsv:{folder}", "--model", "minilm-l6", "--shots", 8, "--seeds", "0",
+                      "--strategies", "linear-probe", "--epochs", 30, "--lr", 0.05)
+    table = {row["strategy"]: row for row in summary["table"]}
+    assert list(table) == ["scratch", "tfidf-lr", "linear-probe"]
+    assert summary["pretrain"] == {"checkpoint": "packaged:minilm-l6", "metrics": None}
+    assert summary["best_strategy"] == "linear-probe"  # the baselines are never "best"
+    assert table["linear-probe"]["test_accuracy"] > max(table["scratch"]["test_accuracy"],
+                                                        table["tfidf-lr"]["test_accuracy"])

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Callable
 
 from tl_core import storage, tracking
-from tl_core.config import ExperimentConfig, ExperimentSettings, PrepareConfig, SearchSettings, TrainConfig
 from tl_core.baselines import TFIDF_LR, tfidf_logistic
+from tl_core.config import ExperimentConfig, ExperimentSettings, PrepareConfig, SearchSettings, TrainConfig
 from tl_core.data import load_prepared, prepare
 from tl_core.data.text import is_text_uri
+from tl_core.errors import UserError
 from tl_core.evaluate import (
     Evaluation,
     evaluate_checkpoint,
@@ -192,8 +193,6 @@ SOURCE_ONLY = "source-only"
 def source_only(backbone: str, source: dict, target: dict, seeds: list[int]) -> list[dict]:
     """The baseline with no target labels: the source model applied to the target as it is (one
     evaluation, the same for every seed)."""
-    from tl_core.errors import UserError
-
     if source["classes"] != target["classes"]:
         raise UserError(f"with shots 0 the source needs the target's classes ({', '.join(target['classes'])}), not "
                         f"{', '.join(source['classes'])}: without labels the model keeps the source's classifier")
@@ -215,8 +214,6 @@ def prepare_and_pretrain(settings: ExperimentSettings, say: Callable[[str], None
         say(f"the source is the pretrained encoder {packaged}: no source data, no pretraining")
         return target, {"path": packaged, "packaged": True}, {"checkpoint": packaged, "metrics": None}
     if is_text_uri(settings.target):
-        from tl_core.errors import UserError
-
         raise UserError(f"the target {settings.target} is text, which {settings.model} cannot pretrain on a source "
                         "of images: pass --model minilm-l6 (the packaged encoder is the source)")
     say(f"preparing the source {settings.source} at the target's shape {target['shape']}")
@@ -246,8 +243,6 @@ def run_step(cfg: ExperimentConfig, on_progress: Callable[[str], None] | None = 
         labels = cfg.shots != 0
         baseline = "scratch" if labels else SOURCE_ONLY
         if not labels and source.get("packaged"):
-            from tl_core.errors import UserError
-
             raise UserError("with shots 0 tl run compares with the source model, and a packaged encoder has no "
                             "classifier of the target's classes: use tl transfer --strategy zero-shot")
         results = [] if labels else source_only(pretrain["checkpoint"], source, target, cfg.seeds)
@@ -277,7 +272,8 @@ def run_step(cfg: ExperimentConfig, on_progress: Callable[[str], None] | None = 
         for row in table:
             tracking.log_metrics({f"{row['strategy']}.test_accuracy": row["test_accuracy"],
                                   f"{row['strategy']}.gain_over_scratch": row["gain_over_scratch"]})
-        best = max(table[1:], key=lambda r: r["test_accuracy"], default=None)
+        transfers = [row for row in table if row["strategy"] in strategies]  # not the baselines
+        best = max(transfers, key=lambda r: r["test_accuracy"], default=None)
         summary = {"source": source, "target": target, "pretrain": pretrain, "table": table, "baseline": baseline,
                    "best_strategy": best["strategy"] if best else None,
                    "best_beats_scratch_on_every_seed": bool(best and best["seeds_beating_scratch"] == best["seeds"]),
