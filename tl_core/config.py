@@ -142,9 +142,10 @@ class TrainConfig(StepConfig):
     inner_steps: int = strategy_option(5, "gradient steps on an episode's support set", ("maml",), ge=1)
     inner_lr: float = strategy_option(0.4, "learning rate of the inner steps", ("maml",), gt=0)
     first_order: bool = strategy_option(False, "drop second-order terms (FOMAML), cheaper", ("maml",))
-    attributes: str | None = strategy_option(None, "class descriptions file: attribute signatures (images' default: "
-                                             "seven-segment digits) or `descriptions:`, a sentence per class "
-                                             "(text's default: the class names)", ("zero-shot",))
+    attributes: str | None = strategy_option(None, "class descriptions file: `glyphs:` (images; default: each "
+                                             "class name's printed glyph), `descriptions:` (text, a sentence per "
+                                             "class; default: the class names), or `attributes:` signatures "
+                                             "(direct attribute prediction, e.g. seven_segment.yaml)", ("zero-shot",))
     unseen_classes: list[ClassName] = strategy_option([], "classes never seen with labels (by descriptions: "
                                                       "default every class)", ("zero-shot",))
     # Where and how it runs.
