@@ -215,3 +215,21 @@ def test_tl_run_on_text_has_scratch_tfidf_and_the_transfer_in_one_table(agnews, 
     assert summary["best_strategy"] == "linear-probe"  # the baselines are never "best"
     assert table["linear-probe"]["test_accuracy"] > max(table["scratch"]["test_accuracy"],
                                                         table["tfidf-lr"]["test_accuracy"])
+
+
+def test_a_text_model_evaluates_on_other_text_but_not_on_images(agnews, module_workdir):
+    """New texts of another length are fine (the model tokenises bytes); images are refused."""
+    trained = tl_json("transfer", "--data", agnews.path, "--strategy", "linear-probe", "--backbone",
+                      "packaged:minilm-l6", "--shots", 4, "--epochs", 5, "--eval-every", 0, "--checkpoint-every", 0,
+                      "--no-baseline")
+    folder = module_workdir / "short-news"
+    folder.mkdir(exist_ok=True)
+    rows = [f"{t[:60]}\t{label}" for t, label in
+            (line.rsplit("\t", 1) for line in (module_workdir / "agnews" / "test.tsv").read_text().splitlines())]
+    (folder / "train.tsv").write_text("\n".join(rows) + "\n")
+    (folder / "test.tsv").write_text("\n".join(rows[::5]) + "\n")
+    short, _ = prepare(PrepareConfig(uri=f"tsv:{folder}", header=False))
+    assert short.shape != agnews.shape
+    assert tl_json("evaluate", "--model", trained["checkpoint"], "--data", short.path)["metrics"]["n"] == len(rows[::5])
+    digits, _ = prepare(PrepareConfig(uri="sklearn:digits", classes=["0", "1", "2", "3"]))
+    assert "was trained on text" in tl_error("evaluate", "--model", trained["checkpoint"], "--data", digits.path)

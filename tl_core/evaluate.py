@@ -63,13 +63,19 @@ def classification_metrics(logits: torch.Tensor, y: torch.Tensor, classes: list[
 
 def check_fits(ckpt: dict, data: PreparedDataset, uri: str) -> None:
     require_trained(ckpt, uri)
+    reads_text = ckpt["data"].get("stored") == "text"
+    if reads_text != data.text:
+        kind = {True: "text", False: "images"}
+        raise UserError(f"{uri} was trained on {kind[reads_text]} but {data.path} holds {kind[data.text]}: evaluate on "
+                        f"{kind[reads_text]}")
     trained = ckpt["data"]["classes"]
     if trained != data.classes:
         raise UserError(
             f"{uri} was trained on data with {len(trained)} classes {trained} but {data.path} has {len(data.classes)} "
             f"{data.classes}: evaluate on data with the model's classes"
         )
-    if list(ckpt["data"]["shape"]) != list(data.shape):
+    # A text model reads texts of any length (it tokenises the bytes and cuts at its max_tokens).
+    if not reads_text and list(ckpt["data"]["shape"]) != list(data.shape):
         raise UserError(
             f"the model takes images of shape {ckpt['data']['shape']} but {data.path} has {data.shape}: "
             f"prepare the data with --image-size {ckpt['data']['shape'][-1]} --channels {ckpt['data']['shape'][0]}"
