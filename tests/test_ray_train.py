@@ -233,7 +233,7 @@ def test_a_node_lost_mid_fit_is_replaced_and_the_run_goes_on_from_its_checkpoint
     data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
     env = {**os.environ, "RAY_ADDRESS": two_node_cluster, "RAY_AUTH_MODE": "disabled", "TL_WORKDIR": str(workdir)}
     run = subprocess.Popen([str(servers.BIN / "tl"), "transfer", "--data", data.path, "--strategy", "scratch",
-                            "--shots", "20", "--epochs", "10", "--workers", "2", "--lr", "3e-3", "--no-baseline",
+                            "--shots", "20", "--epochs", "30", "--workers", "2", "--lr", "3e-3", "--no-baseline",
                             "--output", str(workdir / "models" / "node-lost"), "--json"],
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
@@ -247,5 +247,7 @@ def test_a_node_lost_mid_fit_is_replaced_and_the_run_goes_on_from_its_checkpoint
     assert run.returncode == 0, err[-3000:]
     summary = json.loads(out.strip().splitlines()[-1])
     m = torch.load(summary["checkpoint"], weights_only=True)["metrics"]
-    assert 1 <= m["resumed_at_epoch"] <= 9, m  # went on from a checkpoint, not from the start
+    # 30 epochs, not 10: Ray takes seconds to notice a lost node, and with 10 fast epochs the run
+    # could finish first (it did once in CI), ending with nothing resumed.
+    assert 1 <= m["resumed_at_epoch"] <= 29, m  # went on from a checkpoint, not from the start
     assert summary["metrics"]["accuracy"] > 0.5
