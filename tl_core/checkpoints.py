@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -94,6 +95,12 @@ PACKAGED = "packaged:"
 PACKAGED_MODELS = ("minilm-l6",)
 
 
+@lru_cache(maxsize=4)
+def packaged_sha256(uri: str) -> str:
+    """The packaged weights' sha256, hashed once a process (90 MB for minilm-l6)."""
+    return storage.sha256_bytes(packaged_weights(uri))
+
+
 def packaged_weights(uri: str) -> bytes:
     from tl_core.models.text import packaged_folder
 
@@ -108,7 +115,7 @@ def packaged_backbone(uri: str) -> dict:
     installed package; its sha256 is that of its weights file, so feature caches key on it."""
     from tl_core.models import create_model, model_spec
 
-    digest = storage.sha256_bytes(packaged_weights(uri))
+    digest = packaged_sha256(uri)
     name = uri[len(PACKAGED):]
     model = create_model(name, num_classes=1, in_channels=1, weights="packaged")
     return {"format": FORMAT, "model_spec": model_spec(name, 1, 1, {}), "sha256": digest,

@@ -88,7 +88,7 @@ def _column(names: list[str] | None, wanted: str | None, default: tuple[str, ...
     """Where a column is: its position in a delimited file's row, or its key in a JSON object."""
     if names is None:  # no header (or JSON): positions or keys as given
         if wanted is None:
-            return default[0] if fallback < 0 else fallback
+            return fallback
         return int(wanted) if wanted.isdigit() else wanted
     candidates = [wanted] if wanted is not None else list(default)
     for name in candidates:
