@@ -584,7 +584,7 @@ def test_mlflow_backend_password_stays_out_of_the_command_line():
     assert c["command"] == ["mlflow", "server"]
     assert not any(a.startswith("--backend-store-uri") for a in c["args"])
     env = {e["name"]: e for e in c["env"]}
-    assert env["MLFLOW_BACKEND_STORE_URI"]["value"].startswith("postgresql://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@")
+    assert env["MLFLOW_BACKEND_STORE_URI"]["value"].startswith("postgresql+psycopg2://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@")
     names = list(env)
     assert names.index("POSTGRES_PASSWORD") < names.index("MLFLOW_BACKEND_STORE_URI"), "$(VAR) only sees earlier vars"
 
