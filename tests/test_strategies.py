@@ -12,6 +12,7 @@ from tl_core.config import PrepareConfig, TrainConfig
 from tl_core.data import prepare
 from tl_core.strategies.distill import distillation_loss
 from tl_core.strategies.finetune import Finetune
+from tl_core.strategies.setfit import pair_loss
 from tl_core.train import train
 
 
@@ -33,6 +34,7 @@ def digits_split(workdir):
     {"strategy": "finetune", "head_warmup_epochs": 5, "unfreeze_every": 5, "epochs": 60},
     {"strategy": "finetune", "l2sp_alpha": 0.01, "l2sp_beta": 0.001},
     {"strategy": "multitask"},
+    {"strategy": "setfit", "backbone_lr_mult": 0.3},
 ], ids=lambda o: "-".join(f"{v}" for v in o.values()))
 def test_each_strategy_learns_on_real_digits(digits_split, options):
     source, target, backbone = digits_split
@@ -65,6 +67,21 @@ def test_distillation_loss_follows_the_formula():
         assert torch.allclose(distillation_loss(s, t, y, temperature, alpha), expected, atol=1e-6)
     # A higher temperature softens the teacher: the soft term changes, as the formula says.
     assert not torch.allclose(distillation_loss(s, t, y, 1.0, 1.0), distillation_loss(s, t, y, 4.0, 1.0))
+
+
+def test_setfit_pair_loss_pulls_a_class_together_and_pushes_classes_apart():
+    same, apart = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    # Two examples of one class: loss (cos - 1)^2; of two classes: (cos - 0)^2. Lengths do not matter.
+    assert torch.isclose(pair_loss(same * 3, torch.tensor([0, 0])), torch.tensor(1.0))
+    assert torch.isclose(pair_loss(apart, torch.tensor([0, 1])), torch.tensor(1.0))
+    assert pair_loss(same, torch.tensor([0, 1])) == 0 and pair_loss(apart, torch.tensor([1, 1])) == 0
+    # Positive and negative pairs weigh the same however many of each: five equal embeddings, four
+    # of class 0 (6 positive pairs, error 0) and one of class 1 (4 negative pairs, error 1) give
+    # 0.5, where a mean over all 10 pairs would give 0.4.
+    z = torch.ones(5, 2)
+    assert torch.isclose(pair_loss(z, torch.tensor([0, 0, 0, 0, 1])), torch.tensor(0.5))
+    one = torch.ones(1, 2, requires_grad=True)
+    assert pair_loss(one, torch.tensor([0])) == 0 and pair_loss(one, torch.tensor([0])).requires_grad
 
 
 def test_feature_cache_hit_and_invalidation(digits_split):

@@ -152,6 +152,27 @@ def test_transfer_beats_scratch_and_tfidf_and_zero_shot_needs_no_labels(agnews, 
     assert "no description of the dataset's classes ['World']" in line
 
 
+@pytest.mark.slow
+def test_setfit_and_distill_train_on_text(agnews):
+    """SetFit's pair loss fine-tunes the encoder; distill teaches a byte CNN from a fine-tuned
+    encoder's soft labels, on the unlabeled headlines too."""
+    from tl_core.checkpoints import load_checkpoint
+    from tl_core.train import train
+
+    common = dict(data=agnews.path, shots=8, eval_every=0, checkpoint_every=0)
+    setfit = train(TrainConfig(**common, strategy="setfit", backbone="packaged:minilm-l6", lr=1e-2,
+                               backbone_lr_mult=0.002, epochs=8, batch_size=16))
+    assert setfit.checkpoint["metrics"]["test_accuracy"] > 0.6  # 4 classes: chance 0.25
+    key = "backbone.7.layer.output.dense.weight"  # the last transformer layer: the pairs moved the encoder
+    assert not torch.equal(setfit.checkpoint["model"][key], load_checkpoint("packaged:minilm-l6")["model"][key])
+
+    student = train(TrainConfig(**common, strategy="distill", teacher=setfit.checkpoint_uri, model="text_cnn",
+                                use_unlabeled=True, lr=3e-3, epochs=40, batch_size=32))
+    metrics = student.checkpoint["metrics"]
+    assert student.checkpoint["model_spec"]["name"] == "text_cnn"
+    assert metrics["train_images"] == 32 and metrics["test_accuracy"] > 0.25
+
+
 def _without(path, name: str):
     lines = [line for line in path.read_text().splitlines() if not line.strip().startswith(f'"{name}"')]
     out = path.with_name(f"without-{name}.yaml")

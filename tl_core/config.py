@@ -95,6 +95,7 @@ def strategy_option(default, description: str, strategies: tuple[str, ...], **co
 
 
 FEW_SHOT = ("protonet", "maml", "episodic-finetune")
+FINETUNES = ("finetune", "setfit")  # setfit is finetune with a pair loss: the same schedule of blocks and LRs
 
 
 class TrainConfig(StepConfig):
@@ -115,11 +116,11 @@ class TrainConfig(StepConfig):
     weight_decay: float = Field(0.0, ge=0)
     augment: int = Field(0, ge=0, description="random shift of up to N pixels per training image")
     # Strategy options: each strategy reads the ones that name it.
-    backbone_lr_mult: float = strategy_option(1.0, "backbone LR = lr * this", ("finetune",), ge=0)
-    freeze: int = strategy_option(0, "freeze the first N backbone blocks", ("finetune",), ge=0)
-    head_warmup_epochs: int = strategy_option(0, "train only the new head for the first N epochs", ("finetune",), ge=0)
+    backbone_lr_mult: float = strategy_option(1.0, "backbone LR = lr * this", FINETUNES, ge=0)
+    freeze: int = strategy_option(0, "freeze the first N backbone blocks", FINETUNES, ge=0)
+    head_warmup_epochs: int = strategy_option(0, "train only the new head for the first N epochs", FINETUNES, ge=0)
     unfreeze_every: int = strategy_option(0, "gradual unfreezing: one more block from the top every N epochs",
-                                          ("finetune",), ge=0)
+                                          FINETUNES, ge=0)
     l2sp_alpha: float = strategy_option(0.0, "L2-SP: pull the backbone towards its pretrained weights", ("finetune",), ge=0)
     l2sp_beta: float = strategy_option(0.0, "L2-SP: L2 on the new head", ("finetune",), ge=0)
     teacher: str | None = strategy_option(None, "the teacher's checkpoint (trained on the target classes)", ("distill",))

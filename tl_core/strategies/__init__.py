@@ -12,11 +12,11 @@ from __future__ import annotations
 from tl_core.strategies import distill, finetune, linear_probe, multitask, scratch
 from tl_core.strategies import domain_adaptation  # dann, mcc
 from tl_core.strategies import fewshot  # protonet, maml, episodic-finetune
-from tl_core.strategies import simclr, zero_shot
+from tl_core.strategies import setfit, simclr, zero_shot
 from tl_core.strategies._registry import STRATEGIES, create_strategy, register_strategy
 from tl_core.strategies.base import Strategy
 
 __all__ = [
     "STRATEGIES", "Strategy", "create_strategy", "register_strategy",
-    "distill", "domain_adaptation", "fewshot", "finetune", "linear_probe", "multitask", "scratch", "simclr", "zero_shot",
+    "distill", "domain_adaptation", "fewshot", "finetune", "linear_probe", "multitask", "scratch", "setfit", "simclr", "zero_shot",
 ]
