@@ -8,16 +8,20 @@ from components import tl_component
 
 
 @tl_component
-def prepare(uri: str, dataset: Output[Dataset], like: Optional[Input[Dataset]] = None):
-    """Prepare the target `uri`; with `like`, prepare the source `uri` at that dataset's shape, as
-    `tl run` does."""
+def prepare(uri: str, dataset: Output[Dataset], like: Optional[Input[Dataset]] = None, model: str = "",
+            text_column: str = "", label_column: str = "", header: bool = True):
+    """Prepare the target `uri` (a text source laid out as `text_column`, `label_column` and
+    `header` say; "": the default column); with `like`, the source `uri` of a `model` at that
+    prepared target's shape, as `tl run` does: nothing where `model` is a packaged encoder, its
+    own source."""
     from components import artifacts
     from tl_core.config import ExperimentSettings
-    from tl_core.steps import prepare_step
+    from tl_core.steps import prepare_source, prepare_step
 
     if like:
-        cfg = ExperimentSettings(source=uri).source_prepare(artifacts.summary(like)["shape"])
+        result = prepare_source(ExperimentSettings(source=uri, model=model), artifacts.summary(like))
     else:
-        cfg = ExperimentSettings(target=uri).target_prepare()
-    result = prepare_step(cfg)
+        settings = ExperimentSettings(target=uri, text_column=text_column or None, label_column=label_column or None,
+                                      header=header)
+        result = prepare_step(settings.target_prepare())
     artifacts.save(dataset, result["path"], result)

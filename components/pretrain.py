@@ -13,13 +13,13 @@ from components import tl_component
 def pretrain(data: Input[Dataset], model: str, pretrain_epochs: int, pretrain_lr: float, batch_size: int, augment: int,
              workers: int, checkpoint: Output[Model], metrics: Output[Metrics]):
     """Pretrain `model` on the prepared source, configured as `tl run` does; an identical earlier
-    run (of either) is reused."""
+    run (of either) is reused. A packaged encoder is pretrained already: it is passed on."""
     from components import artifacts
     from tl_core.config import ExperimentSettings
-    from tl_core.steps import pretrain_step
+    from tl_core.steps import pretrain_source
 
     settings = ExperimentSettings(model=model, pretrain_epochs=pretrain_epochs, pretrain_lr=pretrain_lr,
                                   batch_size=batch_size, augment=augment, workers=workers)
-    result = pretrain_step(settings.pretrain(artifacts.uri(data)))
+    result = pretrain_source(settings, {**artifacts.summary(data), "path": artifacts.uri(data)})
     artifacts.save(checkpoint, result["checkpoint"], result)
-    artifacts.log_metrics(metrics, result["metrics"])
+    artifacts.log_metrics(metrics, result["metrics"] or {})

@@ -1,5 +1,7 @@
 """The transfer pipeline: prepare the target and the source -> pretrain -> HPO (optional) ->
-transfer with the best config -> evaluate -> register -> promote if the gate passes.
+transfer with the best config -> evaluate -> register -> promote if the gate passes. With a
+packaged encoder (model minilm-l6, a text target) the source and pretrain steps pass the
+encoder on, as `tl run` does.
 
     prepare target -> prepare source (at the target's shape) -> pretrain
       search_space set:   tune -> release(tuned config)
@@ -67,12 +69,15 @@ def _step(task: dsl.PipelineTask, cache: bool = True) -> dsl.PipelineTask:
 # settings make the same checkpoints (and reuse them) whichever runs them.
 PRETRAINING = ("model", "pretrain_epochs", "pretrain_lr", "batch_size", "augment", "workers")
 TRANSFER = ("shots", "epochs", "lr", "batch_size", "augment", "workers")
+TEXT_LAYOUT = ("text_column", "label_column", "header")
 
 
 def arguments(cfg: PipelineConfig) -> dict:
     """The pipeline's arguments for `cfg`: its fields, with "all labels" as shots=-1 (a KFP
-    parameter is an int; tl_core.config reads -1 as all)."""
-    return cfg.model_dump() | {"shots": -1 if cfg.shots is None else cfg.shots}
+    parameter is an int; tl_core.config reads -1 as all), and a text setting left unset (None: a
+    text column's name) as "" (KFP takes no None; the prepare step reads "" as unset)."""
+    values = {k: "" if v is None else v for k, v in cfg.model_dump().items()}
+    return values | {"shots": -1 if cfg.shots is None else cfg.shots}
 
 
 @dsl.pipeline(name="tl-release", description="transfer -> evaluate -> register -> promote if the gate passes")
@@ -95,8 +100,10 @@ def release(data: dsl.Input[dsl.Dataset], backbone: dsl.Input[dsl.Model], source
 def pipeline(cfg: PipelineConfig):
     # prepare reads its source every time (data behind a URI can change); identical data is
     # recognised by its content hash and reused, so it never needs KFP's cache.
-    target_data = _step(prepare(uri=cfg.target), cache=False).set_display_name("prepare-target")
-    source_data = _step(prepare(uri=cfg.source, like=target_data.outputs["dataset"]), cache=False)
+    target_data = _step(prepare(uri=cfg.target, **{name: getattr(cfg, name) for name in TEXT_LAYOUT}), cache=False)
+    target_data.set_display_name("prepare-target")
+    # A packaged encoder (model minilm-l6) is its own source: these two steps then pass it on.
+    source_data = _step(prepare(uri=cfg.source, like=target_data.outputs["dataset"], model=cfg.model), cache=False)
     source_data.set_display_name("prepare-source")
     backbone = _step(pretrain(data=source_data.outputs["dataset"], **{name: getattr(cfg, name) for name in PRETRAINING}))
     common = dict(data=target_data.outputs["dataset"], backbone=backbone.outputs["checkpoint"],

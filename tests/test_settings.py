@@ -61,7 +61,7 @@ def test_every_setting_is_a_flag_with_its_description():
     for name in PipelineConfig.model_fields:
         assert flag(name) in flags("pipeline run")
     help_text = tl("transfer", "--help").stdout.replace("│", " ")
-    assert "finetune: backbone LR = lr * this" in " ".join(help_text.split())  # the field's description
+    assert "finetune, setfit: backbone LR = lr * this" in " ".join(help_text.split())  # the field's description
 
 
 def test_strategy_options_come_from_the_fields_and_the_baseline_resets_them():

@@ -216,6 +216,10 @@ class ExperimentSettings(StepConfig):
                             description="global batch size, split across workers")
     augment: int = Field(1, ge=0, description="random shift of up to N pixels per training image")
     workers: int = Field(TrainConfig.model_fields["workers"].default, ge=1, description="Ray Train workers per training run")
+    # How the target's text is laid out (text sources), declared where `tl prepare` reads it.
+    text_column: str | None = PrepareConfig.model_fields["text_column"]
+    label_column: str | None = PrepareConfig.model_fields["label_column"]
+    header: bool = PrepareConfig.model_fields["header"]
 
     _model = field_validator("model")(TrainConfig._known_model.__func__)
 
@@ -227,7 +231,8 @@ class ExperimentSettings(StepConfig):
         return PACKAGED + self.model if self.model in PACKAGED_MODELS else None
 
     def target_prepare(self, image_size: int | None = None, channels: int | None = None) -> PrepareConfig:
-        return PrepareConfig(uri=self.target, image_size=image_size, channels=channels)
+        return PrepareConfig(uri=self.target, image_size=image_size, channels=channels, text_column=self.text_column,
+                             label_column=self.label_column, header=self.header)
 
     def source_prepare(self, target_shape: list[int]) -> PrepareConfig:
         """The source at the target's shape: a backbone takes the images it will be transferred to."""
@@ -241,8 +246,10 @@ class ExperimentSettings(StepConfig):
     def transfer(self, target_data: str, backbone: str, strategy: str, seed: int = 0, source_data: str | None = None,
                  teacher: str | None = None, **settings) -> TrainConfig:
         """A transfer of `backbone` to the target; the source goes to the strategies that read it."""
-        if strategy not in TrainConfig.strategy_options()["source_data"]:
-            source_data = None
+        from tl_core.checkpoints import PACKAGED
+
+        if strategy not in TrainConfig.strategy_options()["source_data"] or str(source_data).startswith(PACKAGED):
+            source_data = None  # a packaged encoder is the source, with no source data
         if strategy == "distill":
             settings = {"teacher": teacher, "use_unlabeled": True, **settings}
         return TrainConfig(**{"data": target_data, "backbone": backbone, "strategy": strategy, "shots": self.shots,

@@ -22,7 +22,6 @@ from tl_core import storage, tracking
 from tl_core.baselines import TFIDF_LR, tfidf_logistic
 from tl_core.config import ExperimentConfig, ExperimentSettings, PrepareConfig, SearchSettings, TrainConfig
 from tl_core.data import load_prepared, prepare
-from tl_core.data.text import is_text_uri
 from tl_core.errors import UserError
 from tl_core.evaluate import (
     Evaluation,
@@ -49,6 +48,7 @@ def prepare_step(cfg: PrepareConfig) -> dict:
             "shape": data.shape,
             "train_images": sum(counts["train"].values()),
             "test_images": sum(counts["test"].values()),
+            "text": data.text,
             "reused": reused,
         }
         tracking.log_metrics({"train_images": summary["train_images"], "test_images": summary["test_images"]})
@@ -201,26 +201,41 @@ def source_only(backbone: str, source: dict, target: dict, seeds: list[int]) -> 
              "checkpoint": backbone, "run_id": ev["run_id"]} for seed in seeds]
 
 
+def prepare_source(settings: ExperimentSettings, target: dict) -> dict:
+    """The source at the target's shape (`target`: prepare_step's summary); a packaged encoder
+    (`--model minilm-l6`) is its own source: nothing is prepared, and the summary says so."""
+    packaged = settings.packaged_backbone()
+    if packaged:
+        return {"path": packaged, "packaged": True}
+    if target.get("text"):
+        raise UserError(f"the target is text, and {settings.model} cannot be pretrained on a source of images for it: "
+                        "pass --model minilm-l6 (the packaged encoder is the source)")
+    return prepare_step(settings.source_prepare(target["shape"]))
+
+
+def pretrain_source(settings: ExperimentSettings, source: dict, on_report: Progress | None = None) -> dict:
+    """The backbone pretrained on the prepared source; a packaged encoder is pretrained already."""
+    if source.get("packaged"):
+        return {"checkpoint": source["path"], "metrics": None}
+    return pretrain_step(settings.pretrain(source["path"]), on_report)
+
+
 def prepare_and_pretrain(settings: ExperimentSettings, say: Callable[[str], None] = print,
                          on_report: Progress | None = None, image_size: int | None = None,
                          channels: int | None = None) -> tuple[dict, dict, dict]:
     """The target, the source at the target's shape, and the backbone pretrained on the source:
-    the first steps of `tl run`, of `tl tune` without a base config, and of the pipeline. A
-    packaged encoder (`--model minilm-l6`) is its own source: nothing to prepare or pretrain."""
+    the first steps of `tl run` and of `tl tune` without a base config, the pipeline's first
+    three steps."""
     say(f"preparing the target {settings.target}")
     target = prepare_step(settings.target_prepare(image_size, channels))
     packaged = settings.packaged_backbone()
-    if packaged:
-        say(f"the source is the pretrained encoder {packaged}: no source data, no pretraining")
-        return target, {"path": packaged, "packaged": True}, {"checkpoint": packaged, "metrics": None}
-    if is_text_uri(settings.target):
-        raise UserError(f"the target {settings.target} is text, which {settings.model} cannot pretrain on a source "
-                        "of images: pass --model minilm-l6 (the packaged encoder is the source)")
-    say(f"preparing the source {settings.source} at the target's shape {target['shape']}")
-    source = prepare_step(settings.source_prepare(target["shape"]))
-    say(f"pretraining {settings.model} on the source ({source['train_images']} images, "
-        f"{settings.pretrain_epochs} epochs)")
-    return target, source, pretrain_step(settings.pretrain(source["path"]), on_report)
+    say(f"the source is the pretrained encoder {packaged}: no source data, no pretraining" if packaged else
+        f"preparing the source {settings.source} at the target's shape {target['shape']}")
+    source = prepare_source(settings, target)
+    if not packaged:
+        say(f"pretraining {settings.model} on the source ({source['train_images']} images, "
+            f"{settings.pretrain_epochs} epochs)")
+    return target, source, pretrain_source(settings, source, on_report)
 
 
 def search_base(settings: SearchSettings, say: Callable[[str], None] = print) -> dict:
@@ -248,7 +263,7 @@ def run_step(cfg: ExperimentConfig, on_progress: Callable[[str], None] | None = 
         results = [] if labels else source_only(pretrain["checkpoint"], source, target, cfg.seeds)
         text = load_prepared(target["path"]).text
         classic = [TFIDF_LR] if text and labels else []  # the practitioner's baseline, on the same labels
-        source_data = None if source.get("packaged") else source["path"]
+        source_data = source["path"]  # a packaged encoder's is no data: the strategies that read data drop it
         for seed in cfg.seeds:
             done = {}
             if labels:
