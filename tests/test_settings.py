@@ -57,7 +57,7 @@ def test_every_setting_is_a_flag_with_its_description():
             assert flag(name) in transfer, name
         assert (flag(name) in pretrain) == (name not in options and name not in ("strategy", "backbone", "model_kwargs"))
     for name in ExperimentConfig.model_fields:
-        assert flag(name) in flags("run")
+        assert (flag(name) in flags("run")) == (name != "recipes"), name  # recipes: a mapping, config files only
     for name in PipelineConfig.model_fields:
         assert flag(name) in flags("pipeline run")
     help_text = tl("transfer", "--help").stdout.replace("│", " ")
@@ -85,3 +85,19 @@ def test_transfer_help_lists_every_strategy():
 def test_a_bad_flag_value_is_one_error_line(workdir):
     assert "shots" in tl_error("run", "--shots", "some")
     assert "which finetune needs" in tl_error("pipeline", "run", "--local", "--shots", "0")
+
+
+def test_tl_run_recipes_give_each_strategy_its_own_settings_and_nothing_else(workdir, tmp_path):
+    cfg = ExperimentConfig(recipes={"linear-probe": {"lr": 0.05}, "scratch": {"epochs": 60}})
+    assert cfg.transfer("d", "b", "linear-probe", 0, **cfg.recipe("linear-probe")).lr == 0.05
+    assert cfg.transfer("d", "b", "finetune", 0, **cfg.recipe("finetune")).lr == cfg.lr  # no recipe: the shared lr
+    assert cfg.transfer("d", "b", "scratch", 0, **cfg.recipe("scratch")).epochs == 60
+    for recipes, expected in [
+        ("{setfit: {lr: 1}}", "recipes has settings for 'setfit', which this run does not train"),
+        ("{finetune: {shots: 3}}", "'shots' is not a setting a recipe can change"),
+        ("{finetune: {lr: -1}}", "recipes.finetune.lr: Input should be greater than 0"),
+        ("[1, 2]", "recipes: Input should be a valid dictionary"),
+    ]:
+        file = tmp_path / "recipes.yaml"
+        file.write_text(f"recipes: {recipes}\n")
+        assert expected in tl_error("run", "--config", file)

@@ -225,14 +225,21 @@ def test_a_registered_text_model_predicts_raw_strings_in_a_fresh_process(agnews,
 
 def test_tl_run_on_text_has_scratch_tfidf_and_the_transfer_in_one_table(agnews, module_workdir):
     """`tl run --model minilm-l6`: no source, no pretraining; scratch (text_cnn) and TF-IDF + LR on
-    the same labels beside the transfer."""
+    the same labels beside the transfer, each strategy with its recipe from the config file."""
+    from tl_core.checkpoints import load_checkpoint
+
     folder = module_workdir / "agnews-with-header"
     folder.mkdir(exist_ok=True)
     for split in ("train", "test"):
         rows = (module_workdir / "agnews" / f"{split}.tsv").read_text(encoding="utf-8")
         (folder / f"{split}.tsv").write_text("text\tlabel\n" + rows, encoding="utf-8")
-    summary = tl_json("run", "--target", f"tsv:{folder}", "--model", "minilm-l6", "--shots", 8, "--seeds", "0",
-                      "--strategies", "linear-probe", "--epochs", 30, "--lr", 0.05)
+    recipes = module_workdir / "recipes.yaml"  # the linear head its own lr; scratch keeps the shared one
+    recipes.write_text("recipes:\n  linear-probe: {lr: 0.05}\n")
+    summary = tl_json("run", "--config", recipes, "--target", f"tsv:{folder}", "--model", "minilm-l6", "--shots", 8,
+                      "--seeds", "0", "--strategies", "linear-probe", "--epochs", 30)
+    lrs = {run["strategy"]: load_checkpoint(run["checkpoint"])["config"]["lr"] for run in summary["runs"]
+           if run["strategy"] != "tfidf-lr"}
+    assert lrs == {"scratch": TrainConfig.model_fields["lr"].default, "linear-probe": 0.05}
     table = {row["strategy"]: row for row in summary["table"]}
     assert list(table) == ["scratch", "tfidf-lr", "linear-probe"]
     assert summary["pretrain"] == {"checkpoint": "packaged:minilm-l6", "metrics": None}

@@ -96,6 +96,9 @@ def strategy_option(default, description: str, strategies: tuple[str, ...], **co
 
 FEW_SHOT = ("protonet", "maml", "episodic-finetune")
 FINETUNES = ("finetune", "setfit")  # setfit is finetune with a pair loss: the same schedule of blocks and LRs
+# What a tl run recipe may not change: what makes its runs comparable (the same data, labels and
+# seeds) and what tl run wires itself (the backbone, the source, distill's teacher).
+RECIPE_FIXED = ("data", "strategy", "backbone", "shots", "seed", "source_data", "teacher")
 
 
 class TrainConfig(StepConfig):
@@ -273,6 +276,11 @@ class ExperimentConfig(ExperimentSettings):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="seeds, one transfer of each strategy each")
     strategies: list[str] = Field(default_factory=lambda: ["linear-probe", "finetune"],
                                   description="strategies besides the baseline")
+    # One learning rate rarely suits every strategy (a linear head on cached features wants far
+    # more than a fine-tuned encoder), so a --config file may give each its own settings.
+    recipes: dict[str, dict] = Field(default_factory=dict, description="per-strategy training settings over the "
+                                     "shared ones (YAML only), e.g. {linear-probe: {lr: 0.05}, finetune: {lr: 0.001, "
+                                     "backbone_lr_mult: 0.05}}; scratch: the baseline's")
 
     @field_validator("strategies")
     @classmethod
@@ -297,6 +305,27 @@ class ExperimentConfig(ExperimentSettings):
                 raise ValueError(f"shots 0 gives the target no labels, which {other[0]} needs: choose strategies "
                                  f"that adapt to unlabeled images ({', '.join(adapting)}), or give shots > 0")
         return self
+
+    @model_validator(mode="after")
+    def _recipes_are_training_settings(self) -> "ExperimentConfig":
+        for strategy, recipe in self.recipes.items():
+            if strategy not in ("scratch", *self.strategies):
+                raise ValueError(f"recipes has settings for {strategy!r}, which this run does not train: name one of "
+                                 f"scratch, {', '.join(self.strategies)}")
+            unknown = [k for k in recipe if k not in TrainConfig.model_fields or k in RECIPE_FIXED]
+            if unknown:
+                raise ValueError(f"recipes.{strategy}: {unknown[0]!r} is not a setting a recipe can change (tl run sets "
+                                 f"{', '.join(RECIPE_FIXED)} the same for every strategy)")
+            try:
+                TrainConfig(data="-", strategy=strategy, **recipe)  # each value checked as a training run checks it
+            except ValidationError as err:
+                first = err.errors()[0]
+                raise ValueError(f"recipes.{strategy}.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        return self
+
+    def recipe(self, strategy: str) -> dict:
+        """The settings of `strategy`'s runs that differ from the shared ones."""
+        return dict(self.recipes.get(strategy, {}))
 
 
 class SearchSettings(ExperimentSettings):

@@ -268,8 +268,8 @@ def run_step(cfg: ExperimentConfig, on_progress: Callable[[str], None] | None = 
             done = {}
             if labels:
                 say(f"seed {seed}: scratch baseline on {cfg.shots or 'all'} shots per class")
-                done["scratch"] = train_step(cfg.transfer(target["path"], pretrain["checkpoint"], "scratch", seed),
-                                             "transfer", on_report)
+                done["scratch"] = train_step(cfg.transfer(target["path"], pretrain["checkpoint"], "scratch", seed,
+                                                          **cfg.recipe("scratch")), "transfer", on_report)
                 results.append(done["scratch"])
             if classic:
                 say(f"seed {seed}: {TFIDF_LR} on the same labels")
@@ -279,7 +279,7 @@ def run_step(cfg: ExperimentConfig, on_progress: Callable[[str], None] | None = 
                 say(f"seed {seed}: {strategy}")
                 teacher = done.get("finetune", {}).get("checkpoint")
                 run_cfg = cfg.transfer(target["path"], pretrain["checkpoint"], strategy, seed,
-                                       source_data=source_data, teacher=teacher)
+                                       source_data=source_data, teacher=teacher, **cfg.recipe(strategy))
                 done[strategy] = train_step(run_cfg, "transfer", on_report,
                                             scratch_accuracy=reference["metrics"]["accuracy"])
                 results.append(done[strategy])
