@@ -51,9 +51,10 @@ def test_the_image_runs_tl_as_uid_1000_with_a_consistent_environment(image):
     assert uid.stdout.strip() == "1000"
     check = docker("run", "--rm", "--network", "host", "--entrypoint", "pip", image, "check")
     assert check.returncode == 0, check.stdout + check.stderr
-    # No compiler and no pip cache in the runtime stage.
+    # No compiler, no pip cache and no apt caches in the runtime stage.
     leftovers = docker("run", "--rm", "--network", "host", "--entrypoint", "sh", image, "-c",
-                       "command -v gcc cc; ls /home/tl/.cache/pip /root/.cache/pip 2>/dev/null")
+                       "command -v gcc cc; ls /home/tl/.cache/pip /root/.cache/pip /var/cache/apt/*.bin "
+                       "/var/cache/apt/archives/*.deb /var/lib/apt/lists/*_Packages* 2>/dev/null")
     assert leftovers.stdout.strip() == ""
     # The image runs what the tests run: the same lock.
     freeze = docker("run", "--rm", "--network", "host", "--entrypoint", "pip", image, "freeze", "--all")
