@@ -176,6 +176,18 @@ def test_setfit_and_distill_train_on_text(agnews):
     assert metrics["train_images"] == 32 and metrics["test_accuracy"] > 0.25
 
 
+def test_a_head_started_from_the_class_descriptions_learns_from_one_label(agnews, module_workdir):
+    """--head-init descriptions: the head starts as the zero-shot classifier, so one label a class
+    refines it instead of being all it has."""
+    descriptions = module_workdir / "agnews-head.yaml"
+    descriptions.write_text("descriptions:\n" + "".join(f'  "{k}": "{v}"\n' for k, v in AG_DESCRIPTIONS.items()))
+    runs = {init: tl_json("transfer", "--data", agnews.path, "--strategy", "linear-probe", "--backbone",
+                          "packaged:minilm-l6", "--shots", 1, "--epochs", 30, "--lr", 0.05, "--head-init", init,
+                          "--attributes", descriptions, "--eval-every", 0, "--checkpoint-every", 0, "--no-baseline")
+            for init in ("random", "descriptions")}
+    assert runs["descriptions"]["metrics"]["accuracy"] > max(0.6, runs["random"]["metrics"]["accuracy"])
+
+
 def _without(path, name: str):
     lines = [line for line in path.read_text().splitlines() if not line.strip().startswith(f'"{name}"')]
     out = path.with_name(f"without-{name}.yaml")

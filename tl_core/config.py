@@ -96,6 +96,7 @@ def strategy_option(default, description: str, strategies: tuple[str, ...], **co
 
 FEW_SHOT = ("protonet", "maml", "episodic-finetune")
 FINETUNES = ("finetune", "setfit")  # setfit is finetune with a pair loss: the same schedule of blocks and LRs
+HEAD_FROM_DESCRIPTIONS = ("linear-probe", *FINETUNES)
 # What a tl run recipe may not change: what makes its runs comparable (the same data, labels and
 # seeds) and what tl run wires itself (the backbone, the source, distill's teacher).
 RECIPE_FIXED = ("data", "strategy", "backbone", "shots", "seed", "source_data", "teacher")
@@ -126,6 +127,11 @@ class TrainConfig(StepConfig):
                                           FINETUNES, ge=0)
     l2sp_alpha: float = strategy_option(0.0, "L2-SP: pull the backbone towards its pretrained weights", ("finetune",), ge=0)
     l2sp_beta: float = strategy_option(0.0, "L2-SP: L2 on the new head", ("finetune",), ge=0)
+    head_init: Literal["random", "descriptions"] = strategy_option(
+        "random", "descriptions: the new head starts as the zero-shot classifier, each class's weights its description's "
+        "embedding (from --attributes; default: the class names)", HEAD_FROM_DESCRIPTIONS)
+    head_prior: float = strategy_option(0.05, "with --head-init descriptions: pull the head towards its start, "
+                                        "head_prior/2 * ||W - W_start||^2", HEAD_FROM_DESCRIPTIONS, ge=0)
     teacher: str | None = strategy_option(None, "the teacher's checkpoint (trained on the target classes)", ("distill",))
     temperature: float = strategy_option(4.0, "softmax temperature T of the soft labels", ("distill",), gt=0)
     alpha: float = strategy_option(0.7, "weight of the soft-label term (1 - alpha on hard labels)", ("distill",), ge=0, le=1)
@@ -149,7 +155,8 @@ class TrainConfig(StepConfig):
     attributes: str | None = strategy_option(None, "class descriptions file: `glyphs:` (images; default: each "
                                              "class name's printed glyph), `descriptions:` (text, a sentence per "
                                              "class; default: the class names), or `attributes:` signatures "
-                                             "(direct attribute prediction, e.g. seven_segment.yaml)", ("zero-shot",))
+                                             "(direct attribute prediction, e.g. seven_segment.yaml)",
+                                             ("zero-shot", *HEAD_FROM_DESCRIPTIONS))
     unseen_classes: list[ClassName] = strategy_option([], "classes never seen with labels (by descriptions: "
                                                       "default every class)", ("zero-shot",))
     # Where and how it runs.

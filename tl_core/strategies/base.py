@@ -33,6 +33,7 @@ class Strategy:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.head_start: torch.Tensor | None = None  # the head's weights as --head-init descriptions set them
 
     # -- the model ---------------------------------------------------------------------------
     def architecture(self, backbone: dict | None, shape: list[int]) -> tuple[str, dict]:
@@ -65,7 +66,22 @@ class Strategy:
         model = create_model(name, num_classes, in_channels, **kwargs)
         if self.needs_backbone:
             load_state(model.backbone, backbone_state(backbone), self.cfg.backbone, part="backbone")
+        if self.cfg.head_init == "descriptions":
+            from tl_core.strategies.zero_shot import description_head
+
+            model.head.weight.data = description_head(model, self.cfg, shape)
+            model.head.bias.data.zero_()
+            self.head_start = model.head.weight.detach().clone()
         return model, model_spec(name, num_classes, in_channels, kwargs)
+
+    def head_penalty(self, net: nn.Module) -> torch.Tensor | float:
+        """head_prior/2 * ||W - W_start||^2 on a head that started from the class descriptions
+        (the trainable module is the head itself, or holds it as `.head`), else 0."""
+        if self.head_start is None or not self.cfg.head_prior:
+            return 0.0
+        head = unwrap(net)
+        weight = getattr(head, "head", head).weight
+        return self.cfg.head_prior / 2 * ((weight - self.head_start.to(weight.device)) ** 2).sum()
 
     # -- what trains, on what --------------------------------------------------------------
     def trainable(self, model: Classifier) -> nn.Module:
@@ -103,7 +119,7 @@ class Strategy:
         statistics)."""
 
     def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(net(x), y)
+        return F.cross_entropy(net(x), y) + self.head_penalty(net)
 
     @classmethod
     def predict(cls, model: Classifier, cfg, x: torch.Tensor, y: torch.Tensor, classes: list[str],

@@ -74,7 +74,7 @@ class Finetune(Strategy):
                 group["lr"] = group["base_lr"] if group["block"] >= first else 0.0
 
     def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(net(x), y)
+        loss = F.cross_entropy(net(x), y) + self.head_penalty(net)
         model: Classifier = unwrap(net)
         if self.cfg.l2sp_alpha:
             drift = sum(((p - self.anchor[n].to(p.device)) ** 2).sum() for n, p in model.backbone.named_parameters()

@@ -65,4 +65,4 @@ class SetFit(Finetune):
 
     def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         features, logits = net(x)
-        return pair_loss(features, y) + F.cross_entropy(logits, y)
+        return pair_loss(features, y) + F.cross_entropy(logits, y) + self.head_penalty(net)

@@ -239,6 +239,18 @@ def class_embeddings(features: torch.Tensor, n_classes: int) -> torch.Tensor:
     return F.normalize(features, dim=-1).view(n_classes, -1, features.shape[-1]).mean(1)
 
 
+@torch.no_grad()
+def description_head(model: Classifier, cfg, shape: list[int]) -> torch.Tensor:
+    """Head weights that score each class by its description: SCALE x the unit embedding of the
+    class's description (num_classes x features), so a head starts as the zero-shot classifier
+    (`--head-init descriptions`) and few labels refine it rather than start from nothing."""
+    classes = load_manifest(cfg.data)["classes"]
+    inputs = description_inputs(cfg, classes, shape)
+    model.eval()
+    features = model.features(inputs.flatten(0, 1))
+    return SCALE * F.normalize(class_embeddings(features, len(classes)), dim=-1)
+
+
 def similarity_logits(features: torch.Tensor, described: torch.Tensor) -> torch.Tensor:
     return SCALE * F.normalize(features, dim=-1) @ F.normalize(described, dim=-1).T
 
