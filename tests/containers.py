@@ -118,9 +118,10 @@ def wait_for(check, seconds: float, what: str) -> float:
     raise TimeoutError(f"{what} not within {seconds} s")
 
 
-def http_ok(url: str) -> bool:
+def http_ok(url: str, timeout: float = 5) -> bool:
+    """A GET answered 200 within `timeout` (5 s: the MLflow manifest's liveness probe timeout)."""
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.status == 200
     except Exception:
         return False
@@ -181,12 +182,17 @@ def mlflow_server(image: str, backend_store_uri: str, s3_endpoint: str, s3_env: 
                  "--entrypoint", command[0], image, *command[1:], *args) as name:
         url = f"http://127.0.0.1:{port}"
 
+        # Ready after 3 answers in a row: with --workers=2 the first answer can come while the
+        # second worker is still starting, and a check just after it once timed out here (load 4).
+        answers = []
+
         def healthy() -> bool:
             if docker("inspect", "-f", "{{.State.Running}}", name).stdout.strip() != "true":
                 raise RuntimeError(f"the MLflow container stopped:\n{docker('logs', name).stderr[-3000:]}")
-            return http_ok(f"{url}/health")
+            answers.append(http_ok(f"{url}/health"))
+            return answers[-3:] == [True] * 3
 
-        wait_for(healthy, 180, "MLflow's /health")
+        wait_for(healthy, 180, "MLflow's /health, 3 times in a row")
         yield url, time.monotonic() - started
 
 
