@@ -178,7 +178,10 @@ def test_a_search_whose_driver_is_killed_resumes_without_rerunning_finished_tria
     trial has finished and the next has started; the resume trains only what was unfinished."""
     import subprocess
 
-    cfg = search(digits, {"lr": {"grid": [BAD_LR, GOOD_LR]}}, search="grid", scheduler="fifo", max_concurrent_trials=1,
+    # 20 epochs a trial, not 5: the second trial must still be running for a few seconds when the
+    # watcher (polling every 0.2 s) sees the first one done; at 5 epochs CI once saw both finish first.
+    spec = {**digits, "epochs": 20}
+    cfg = search(spec, {"lr": {"grid": [BAD_LR, GOOD_LR]}}, search="grid", scheduler="fifo", max_concurrent_trials=1,
                  name="driver-killed")
     config = write_yaml(tmp_path / "search.yaml", cfg.model_dump(mode="json", exclude_none=True))
     run = subprocess.Popen([str(servers.BIN / "tl"), "tune", "--config", str(config)], env=dict(os.environ),
@@ -191,8 +194,8 @@ def test_a_search_whose_driver_is_killed_resumes_without_rerunning_finished_tria
     deadline = time.time() + 600
     while run.poll() is None and time.time() < deadline:
         now = reports()
-        finished = [trial for trial, epochs in now.items() if epochs >= digits["epochs"]]
-        if finished and any(0 < epochs < digits["epochs"] for epochs in now.values()):
+        finished = [trial for trial, epochs in now.items() if epochs >= spec["epochs"]]
+        if finished and any(0 < epochs < spec["epochs"] for epochs in now.values()):
             os.killpg(run.pid, signal.SIGKILL)
             break
         time.sleep(0.2)
@@ -201,7 +204,7 @@ def test_a_search_whose_driver_is_killed_resumes_without_rerunning_finished_tria
 
     s = run_search(cfg.model_copy(update={"resume": True}))
     assert s["resumed"] and s["trials_completed"] == 2 and s["best_params"] == {"lr": GOOD_LR}
-    assert all(reports()[trial] == digits["epochs"] for trial in finished)  # not trained again
+    assert all(reports()[trial] == spec["epochs"] for trial in finished)  # not trained again
 
 
 @pytest.mark.slow
