@@ -47,7 +47,7 @@ def labelled_dataset(data: PreparedDataset, rows: Rows, augment: bool):
                 "index": batch["index"].astype(np.int64)}
 
     ds = ray.data.read_binary_files([path for path, _ in located], filesystem=located[0][1], include_paths=True,
-                                    override_num_blocks=len(located), ray_remote_args={"num_cpus": TASK_CPUS})
+                                    override_num_blocks=len(located), num_cpus=TASK_CPUS)
     ds = ds.randomize_block_order()  # shards in a new order each epoch
     ds = ds.map_batches(checked_rows, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS)
     return ds.map_batches(decoded, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=TASK_CPUS)
