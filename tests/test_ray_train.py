@@ -123,6 +123,28 @@ def test_two_workers_stream_disjoint_shares_through_ray_data(workdir, local_ray,
     assert more["history"][:2] == ckpt["history"] and len(more["history"]) == 3
 
 
+def test_two_workers_stream_their_own_episodes_and_the_source_task(workdir, local_ray, monkeypatch):
+    """Streamed on Ray Train, protonet's workers read the rows of their own episodes (half the
+    epoch's each, no Ray Dataset), and multitask's draw their source batches from its shards."""
+    from tl_core.data import shards
+    from tl_core.train.ray_runner import fit_on_ray, preflight
+
+    monkeypatch.setattr(shards, "SHARD_BYTES", 64 * 100)
+    data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
+    cfg = TrainConfig(data=data.path, strategy="protonet", shots=None, epochs=2, ways=5, episode_shots=1,
+                      episode_queries=5, episodes_per_epoch=20, eval_episodes=20, in_memory_mb=0, workers=2,
+                      runner="ray")
+    assert preflight(cfg) is None  # no Ray Dataset: each worker reads its episodes' rows itself
+    m = fit_on_ray(cfg, run_name="episodes-test")["metrics"]
+    assert m["streamed"] == 1.0 and m["rows_seen_worker0"] == m["rows_seen_worker1"] == 10 * 5 * 6
+    assert m["replica_spread"] == 0.0 and m["test_accuracy"] > 0.6
+    cfg = TrainConfig(data=data.path, strategy="multitask", source_data=data.path, shots=10, epochs=2,
+                      in_memory_mb=0, workers=2, runner="ray")
+    m = fit_on_ray(cfg, run_name="source-test")["metrics"]
+    assert m["streamed"] == 1.0 and m["source_streamed"] == 1.0
+    assert m["replica_spread"] == 0.0 and m["test_accuracy"] > 0.3
+
+
 def test_ray_data_hides_the_labels_of_a_pools_unlabeled_rows(workdir, local_ray, monkeypatch):
     """distill/dann/mcc stream a pool of shots and unlabeled rows: Ray Data hands out the rest as UNLABELED."""
     import numpy as np

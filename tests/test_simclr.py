@@ -100,7 +100,7 @@ def test_bad_source_data_is_a_user_error(workdir, tmp_path):
     with pytest.raises(UserError, match="same --image-size"):
         train(TrainConfig(**small, source_data=larger.path))
     rgb, _ = prepare(PrepareConfig(uri="sklearn:digits", image_size=8, channels=3))
-    with pytest.raises(UserError, match="same --channels"):
+    with pytest.raises(UserError, match=r"shape \[3, 8, 8\], the target \[1, 8, 8\].*--channels"):
         train(TrainConfig(**small, source_data=rgb.path))
 
 

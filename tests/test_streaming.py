@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import tl_error
 from tl_core.config import PrepareConfig, TrainConfig
@@ -36,8 +37,8 @@ def rows_held(monkeypatch):
         seen["max"] = max(seen["max"], len(out[1]))
         return out
 
-    def arrays(self):
-        x, y = original_arrays(self)
+    def arrays(self, train=False):
+        x, y = original_arrays(self, train)
         seen["max"] = max(seen["max"], len(y))
         return x, y
 
@@ -137,6 +138,50 @@ def test_unlabeled_pools_stream_with_their_labels_hidden(workdir, small_shards, 
     cfg = TrainConfig(data=data.path, strategy="dann", source_data=data.path, shots=5, epochs=2, in_memory_mb=0)
     m = fit(cfg, LocalSession(use_gpu=False))["metrics"]
     assert m["streamed"] == 1.0 and m["rows_seen_worker0"] == train_rows and m["test_accuracy"] > 0.2
+
+
+def test_few_shot_episodes_stream_the_same_episodes(workdir, small_shards, rows_held):
+    """Larger than memory, protonet's and maml's episodes are read from the shards an episode at a
+    time (--in-memory-mb 0) and are the very episodes of the in-memory path: the same model."""
+    data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
+    for strategy in ("protonet", "maml"):
+        cfg = TrainConfig(data=data.path, strategy=strategy, shots=None, epochs=2, ways=5, episode_shots=1,
+                          episode_queries=5, episodes_per_epoch=20, eval_episodes=20)
+        in_memory = fit(cfg, LocalSession(use_gpu=False))
+        rows_held["max"] = 0
+        streamed = fit(cfg.model_copy(update={"in_memory_mb": 0}), LocalSession(use_gpu=False))
+        assert "streamed" not in in_memory["metrics"] and streamed["metrics"]["streamed"] == 1.0
+        assert streamed["metrics"]["rows_seen_worker0"] == 20 * 5 * (1 + 5)  # the last epoch's episodes
+        for key, value in in_memory["model"].items():
+            assert torch.equal(value, streamed["model"][key]), f"{strategy}: {key} differs"
+        assert streamed["metrics"]["test_accuracy"] == in_memory["metrics"]["test_accuracy"]
+        if strategy == "protonet":  # scored on features embedded a shard at a time (maml adapts on images)
+            assert rows_held["max"] <= 40, "a path read more than one shard's rows at once"
+
+
+def test_the_source_task_streams_beside_the_target(workdir, small_shards, rows_held):
+    """multitask, dann, mcc and simclr draw source batches beside the target's: a source larger than
+    memory streams, pass after pass, every row once a pass, one shard held at a time."""
+    from tl_core.strategies.base import SourcePool
+
+    data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
+    labels = data.labels("train")
+    pool = SourcePool(TrainConfig(data=data.path, source_data=data.path, in_memory_mb=0, batch_size=32), "dann")
+    assert pool.streamed and pool.x is None
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):  # two whole passes, drawn in uneven batches
+        drawn = [pool.draw(n, generator, torch.device("cpu"))[1] for n in (50,) * (len(labels) // 50)]
+        drawn.append(pool.draw(len(labels) % 50, generator, torch.device("cpu"))[1])
+        assert sorted(torch.cat(drawn).tolist()) == sorted(labels.tolist())
+    in_memory = SourcePool(TrainConfig(data=data.path, source_data=data.path), "dann")
+    assert not in_memory.streamed and len(in_memory.y) == len(labels)
+
+    for strategy in ("multitask", "simclr"):
+        rows_held["max"] = 0
+        cfg = TrainConfig(data=data.path, strategy=strategy, source_data=data.path, shots=5, epochs=2, augment=0,
+                          in_memory_mb=0)
+        m = fit(cfg, LocalSession(use_gpu=False))["metrics"]
+        assert m["streamed"] == 1.0 and m["source_streamed"] == 1.0 and rows_held["max"] <= 40, strategy
 
 
 def test_a_corrupt_shard_is_refused_by_name(workdir):

@@ -161,7 +161,7 @@ class TrainConfig(StepConfig):
                                                       "default every class)", ("zero-shot",))
     # Where and how it runs.
     in_memory_mb: int = Field(2048, ge=0, description="hold training images in memory up to this many MB (as "
-                              "float32); a larger labelled set streams from its shards, larger pools are sampled")
+                              "float32); a larger training set, unlabeled pool or source task streams from its shards")
     workers: int = Field(1, ge=1, description="Ray Train workers; 1 runs in this process (unless RAY_ADDRESS is set)")
     runner: Literal["auto", "local", "ray"] = "auto"
     max_failures: int = Field(2, ge=-1, description="on Ray Train: restart the workers this many times after one "

@@ -126,6 +126,41 @@ def waited(loader, get):
     return item
 
 
+class StreamedEpisodes(Episodes):
+    """Episodes whose images stay in their shards (`rows`, a `Rows` of a prepared split): drawn
+    from the labels exactly as `Episodes` draws them (the same seed gives the same episodes), then
+    read a block at a time: the rows of as many next episodes as `block_rows` holds, one shard at
+    a time, keeping only those rows (photos cropped anew, at random with `augment`)."""
+
+    def __init__(self, rows, normalise, ways: int, shots: int, queries: int, episodes: int, seed: int,
+                 rank: int = 0, world_size: int = 1, augment: bool = False, block_rows: int = 4096):
+        super().__init__(None, rows.labels(), ways, shots, queries, episodes, seed, rank, world_size)
+        self.rows, self.normalise, self.augment = rows, normalise, augment
+        self.block_episodes = max(1, block_rows // (ways * (shots + queries)))
+        self.rows_seen, self.bytes_seen, self.wait_seconds = 0, 0, 0.0
+
+    def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The images of some of these rows (positions in `rows`), sorted by row, and their row numbers."""
+        wanted = np.unique(positions if self.rows.indices is None else self.rows.indices[positions])
+        x, _ = self.rows.data.rows(self.rows.split, wanted).arrays(train=self.augment)
+        return x, wanted
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+        labels = self.episode_labels()
+        self.rows_seen, self.bytes_seen, self.wait_seconds = 0, 0, 0.0
+        left = self.episodes
+        while left:
+            block = [self.episode_indices(rng)[0] for _ in range(min(left, self.block_episodes))]
+            left -= len(block)
+            x, wanted = waited(self, lambda: self.read(np.concatenate(block)))
+            self.bytes_seen += x.nbytes
+            for positions in block:
+                rows = positions if self.rows.indices is None else self.rows.indices[positions]
+                self.rows_seen += len(rows)
+                yield self.normalise(x[np.searchsorted(wanted, rows)]), labels
+
+
 class StreamedBatches:
     """Mini-batches streamed from the shards of `rows` (a `Rows` of a prepared dataset), for one
     worker of `world_size`: at most `prefetch` + 1 shards are held at once, read and decoded by

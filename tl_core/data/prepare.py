@@ -150,9 +150,9 @@ class Rows:
             x, y, _ = self.chunk_of(entry, train)
             yield x, y
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    def arrays(self, train: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """All these rows at once: for selections known to be small (k shots, a validation set)."""
-        parts = list(self.chunks())
+        parts = list(self.chunks(train))
         if not parts:
             return np.zeros((0, *self.data.shape), dtype=np.uint8), np.zeros(0, dtype=np.int64)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

@@ -8,7 +8,7 @@ from torch import nn
 
 from tl_core.checkpoints import load_state
 from tl_core.data import load_prepared
-from tl_core.data.batches import ShuffledBatches
+from tl_core.data.batches import ShuffledBatches, StreamedBatches
 from tl_core.errors import UserError
 from tl_core.models import Classifier, create_model, defaults_for_shape, model_spec, predict_logits
 
@@ -23,8 +23,11 @@ class Strategy:
     # True: it can train on its training images streamed from shards (larger than memory, or
     # photos cropped anew each epoch) through `stream_set`: the labelled shots, and with
     # `uses_unlabeled` the whole pool, the unlabeled rows labelled UNLABELED. False: it needs its
-    # training images in memory (its unlabeled pool then a seeded sample of what fits).
+    # training images in memory (every strategy with `uses_unlabeled` streams).
     streams = False
+    # False where streamed batches are not a share of the rows (episodes): each worker then reads
+    # its own batches' rows itself (`stream_batches`), and a Ray Train run builds no Ray Dataset.
+    streams_shares = True
     # False where the model is no classifier of the dataset's classes (few-shot episodes on unseen
     # classes, zero-shot attribute signatures): then there is no scratch baseline on the same
     # labels, no `tl run`, and no registry pyfunc (which predicts the dataset's classes).
@@ -104,6 +107,11 @@ class Strategy:
         mini-batches by default; episodes for the few-shot strategies."""
         return ShuffledBatches(x, y, batch_size, self.cfg.seed, rank, world_size)
 
+    def stream_batches(self, rows, normalise, batch_size: int, session):
+        """One worker's training batches streamed from the shards of `rows`: its share of them, in
+        this process or through Ray Data (see `session.stream`)."""
+        return session.stream(rows, normalise, batch_size, self.cfg.seed, augment=self.cfg.augment > 0)
+
     def on_loader(self, loader, rank: int) -> None:
         """The loader this worker trains from (in memory or streamed), once before the first epoch."""
 
@@ -131,6 +139,13 @@ class Strategy:
         attributes) override it."""
         return predict_logits(model, x, device), y, classes
 
+    @classmethod
+    def set_input(cls, model: Classifier, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Where `predict` scores a split as one set (an override of it): what that set holds of
+        each chunk of images, made a chunk at a time. The images themselves by default; their
+        features (small) where that is all `predict` needs (protonet's episodes)."""
+        return x
+
     # State beyond the model's own weights (e.g. an extra head), saved in checkpoints for resume.
     def extra_state(self, net: nn.Module) -> dict:
         return {}
@@ -143,9 +158,10 @@ def predict_chunks(strategy: type[Strategy], model: Classifier, cfg, chunks, cla
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """`strategy.predict` over a split given as chunks of (normalised images, labels): chunk by
     chunk (one shard of images held at a time) where the strategy scores each image alone, as
-    one set where it scores the set as a whole (few-shot episodes, zero-shot signatures)."""
+    one set where it scores the set as a whole (few-shot episodes, zero-shot signatures), that set
+    made a chunk at a time (`set_input`)."""
     if strategy.predict.__func__ is not Strategy.predict.__func__:
-        parts = list(chunks)
+        parts = [(strategy.set_input(model, x, device), y) for x, y in chunks]
         x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         return strategy.predict(model, cfg, x, y, classes, device)
     logits, labels = [], []
@@ -164,34 +180,55 @@ def backbone_state(ckpt: dict) -> dict:
     return {k[len(prefix) :]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
 
 
-def load_source(cfg, strategy: str) -> tuple:
+class SourcePool:
     """The labelled source task (`--source-data`) that a strategy trains beside the target
-    (multitask, dann, mcc, simclr): the prepared dataset, and its train split as normalised images
-    and labels (a seeded random subset of what fits in `cfg.in_memory_mb`, if it is larger)."""
-    if not cfg.source_data:
-        raise UserError(f"strategy {strategy} needs the source task: pass --source-data with a prepared dataset")
-    source = load_prepared(cfg.source_data)
-    x, y = in_memory_sample(source, "train", None, cfg).tensors()
-    return source, x, y
+    (multitask, dann, mcc, simclr), drawn from a batch at a time. Its train split is held in
+    memory when it fits in `in_memory_mb` as float32 (batches drawn with replacement, the fast
+    path); larger, or photos (cropped anew each time), it streams from its shards: pass after pass,
+    each in a new order, one shard and the next held at a time."""
 
+    def __init__(self, cfg, strategy: str):
+        if not cfg.source_data:
+            raise UserError(f"strategy {strategy} needs the source task: pass --source-data with a prepared dataset")
+        self.data = load_prepared(cfg.source_data)
+        self.rows = self.data.rows("train")
+        self.streamed = self.rows.float_bytes() > cfg.in_memory_mb * 2**20 or self.data.photos
+        self.x, self.y = (None, None) if self.streamed else self.rows.tensors()
+        self.augment = cfg.augment > 0
+        self.batch_size = cfg.batch_size
+        self._passes = None  # the stream's batches, once the first draw started it
+        self._held: tuple[torch.Tensor, torch.Tensor] | None = None  # what the last streamed batch left over
 
-def in_memory_sample(data, split: str, rows, cfg):
-    """`rows` of a split (None: all) as `Rows`, or a seeded random subset of them when they would
-    take more than `cfg.in_memory_mb` as float32: the pools that strategies hold in memory beside
-    the labelled set (unlabeled images, the source task) stay bounded."""
-    import numpy as np
+    def __len__(self) -> int:
+        return len(self.rows)
 
-    rows = np.arange(len(data.rows(split))) if rows is None else np.asarray(rows)
-    fits = max(1, cfg.in_memory_mb * 2**20 // (4 * int(np.prod(data.shape))))
-    if len(rows) > fits:
-        rows = np.sort(np.random.default_rng(cfg.seed).choice(rows, fits, replace=False))
-    return data.rows(split, rows)
+    def draw(self, n: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`n` images and labels: drawn at random (in memory), or the next `n` of the stream."""
+        if not self.streamed:
+            return draw_batch(self.x, self.y, n, generator, device)
+        if self._passes is None:  # seeded by the caller's generator: each worker its own order
+            self._passes = self._stream(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+        x, y = self._held if self._held is not None else next(self._passes)
+        while len(y) < n:
+            more_x, more_y = next(self._passes)
+            x, y = torch.cat([x, more_x]), torch.cat([y, more_y])
+        self._held = (x[n:], y[n:]) if len(y) > n else None
+        return x[:n].to(device), y[:n].to(device)
+
+    def _stream(self, seed: int):
+        from itertools import count
+
+        batches = StreamedBatches(self.rows, self.data.normalise, self.batch_size, seed, self.augment)
+        for number in count():
+            batches.set_epoch(number)
+            yield from batches
 
 
 def draw_batch(x: torch.Tensor, y: torch.Tensor, n: int, generator: torch.Generator,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """`n` examples drawn with replacement: a batch of a second dataset beside the loader's, which
-    sets the epoch's length (the source task's images; a few labelled shots among many unlabeled)."""
+    """`n` examples drawn with replacement: a batch of a second set beside the loader's, which
+    sets the epoch's length (the source task's images in memory; a few labelled shots among many
+    unlabeled)."""
     pick = torch.randint(0, len(y), (n,), generator=generator)
     return x[pick].to(device), y[pick].to(device)
 

@@ -6,7 +6,8 @@ concatenated images (one batch-norm batch, and DDP synchronises every gradient):
 
 - the loader's batch of target images: the unlabeled rest of the target's train pool (all of it
   with `--shots 0`), and the labelled shots among them;
-- a source batch of the same size, drawn with replacement from `--source-data`;
+- a source batch of the same size from `--source-data`: drawn with replacement, or the next of
+  its stream where it is larger than memory (see `SourcePool`);
 - with target labels (`--shots N`), an extra batch of the same size drawn from the labelled
   shots, so that 10 labels per class are not drowned out by thousands of unlabeled images.
 
@@ -33,8 +34,8 @@ Shared by both: the papers' learning-rate annealing over training progress p, lr
 the model tests with are re-estimated on the target's train images (AdaBN, Li et al. 2016): the
 running statistics of the training batches, half source images, fit neither domain (on MNIST ->
 USPS they cost dann up to 20 points). A target pool larger than memory (or photos) streams from
-its shards; its statistics are then re-estimated on a seeded sample of it, and the source batches
-are drawn from a seeded sample of the source that fits in memory.
+its shards; its statistics are then re-estimated on a seeded sample of it. So does a source
+larger than memory.
 
 The start point is `--backbone`, a checkpoint trained on the source: since the source and the
 target share their classes, its head is loaded too (the source-only model is the start), unless
@@ -60,7 +61,7 @@ from tl_core.data.transforms import random_shift
 from tl_core.errors import UserError
 from tl_core.models import Classifier
 from tl_core.strategies._registry import register_strategy
-from tl_core.strategies.base import Strategy, draw_batch, load_source, unwrap
+from tl_core.strategies.base import SourcePool, Strategy, draw_batch, unwrap
 
 DOMAIN_HIDDEN = 256  # width of the domain classifier's hidden layers (dann)
 BATCH_NORM_IMAGES = 8192  # a streamed pool's batch-norm statistics are re-estimated on a sample this large
@@ -151,7 +152,8 @@ class DomainAdaptation(Strategy):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.needs_backbone = cfg.backbone is not None  # random init unless --backbone
-        source, self.source_x, self.source_y = load_source(cfg, self.name)
+        self.source = SourcePool(cfg, self.name)
+        source = self.source.data
         target = load_manifest(cfg.data)  # fit loads its images; here only its classes and shape
         target_classes, target_shape = target["classes"], list(target["shape"])
         if source.classes != target_classes:
@@ -227,19 +229,19 @@ class DomainAdaptation(Strategy):
         """Share of training done, in [0, 1]."""
         return min(1.0, (self.epoch + self.step / self.steps_per_epoch) / self.cfg.epochs)
 
-    def draw(self, x: torch.Tensor, y: torch.Tensor, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch drawn with replacement, shifted as the loop shifts the loader's batch."""
-        xb, yb = draw_batch(x, y, n, self.generator, device)
-        if self.cfg.augment:
-            xb = random_shift(xb, self.cfg.augment, self.generator)
-        return xb, yb
+    def shifted(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A drawn batch shifted as the loop shifts the loader's (photos are cropped when decoded)."""
+        x, y = batch
+        if self.cfg.augment and not self.source.data.photos:
+            x = random_shift(x, self.cfg.augment, self.generator)
+        return x, y
 
     def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n = len(x)
-        xs, ys = self.draw(self.source_x, self.source_y, n, x.device)
+        xs, ys = self.shifted(self.source.draw(n, self.generator, x.device))
         parts, labels = [xs, x], [y[y >= 0]]
         if self.labelled_x is not None:
-            xl, yl = self.draw(self.labelled_x, self.labelled_y, n, x.device)
+            xl, yl = self.shifted(draw_batch(self.labelled_x, self.labelled_y, n, self.generator, x.device))
             parts.append(xl)
             labels.append(yl)
         # The papers' learning-rate annealing (both DANN and MCC): lr / (1 + 10 p)^0.75.

@@ -47,11 +47,11 @@ from torch.func import functional_call
 from tl_core.checkpoints import load_checkpoint, load_state
 from tl_core.config import TrainConfig
 from tl_core.data import load_prepared, normalise
-from tl_core.data.batches import Episodes, split_episode
+from tl_core.data.batches import Episodes, StreamedEpisodes, split_episode
 from tl_core.errors import UserError
 from tl_core.models import Classifier, build_from_spec
 from tl_core.strategies._registry import STRATEGIES, register_strategy
-from tl_core.strategies.base import Strategy, unwrap
+from tl_core.strategies.base import Strategy, predict_chunks, unwrap
 from tl_core.strategies.linear_probe import extract_features
 
 # The epoch whose episodes evaluation uses. Training episodes come from the train split, so
@@ -98,11 +98,23 @@ class FewShotStrategy(Strategy):
 
 
 class EpisodicStrategy(FewShotStrategy):
-    """protonet and maml: training batches are episodes of the train classes too."""
+    """protonet and maml: training batches are episodes of the train classes too. A train split
+    larger than memory (or photos) streams: each episode's rows are read from the shards a block
+    of episodes at a time, at most `--in-memory-mb` of images held."""
+
+    streams = True
+    streams_shares = False
 
     def batches(self, x, y, batch_size, rank, world_size):
         return Episodes(x, y, self.cfg.ways, self.cfg.episode_shots, self.cfg.episode_queries,
                         self.cfg.episodes_per_epoch, self.cfg.seed, rank, world_size)
+
+    def stream_batches(self, rows, normalise, batch_size, session):
+        cfg = self.cfg
+        block_rows = cfg.in_memory_mb * 2**20 // (4 * math.prod(rows.data.shape))
+        return StreamedEpisodes(rows, normalise, cfg.ways, cfg.episode_shots, cfg.episode_queries, cfg.episodes_per_epoch,
+                                cfg.seed, session.rank, session.world_size, augment=cfg.augment > 0,
+                                block_rows=block_rows)
 
 
 @register_strategy
@@ -119,11 +131,15 @@ class ProtoNet(EpisodicStrategy):
         return F.cross_entropy(prototype_logits(support, support_y, query, self.cfg.ways), query_y)
 
     @classmethod
+    def set_input(cls, model, x, device):
+        # Eval-mode features do not depend on the batch: every test image is embedded once, a
+        # chunk at a time, and the episodes are drawn from the embeddings.
+        return extract_features(model.to(device), x.to(device)).cpu()
+
+    @classmethod
     def predict(cls, model, cfg, x, y, classes, device):
-        # Eval-mode features do not depend on the batch: embed every test image once, then draw
-        # the episodes from the embeddings.
-        features = extract_features(model.to(device), x.to(device)).cpu()
-        return score_episodes(cfg, features, y, lambda s, sy, q: prototype_logits(s, sy, q, cfg.ways))
+        """`x`: the test images' features (`set_input`)."""
+        return score_episodes(cfg, x, y, lambda s, sy, q: prototype_logits(s, sy, q, cfg.ways))
 
 
 @register_strategy
@@ -131,15 +147,18 @@ class EpisodicFinetune(FewShotStrategy):
     """Trains as `scratch` does (plain mini-batches, cross-entropy on the train classes)."""
 
     name = "episodic-finetune"
+    streams = True  # plain mini-batches: streamed as scratch's are
     head_steps = 100  # Adam steps of each episode's new linear head
     head_lr = 0.01
     head_weight_decay = 1e-3
 
+    set_input = ProtoNet.set_input  # the test images' features, a chunk at a time
+
     @classmethod
     def predict(cls, model, cfg, x, y, classes, device):
-        features = extract_features(model.to(device), x.to(device)).cpu()
+        """`x`: the test images' features (`set_input`)."""
         support, support_y, query, query_y = [], [], [], []
-        for batch, labels in evaluation_episodes(cfg, features, y):
+        for batch, labels in evaluation_episodes(cfg, x, y):
             parts = split_episode(batch, labels, cfg.ways, cfg.episode_shots)
             for collected, part in zip((support, support_y, query, query_y), parts):
                 collected.append(part)
@@ -178,11 +197,12 @@ class MAML(EpisodicStrategy):
         return super().build_model(self.cfg.ways, shape, backbone)
 
     def batches(self, x, y, batch_size, rank, world_size):
-        if world_size > 1:
-            # The inner loop calls the model's functional form, outside DDP's forward, so DDP
-            # would not synchronise the meta-gradients.
-            raise UserError("strategy maml trains in one worker: use --workers 1")
+        one_worker(world_size)
         return super().batches(x, y, batch_size, rank, world_size)
+
+    def stream_batches(self, rows, normalise, batch_size, session):
+        one_worker(session.world_size)
+        return super().stream_batches(rows, normalise, batch_size, session)
 
     def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         model = unwrap(net)
@@ -216,6 +236,13 @@ class MAML(EpisodicStrategy):
             return score_episodes(cfg, x, y, episode_logits)
         finally:
             model.train(was_training)
+
+
+def one_worker(world_size: int) -> None:
+    if world_size > 1:
+        # The inner loop calls the model's functional form, outside DDP's forward, so DDP
+        # would not synchronise the meta-gradients.
+        raise UserError("strategy maml trains in one worker: use --workers 1")
 
 
 def adapt(model: nn.Module, params: dict, support: torch.Tensor, support_y: torch.Tensor, steps: int, lr: float,
@@ -260,8 +287,8 @@ def few_shot_accuracy(ckpt_or_model, cfg, data, ways: int | None = None, shots: 
     update = {k: v for k, v in {"ways": ways, "episode_shots": shots, "eval_episodes": episodes,
                                 "episode_queries": queries}.items() if v is not None}
     cfg = cfg.model_copy(update=update)
-    logits, labels, _ = STRATEGIES[cfg.strategy].predict(model, cfg, images, torch.from_numpy(y), data.classes,
-                                                         torch.device("cpu"))
+    logits, labels, _ = predict_chunks(STRATEGIES[cfg.strategy], model, cfg, [(images, torch.from_numpy(y))],
+                                       data.classes, torch.device("cpu"))
     per_episode = (logits.argmax(1) == labels).float().view(cfg.eval_episodes, -1).mean(1)
     ci95 = 1.96 * per_episode.std().item() / math.sqrt(cfg.eval_episodes) if cfg.eval_episodes > 1 else float("nan")
     return per_episode.mean().item(), ci95

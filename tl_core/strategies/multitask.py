@@ -15,7 +15,7 @@ from torch import nn
 from tl_core.errors import UserError
 from tl_core.models import Classifier
 from tl_core.strategies._registry import register_strategy
-from tl_core.strategies.base import Strategy, draw_batch, load_source, unwrap
+from tl_core.strategies.base import SourcePool, Strategy, unwrap
 
 
 class MultitaskNet(nn.Module):
@@ -34,13 +34,14 @@ class MultitaskNet(nn.Module):
 @register_strategy
 class Multitask(Strategy):
     name = "multitask"
+    streams = True  # the target's labelled batches stream as scratch's do; the source is a `SourcePool`
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.needs_backbone = cfg.backbone is not None
-        source, self.source_x, self.source_y = load_source(cfg, self.name)
-        self.source_classes = len(source.classes)
-        self.source_shape = source.shape
+        self.source = SourcePool(cfg, self.name)
+        self.source_classes = len(self.source.data.classes)
+        self.source_shape = self.source.data.shape
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
     def build_model(self, num_classes, shape, backbone):
@@ -54,7 +55,7 @@ class Multitask(Strategy):
         return MultitaskNet(model, self.source_classes)
 
     def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        xs, ys = draw_batch(self.source_x, self.source_y, len(x), self.generator, x.device)
+        xs, ys = self.source.draw(len(x), self.generator, x.device)
         if xs.shape[-2:] != x.shape[-2:]:
             raise UserError(f"source images are {tuple(xs.shape[-2:])}, target images {tuple(x.shape[-2:])}: "
                             "prepare both with the same --image-size")

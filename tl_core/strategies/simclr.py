@@ -13,8 +13,9 @@ projection head (`projection_dim` outputs) only serves the loss: SimCLR transfer
 before it, and the head is kept in the checkpoint's strategy state.
 
 The images: every image of the target's train pool (labelled or not: `uses_unlabeled`), plus
-every train image of `--source-data` when given (prepared at the same shape). The backbone starts
-from random init, or from `--backbone` when given.
+every train image of `--source-data` when given (prepared at the same shape). A pool or a source
+larger than memory streams; a streamed source is drawn beside each batch in proportion to its
+size. The backbone starts from random init, or from `--backbone` when given.
 
 So that the checkpoint is a usable classifier (and `fit`'s test accuracy means something), the
 model's own linear head trains at the same time on the DETACHED backbone features of the
@@ -41,7 +42,7 @@ from tl_core.data.prepare import UNLABELED
 from tl_core.errors import UserError
 from tl_core.models import Classifier
 from tl_core.strategies._registry import register_strategy
-from tl_core.strategies.base import Strategy, load_source, unwrap
+from tl_core.strategies.base import SourcePool, Strategy, unwrap
 
 # View augmentation ranges, fit for small greyscale digits (no colour jitter, no flips: a
 # flipped 2 or 5 is not the same digit).
@@ -110,19 +111,19 @@ class SimCLRNet(nn.Module):
 class SimCLR(Strategy):
     name = "simclr"
     uses_unlabeled = True
+    streams = True  # the target's pool streams with its unlabeled rows labelled UNLABELED
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.needs_backbone = cfg.backbone is not None  # random init unless --backbone
-        self.source_x = None
-        if cfg.source_data:
-            self.source_x = load_source(cfg, self.name)[1]
+        self.source = SourcePool(cfg, self.name) if cfg.source_data else None
+        self.source_share = 0.0  # source images drawn beside each target image (when not in the training set)
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
     def build_model(self, num_classes, shape, backbone):
-        if self.source_x is not None and self.source_x.shape[1] != shape[0]:
-            raise UserError(f"the source {self.cfg.source_data} has {self.source_x.shape[1]}-channel images, the target "
-                            f"{shape[0]}: prepare both with the same --channels")
+        if self.source is not None and list(self.source.data.shape) != list(shape):
+            raise UserError(f"the source {self.cfg.source_data} has images of shape {list(self.source.data.shape)}, "
+                            f"the target {list(shape)}: prepare both with the same --image-size and --channels")
         return super().build_model(num_classes, shape, backbone)
 
     def trainable(self, model: Classifier) -> nn.Module:
@@ -130,21 +131,29 @@ class SimCLR(Strategy):
 
     def train_set(self, model, x, y, unlabeled):
         """The labelled shots (their labels train the online head), the rest of the target's train
-        pool and the source's train images (label -1: contrastive loss only)."""
+        pool and, when it is held in memory, the source's train images (label -1: contrastive loss only)."""
         parts, labels = [x], [y]
         if unlabeled is not None and len(unlabeled):
             parts.append(unlabeled)
             labels.append(torch.full((len(unlabeled),), UNLABELED, dtype=y.dtype))
-        if self.source_x is not None:
-            target_shape = tuple((unlabeled if unlabeled is not None and len(unlabeled) else x).shape[1:])
-            if tuple(self.source_x.shape[1:]) != target_shape:
-                raise UserError(f"the source {self.cfg.source_data} has images of shape {tuple(self.source_x.shape[1:])}, "
-                                f"the target {target_shape}: prepare both with the same --image-size and --channels")
-            parts.append(self.source_x)
-            labels.append(torch.full((len(self.source_x),), UNLABELED, dtype=y.dtype))
+        if self.source is not None and not self.source.streamed:
+            parts.append(self.source.x)
+            labels.append(torch.full((len(self.source),), UNLABELED, dtype=y.dtype))
+        elif self.source is not None:
+            self.source_share = len(self.source) / max(1, sum(len(p) for p in parts))
         return torch.cat(parts), torch.cat(labels)
 
+    def stream_set(self, model, rows, normalise):
+        """The target's pool streams; the source is drawn beside each batch in proportion to its
+        size, so an epoch still sees about as many source images as the source holds."""
+        if self.source is not None:
+            self.source_share = len(self.source) / max(1, len(rows))
+        return None
+
     def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.source_share:
+            xs, _ = self.source.draw(max(1, round(len(x) * self.source_share)), self.generator, x.device)
+            x, y = torch.cat([x, xs]), torch.cat([y, torch.full((len(xs),), UNLABELED, dtype=y.dtype, device=y.device)])
         # Both views go through one forward pass (one batch-norm batch, and DDP sees one call).
         views = torch.cat([random_views(x, self.generator), random_views(x, self.generator)])
         z, logits = net(views)

@@ -19,7 +19,7 @@ from tl_core.data import load_prepared, sample_shots
 from tl_core.data.transforms import random_shift
 from tl_core.errors import UserError
 from tl_core.strategies import STRATEGIES, create_strategy
-from tl_core.strategies.base import in_memory_sample, predict_chunks
+from tl_core.strategies.base import predict_chunks
 
 
 def train_one_epoch(net, strategy, loader, optimizer, device, augment: int, generator, amp: bool,
@@ -145,8 +145,8 @@ def fit(cfg: TrainConfig, session) -> dict:
         train_x, train_y = strategy.stream_set(model, trained, data.normalise) or (None, torch.from_numpy(trained.labels()))
     else:
         # The unlabeled rest of the pool, for the strategies that use it (distillation on soft
-        # labels, domain adaptation, simclr), at most what fits in memory.
-        unlabeled = in_memory_sample(data, "train", rest, cfg).tensors()[0] if strategy.uses_unlabeled else None
+        # labels, domain adaptation, simclr): it fits, or it would stream (see `streams`).
+        unlabeled = data.rows("train", rest).tensors()[0] if strategy.uses_unlabeled else None
         train_x, train_y = strategy.train_set(model, *labelled.tensors(), unlabeled)
     if not len(train_y) and strategy.needs_examples:
         raise UserError(f"strategy {cfg.strategy} has no training images with shots={cfg.shots}: give it labels "
@@ -164,7 +164,7 @@ def fit(cfg: TrainConfig, session) -> dict:
     optimizer = make_optimizer(cfg, strategy.param_groups(net))
     per_worker_batch = max(1, cfg.batch_size // session.world_size)
     if train_x is None:  # the images themselves, streamed shard by shard
-        loader = session.stream(trained, data.normalise, per_worker_batch, cfg.seed, augment=cfg.augment > 0)
+        loader = strategy.stream_batches(trained, data.normalise, per_worker_batch, session)
     else:
         loader = strategy.batches(train_x, train_y, per_worker_batch, session.rank, session.world_size)
     strategy.on_loader(loader, session.rank)
@@ -232,6 +232,8 @@ def fit(cfg: TrainConfig, session) -> dict:
     if streamed and train_x is None:
         summary["streamed"] = 1.0
         summary.update(rows_seen(loader, session, len(pool_y)))
+    if getattr(strategy, "source", None) is not None:  # a SourcePool (dann, mcc, multitask, simclr)
+        summary["source_streamed"] = float(strategy.source.streamed)
     if getattr(strategy, "cache_hit", None) is not None:
         summary["feature_cache_hit"] = float(strategy.cache_hit)
     ckpt = checkpoint(cfg.epochs - 1, summary)

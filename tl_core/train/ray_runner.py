@@ -37,8 +37,10 @@ def preflight(cfg: TrainConfig):
     strategy = create_strategy(cfg)
     strategy.build_model(len(data.classes), data.shape, backbone)
     trained, _ = training_rows(data, strategy, train_idx, val_idx)
-    # A strategy that trains on features it computes (linear-probe) streams its images only once, itself.
-    return trained if streams(cfg, data, trained, strategy) and strategy.trains_on_images else None
+    # A strategy that trains on features it computes (linear-probe) streams its images only once,
+    # itself; one that trains on episodes reads each episode's rows itself.
+    shares = strategy.trains_on_images and strategy.streams_shares
+    return trained if shares and streams(cfg, data, trained, strategy) else None
 
 
 def _absolute(path: str | None) -> str | None:
