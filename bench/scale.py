@@ -53,6 +53,33 @@ def write_idx(folder: Path, prefix: str, n: int, seed: int) -> None:
             labels.write(y.astype(np.uint8).tobytes())
 
 
+def prepared_synthetic(root: Path, n: int, seed: int, env: dict) -> tuple[dict, float, float]:
+    """`tl prepare` of a synthetic set of n train images (and the TEST_IMAGES test images): its
+    JSON output, peak RSS in MB and seconds. The IDX files are deleted once prepared: the shards
+    are all that is read from then on."""
+    source = root / f"synthetic-{n}-{seed}"
+    write_idx(source, "train", n, seed=seed)
+    write_idx(source, "t10k", TEST_IMAGES, seed=1)
+    out = timed(["prepare", f"idx:{source}"], env)
+    shutil.rmtree(source)
+    return out
+
+
+def fresh_workdir(prefix: str) -> tuple[Path, dict]:
+    """A new temporary folder and the environment of `tl` commands working in it: nothing cached,
+    no tracking server, no Ray cluster, torch's threads passive while they wait (as in the image)."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    env = {**os.environ, "TL_WORKDIR": str(root / "tl-work"), "OMP_WAIT_POLICY": "PASSIVE"}
+    for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        env.pop(name, None)
+    return root, env
+
+
+def saved_rows(saved: Path) -> dict:
+    """The rows a bench's json already holds, by their number of images."""
+    return {row["images"]: row for row in (json.loads(saved.read_text())["results"] if saved.exists() else [])}
+
+
 def timed(args: list[str], env: dict) -> tuple[dict, float, float]:
     """Run a `tl` command with --json under /usr/bin/time: its JSON output, peak RSS in MB, wall seconds."""
     with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
@@ -96,25 +123,15 @@ def main() -> None:
     if args.markdown:
         write_markdown(json.loads((HERE / "scale.json").read_text())["results"])
         return
-    root = Path(tempfile.mkdtemp(prefix="tl-bench-scale-"))
-    env = {**os.environ, "TL_WORKDIR": str(root / "tl-work"), "OMP_WAIT_POLICY": "PASSIVE"}
-    for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
-        env.pop(name, None)
+    root, env = fresh_workdir("tl-bench-scale-")
     saved = HERE / "scale.json"
-    results = {row["images"]: row for row in (json.loads(saved.read_text())["results"] if saved.exists() else [])}
+    results = saved_rows(saved)
     try:
         # One backbone for every size, so a size can be measured alone: 1 epoch on a small set of its own.
-        small = root / "synthetic-pretrain"
-        write_idx(small, "train", 5000, seed=5000)
-        write_idx(small, "t10k", TEST_IMAGES, seed=1)
-        prepared, _, _ = timed(["prepare", f"idx:{small}"], env)
+        prepared = prepared_synthetic(root, 5000, seed=5000, env=env)[0]
         backbone = timed(["pretrain", "--data", prepared["path"], "--epochs", "1"], env)[0]["checkpoint"]
         for n in args.sizes:
-            source = root / f"synthetic-{n}"
-            write_idx(source, "train", n, seed=n)
-            write_idx(source, "t10k", TEST_IMAGES, seed=1)
-            prepared, prepare_rss, prepare_s = timed(["prepare", f"idx:{source}"], env)
-            shutil.rmtree(source)  # the prepared shards are all that is read from here on
+            prepared, prepare_rss, prepare_s = prepared_synthetic(root, n, seed=n, env=env)
             row = {"images": n, "prepare_peak_rss_mb": round(prepare_rss, 1), "prepare_seconds": round(prepare_s, 1)}
             for label, extra in RUNS:
                 result, rss, _ = timed(["transfer", "--data", prepared["path"], "--backbone", backbone, "--shots", "all",

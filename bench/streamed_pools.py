@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.scale import TEST_IMAGES, timed, write_idx  # noqa: E402
+from bench.scale import fresh_workdir, prepared_synthetic, saved_rows, timed  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 GOALS = {"rss_ratio": 1.3, "rss_gb": 3.0}  # issue 13's, for 10 000 -> 200 000 images
@@ -52,23 +50,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.markdown:
         return write_markdown(json.loads((HERE / "streamed_pools.json").read_text())["results"])
-    root = Path(tempfile.mkdtemp(prefix="tl-bench-pools-"))
-    env = {**os.environ, "TL_WORKDIR": str(root / "tl-work"), "OMP_WAIT_POLICY": "PASSIVE"}
-    for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
-        env.pop(name, None)
+    root, env = fresh_workdir("tl-bench-pools-")
     saved = HERE / "streamed_pools.json"
-    results = {row["images"]: row for row in (json.loads(saved.read_text())["results"] if saved.exists() else [])}
+    results = saved_rows(saved)
     try:
-        target = root / "target"
-        write_idx(target, "train", 5000, seed=5000)
-        write_idx(target, "t10k", TEST_IMAGES, seed=1)
-        target_path = timed(["prepare", f"idx:{target}"], env)[0]["path"]
+        target_path = prepared_synthetic(root, 5000, seed=5000, env=env)[0]["path"]
         for n in args.sizes:
-            folder = root / f"synthetic-{n}"
-            write_idx(folder, "train", n, seed=n)
-            write_idx(folder, "t10k", TEST_IMAGES, seed=1)
-            prepared = timed(["prepare", f"idx:{folder}"], env)[0]["path"]
-            shutil.rmtree(folder)
+            prepared = prepared_synthetic(root, n, seed=n, env=env)[0]["path"]
             row = {"images": n}
             row["protonet"] = figures(*timed(["transfer", "--data", prepared, "--epochs", "1", *PROTONET], env))
             row["dann"] = figures(*timed(["transfer", "--data", target_path, "--source-data", prepared, "--epochs", "1",
