@@ -108,3 +108,23 @@ def test_failed_prepare_leaves_nothing_behind(work, tmp_path):
     assert tl("prepare", f"npz:{tmp_path / 'bad2.npz'}").exit_code == 2
     after = sorted((work / "work" / "data").iterdir()) if (work / "work" / "data").exists() else []
     assert before == after
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["transfer", "--epochs", "abc"], "Invalid value for '--epochs'"),
+    (["transfer", "--no-such-flag"], "No such option: --no-such-flag"),
+    (["prepare"], "Missing argument 'uri'"),
+    (["no-such-command"], "No such command 'no-such-command'"),
+])
+def test_a_usage_error_of_the_tl_command_is_one_error_line(args, fragment):
+    """Usage errors (caught by Typer before any step runs) are bad input too: the `tl` command
+    itself, not only its steps, prints one `error:` line naming --help, and exits 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([str(Path(sys.executable).parent / "tl"), *args], capture_output=True, text=True, timeout=120)
+    command = " ".join(["tl", *args[:1]]) if args[0] != "no-such-command" else "tl"
+    lines = out.stderr.splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert fragment in lines[0] and lines[0].endswith(f": see `{command} --help`")

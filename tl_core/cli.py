@@ -172,8 +172,26 @@ def run(settings: dict, config: Optional[str], as_json: bool = AS_JSON):
     execute(work, as_json, show_table)
 
 
-def main() -> None:  # pragma: no cover - `python -m tl_core.cli`
-    app(sys.argv[1:])
+def main(args: list[str] | None = None) -> None:
+    """The `tl` command. A usage error (an unknown option, a value of the wrong type) is bad input
+    like any other: one `error:` line naming the command's --help and exit 2, not Typer's box."""
+    # Typer 0.29 vendors click (the lock pins it): its exceptions, not the click package's.
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+
+    try:
+        code = app(args if args is not None else sys.argv[1:], standalone_mode=False)
+    except NoArgsIsHelpError as err:  # `tl` alone: its help, as --help prints it
+        typer.echo(err.format_message(), err=True)
+        sys.exit(2)
+    except ClickException as err:
+        ctx = getattr(err, "ctx", None)
+        hint = f": see `{ctx.command_path} --help`" if ctx is not None else ""
+        typer.echo(f"error: {err.format_message().rstrip('.')}{hint}", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)  # a command's return value is no exit status
 
 
 if __name__ == "__main__":  # pragma: no cover
