@@ -79,7 +79,10 @@ def test_a_worker_killed_mid_fit_is_replaced_and_the_run_goes_on_from_its_checkp
     from tl_core.train.ray_runner import fit_on_ray
 
     data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
-    cfg = TrainConfig(data=data.path, shots=20, epochs=10, workers=2, runner="ray", lr=3e-3)
+    # Every image, 30 epochs: long enough that the run is still going a second after its second
+    # checkpoint (CI at 3b43480 killed a 10-epoch run of 20 shots, 0.04 s an epoch, before Ray's
+    # controller had taken in any checkpoint: the new worker group started afresh).
+    cfg = TrainConfig(data=data.path, shots=None, epochs=30, workers=2, runner="ray", lr=3e-3)
     result = {}
     run = threading.Thread(target=lambda: result.update(fit_on_ray(cfg, run_name="killed-test")))
     run.start()
@@ -87,6 +90,7 @@ def test_a_worker_killed_mid_fit_is_replaced_and_the_run_goes_on_from_its_checkp
     deadline = time.monotonic() + 300
     while len(list(run_dir.glob("checkpoint_*"))) < 2 and run.is_alive() and time.monotonic() < deadline:
         time.sleep(0.1)  # epochs reported with their checkpoints
+    time.sleep(1)  # and taken in by the controller
     ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout.splitlines()
     workers = [int(line.split()[0]) for line in ps if "RayTrainWorker" in line]
     assert run.is_alive() and len(workers) == 2, ps
@@ -94,8 +98,8 @@ def test_a_worker_killed_mid_fit_is_replaced_and_the_run_goes_on_from_its_checkp
     run.join(timeout=300)
     assert result, "the run did not finish after its worker was killed"
     m = result["metrics"]
-    assert [h["epoch"] for h in result["history"]] == list(range(10))
-    assert 1 <= m["resumed_at_epoch"] <= 9  # went on from a checkpoint, not from the start
+    assert [h["epoch"] for h in result["history"]] == list(range(30))
+    assert 1 <= m["resumed_at_epoch"] <= 29  # went on from a checkpoint, not from the start
     undisturbed = fit_on_ray(cfg, run_name="undisturbed-test")["metrics"]
     assert "resumed_at_epoch" not in undisturbed
     assert abs(m["test_accuracy"] - undisturbed["test_accuracy"]) <= 0.05, (m, undisturbed)
