@@ -176,6 +176,12 @@ def test_the_source_task_streams_beside_the_target(workdir, small_shards, rows_h
     in_memory = SourcePool(TrainConfig(data=data.path, source_data=data.path), "dann")
     assert not in_memory.streamed and len(in_memory.y) == len(labels)
 
+    from tl_core.strategies.simclr import SimCLR
+
+    simclr = SimCLR(TrainConfig(data=data.path, strategy="simclr", source_data=data.path, in_memory_mb=0))
+    simclr.stream_set(None, data.rows("train", np.arange(100)), data.normalise)
+    assert simclr.source_share == 1.0  # a source 14x the target: one source image beside each target image, not 14
+
     for strategy in ("multitask", "simclr"):
         rows_held["max"] = 0
         cfg = TrainConfig(data=data.path, strategy=strategy, source_data=data.path, shots=5, epochs=2, augment=0,

@@ -15,7 +15,9 @@ before it, and the head is kept in the checkpoint's strategy state.
 The images: every image of the target's train pool (labelled or not: `uses_unlabeled`), plus
 every train image of `--source-data` when given (prepared at the same shape). A pool or a source
 larger than memory streams; a streamed source is drawn beside each batch in proportion to its
-size. The backbone starts from random init, or from `--backbone` when given.
+size, at most one source image per target image (the step's batch stays bounded: an epoch then
+sees as many source images as target ones). The backbone starts from random init, or from
+`--backbone` when given.
 
 So that the checkpoint is a usable classifier (and `fit`'s test accuracy means something), the
 model's own linear head trains at the same time on the DETACHED backbone features of the
@@ -117,7 +119,7 @@ class SimCLR(Strategy):
         super().__init__(cfg)
         self.needs_backbone = cfg.backbone is not None  # random init unless --backbone
         self.source = SourcePool(cfg, self.name) if cfg.source_data else None
-        self.source_share = 0.0  # source images drawn beside each target image (when not in the training set)
+        self.source_share = 0.0  # source images drawn beside each target image, <= 1 (a streamed source)
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
     def build_model(self, num_classes, shape, backbone):
@@ -140,15 +142,19 @@ class SimCLR(Strategy):
             parts.append(self.source.x)
             labels.append(torch.full((len(self.source),), UNLABELED, dtype=y.dtype))
         elif self.source is not None:
-            self.source_share = len(self.source) / max(1, sum(len(p) for p in parts))
+            self.source_share = self.share_of_source(sum(len(p) for p in parts))
         return torch.cat(parts), torch.cat(labels)
 
     def stream_set(self, model, rows, normalise):
-        """The target's pool streams; the source is drawn beside each batch in proportion to its
-        size, so an epoch still sees about as many source images as the source holds."""
+        """The target's pool streams; the source is drawn beside each batch (`share_of_source`)."""
         if self.source is not None:
-            self.source_share = len(self.source) / max(1, len(rows))
+            self.source_share = self.share_of_source(len(rows))
         return None
+
+    def share_of_source(self, target_images: int) -> float:
+        """Source images drawn beside each target image of a batch: in proportion to the sizes, so an
+        epoch sees each about once, but at most one, so a step's batch at most doubles."""
+        return min(1.0, len(self.source) / max(1, target_images))
 
     def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.source_share:
