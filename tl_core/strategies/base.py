@@ -193,7 +193,8 @@ class SourcePool:
         self.data = load_prepared(cfg.source_data)
         self.rows = self.data.rows("train")
         self.streamed = self.rows.float_bytes() > cfg.in_memory_mb * 2**20 or self.data.photos
-        self.x, self.y = (None, None) if self.streamed else self.rows.tensors()
+        self._tensors: tuple[torch.Tensor, torch.Tensor] | None = None  # read on first use, not here:
+        # a strategy is also built where it never trains (a Ray run's driver checks its settings)
         self.augment = cfg.augment > 0
         self.batch_size = cfg.batch_size
         self._passes = None  # the stream's batches, once the first draw started it
@@ -201,6 +202,20 @@ class SourcePool:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def x(self) -> torch.Tensor | None:
+        """The normalised images, in memory (None where the source streams)."""
+        return None if self.streamed else self._in_memory()[0]
+
+    @property
+    def y(self) -> torch.Tensor | None:
+        return None if self.streamed else self._in_memory()[1]
+
+    def _in_memory(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._tensors is None:
+            self._tensors = self.rows.tensors()
+        return self._tensors
 
     def draw(self, n: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """`n` images and labels: drawn at random (in memory), or the next `n` of the stream."""
