@@ -172,6 +172,16 @@ def test_the_served_model_loads_no_strategy_and_not_the_training_loop():
     assert not heavy, f"importing tl_core.pyfunc_model loads {heavy}"
 
 
+def test_the_demo_and_the_cli_do_not_import_torchvision():
+    # torchvision.models costs 1-2 s to import (and more on a cold disk): only what builds a ResNet
+    # or a MobileNet, or transforms photos, should pay it; the registry still lists them.
+    loaded = run_python("import json, sys\nimport tl_core.cli, tl_core.steps, tl_core.models\n"
+                        "print(json.dumps([sorted(tl_core.models.MODELS), 'torchvision' in sys.modules]))")
+    models, torchvision_loaded = loaded
+    assert {"small_cnn", "resnet18", "mobilenet_v3_small"} <= set(models)
+    assert not torchvision_loaded, "importing tl_core's CLI, steps or model registry imports torchvision"
+
+
 def test_every_module_imports_alone():
     """Each module in turn, with every tl_core module forgotten before it (third-party ones such as
     torch stay loaded: one process, seconds instead of a fresh interpreter per module)."""

@@ -80,17 +80,19 @@ def _stem_for(shape: list[int]) -> dict:
 
 
 def _register():
-    import torchvision.models as tvm
-
-    for name, builder, make in [
-        ("resnet18", tvm.resnet18, _resnet),
-        ("resnet34", tvm.resnet34, _resnet),
-        ("resnet50", tvm.resnet50, _resnet),
-        ("mobilenet_v3_small", tvm.mobilenet_v3_small, _mobilenet),
-        ("mobilenet_v3_large", tvm.mobilenet_v3_large, _mobilenet),
+    # torchvision is imported when one of these is built, not when they are registered: every
+    # `tl` command imports the registry, and most (the digits, the text models) never need it.
+    for name, make in [
+        ("resnet18", _resnet),
+        ("resnet34", _resnet),
+        ("resnet50", _resnet),
+        ("mobilenet_v3_small", _mobilenet),
+        ("mobilenet_v3_large", _mobilenet),
     ]:
-        def factory(num_classes, in_channels=3, weights=None, small_input=True, _b=builder, _n=name, _m=make):
-            return _m(_b, _n, num_classes, in_channels, weights=weights, small_input=small_input)
+        def factory(num_classes, in_channels=3, weights=None, small_input=True, _n=name, _m=make):
+            import torchvision.models as tvm
+
+            return _m(getattr(tvm, _n), _n, num_classes, in_channels, weights=weights, small_input=small_input)
 
         register_architecture(name, shape_defaults=_stem_for)(factory)
 
