@@ -1,9 +1,12 @@
 """The project's lock: the exact version of every package, for the laptop, CI and the image.
 
-Two files in locks/, written by this script, never by hand:
+Three files in locks/, written by this script, never by hand:
 
 - `locks/runtime.txt`: what `tl-core[tune,server,text]` needs, and the pip that installs it. The image
   installs exactly this (k8s/Dockerfile); so do `scripts/setup.sh` and CI.
+- `locks/runtime-cpu.txt`: the same pins for the image's CPU-only variant, without what only
+  torch's CUDA build asks for (the CUDA runtime, cuda-bindings, triton): the Dockerfile installs it
+  with torch's CPU wheels (`--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu`).
 - `locks/test.txt`: what the test tools (`tl-core[test]`: pytest, moto, kubernetes-validate)
   need beyond the runtime. Set-up and CI install it too; the image never does.
 
@@ -36,6 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 LOCKS = REPO / "locks"
 RUNTIME = LOCKS / "runtime.txt"
+RUNTIME_CPU = LOCKS / "runtime-cpu.txt"
 TEST = LOCKS / "test.txt"
 PROJECT = "tl-core"
 RUNTIME_EXTRAS = {"tune", "server", "text"}  # the image runs HPO, the MLflow server and text models too
@@ -50,8 +54,20 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def closure(root: str, extras: set[str]) -> dict[str, str]:
-    """{canonical name: installed version} for everything `root[extras]` needs in this env."""
+def cuda_only(name: str, requirement) -> bool:
+    """Whether `requirement` of package `name` is one that only torch's CUDA build has.
+
+    PyPI's Linux torch is the CUDA build: it asks for the CUDA runtime (cuda-toolkit, the nvidia-*
+    libraries), cuda-bindings and triton, each under a `platform_system == "Linux"` marker. torch's
+    CPU wheels ask for none of them and for everything else alike (compared on torch 2.13.0+cpu's
+    metadata against 2.14.1's), so the CPU lock is the closure without these requirements.
+    """
+    return canonical(name) == "torch" and "platform_system" in str(requirement.marker or "")
+
+
+def closure(root: str, extras: set[str], cpu_torch: bool = False) -> dict[str, str]:
+    """{canonical name: installed version} for everything `root[extras]` needs in this env
+    (cpu_torch: with torch's CPU build, which needs none of the CUDA packages)."""
     from packaging.markers import default_environment
     from packaging.requirements import Requirement
 
@@ -78,7 +94,7 @@ def closure(root: str, extras: set[str]) -> dict[str, str]:
             applies = req.marker is None or any(
                 req.marker.evaluate({**env, "extra": extra}) for extra in (wanted or {""})
             )
-            if applies:
+            if applies and not (cpu_torch and cuda_only(name, req)):
                 todo.append((req.name, set(req.extras)))
     if missing:
         sys.exit(f"error: {', '.join(sorted(set(missing)))} required but not installed here; run {FIX} first")
@@ -104,13 +120,15 @@ def locked_python(path: Path = RUNTIME) -> str:
 
 
 def write_locks() -> None:
-    runtime = closure(PROJECT, RUNTIME_EXTRAS)
-    for tool in INSTALLERS:
-        runtime[tool] = metadata.version(tool)
+    installers = {tool: metadata.version(tool) for tool in INSTALLERS}
+    runtime = {**closure(PROJECT, RUNTIME_EXTRAS), **installers}
+    runtime_cpu = {**closure(PROJECT, RUNTIME_EXTRAS, cpu_torch=True), **installers}
     test = {k: v for k, v in closure(PROJECT, TEST_EXTRAS).items() if k not in runtime}
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     for path, pins, what in (
         (RUNTIME, runtime, "what tl-core[tune,server,text] needs, and the pip/setuptools that install it: the image, set-up and CI"),
+        (RUNTIME_CPU, runtime_cpu, "locks/runtime.txt without what only torch's CUDA build needs: the image's CPU-only "
+                                   "variant, with torch and torchvision from torch's CPU index (k8s/Dockerfile)"),
         (TEST, test, "the test tools (tl-core[test]) beyond locks/runtime.txt: set-up and CI, never the image"),
     ):
         path.parent.mkdir(exist_ok=True)

@@ -1053,6 +1053,19 @@ def test_the_image_installs_the_runtime_lock_and_no_test_tool():
         assert f"\n{test_only}==" not in runtime, f"{test_only} is a test tool, not part of the image"
 
 
+def test_the_cpu_variant_takes_torch_from_its_index_and_the_rest_from_the_cpu_lock():
+    # docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu: no CUDA runtime.
+    steps = dockerfile_instructions()
+    assert ("ARG", "TORCH_INDEX_URL=") in steps, "the default build must stay PyPI's (CUDA) torch"
+    copied = [src for w, a in steps if w == "COPY" for src in a.split()[:-1]]
+    assert "locks/runtime-cpu.txt" in copied
+    runs = " ".join(a for w, a in steps if w == "RUN")
+    assert re.search(r'pip install --no-deps --index-url "\$TORCH_INDEX_URL" -c \S*runtime-cpu\.txt torch torchvision',
+                     runs), "torch and torchvision alone, at the locked versions, from the CPU index"
+    assert re.search(r"pip install -r \S*runtime-cpu\.txt", runs), "the rest from the CPU lock"
+    assert "nvidia-" not in (ROOT / "locks" / "runtime-cpu.txt").read_text()
+
+
 def test_readme_walks_from_an_empty_cluster_to_a_schedule():
     text = (K8S / "README.md").read_text()
     for step in ("helm install kuberay-operator", "create namespace", "create secret generic tl-s3",

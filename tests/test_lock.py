@@ -63,3 +63,20 @@ def test_setup_warns_when_python_differs_from_the_lock(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "warning: locks/ were made on Python 3.11 but" in result.stderr and "Python 9.99" in result.stderr
     assert "nothing to do" in result.stdout
+
+
+def test_the_cpu_lock_is_the_runtime_lock_without_what_only_torchs_cuda_build_needs():
+    # The image's CPU-only variant installs locks/runtime-cpu.txt beside torch's CPU wheels.
+    lock = load_lock_module()
+    runtime, cpu = lock.read_lock(lock.RUNTIME), lock.read_lock(lock.RUNTIME_CPU)
+    assert all(runtime.get(name) == pinned for name, pinned in cpu.items()), "the CPU lock pins other versions"
+    dropped = set(runtime) - set(cpu)
+    assert {"triton", "cuda-toolkit", "nvidia-cudnn-cu13", "nvidia-cublas"} <= dropped
+    assert all(name == "triton" or name.startswith(("nvidia-", "cuda-")) for name in dropped), sorted(dropped)
+    # What torch's CPU wheels still need stays, and so does everything the project needs itself.
+    for name in ("torch", "torchvision", "filelock", "sympy", "networkx", "jinja2", "fsspec", "ray", "mlflow", "pip"):
+        assert name in cpu, f"{name} missing from the CPU lock"
+    # Stale when the runtime lock moved without scripts/lock.py --write.
+    installers = {tool: version(tool) for tool in lock.INSTALLERS}
+    assert cpu == {**lock.closure(lock.PROJECT, lock.RUNTIME_EXTRAS, cpu_torch=True), **installers}, (
+        "locks/runtime-cpu.txt is stale: .venv/bin/python scripts/lock.py --write")
