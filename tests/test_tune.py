@@ -173,20 +173,26 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(work, l
 
 
 @pytest.mark.slow
-def test_a_search_whose_driver_is_killed_resumes_without_rerunning_finished_trials(work, local_ray, digits, tmp_path):
+@pytest.mark.parametrize("checkpoint_gone", [False, True], ids=["checkpoint-kept", "checkpoint-gone"])
+def test_a_search_whose_driver_is_killed_resumes_without_rerunning_finished_trials(work, local_ray, digits, tmp_path,
+                                                                                   checkpoint_gone):
     """`tl tune` SIGKILLed with its local Ray (a lost pod: no chance to save anything) once one
-    trial has finished and the next has started; the resume trains only what was unfinished."""
+    trial has finished and the next has started; the resume trains only what was unfinished.
+    checkpoint-gone: the state Tune saved names a checkpoint that is no longer there (CI once killed
+    a search between Tune deleting a trial's oldest checkpoint and saving the state that forgets
+    it): that trial trains again from its start."""
+    import shutil
     import subprocess
 
     # 20 epochs a trial, not 5: the second trial must still be running for a few seconds when the
     # watcher (polling every 0.2 s) sees the first one done; at 5 epochs CI once saw both finish first.
     spec = {**digits, "epochs": 20}
     cfg = search(spec, {"lr": {"grid": [BAD_LR, GOOD_LR]}}, search="grid", scheduler="fifo", max_concurrent_trials=1,
-                 name="driver-killed")
+                 name="driver-killed-gone" if checkpoint_gone else "driver-killed")
     config = write_yaml(tmp_path / "search.yaml", cfg.model_dump(mode="json", exclude_none=True))
     run = subprocess.Popen([str(servers.BIN / "tl"), "tune", "--config", str(config)], env=dict(os.environ),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    folder = Path(cfg.storage_uri()) / "driver-killed"
+    folder = Path(cfg.storage_uri()) / cfg.experiment_name()
 
     def reports() -> dict[str, int]:  # trial folder -> epochs it has reported
         return {p.parent.name: len(p.read_text().splitlines()) for p in folder.glob("trial-*/result.json")}
@@ -202,9 +208,16 @@ def test_a_search_whose_driver_is_killed_resumes_without_rerunning_finished_tria
     run.wait(60)
     assert run.returncode == -signal.SIGKILL, f"tl tune ended before the kill: {run.stderr.read()[-3000:]}"
 
+    if checkpoint_gone:
+        (unfinished,) = [trial for trial, epochs in reports().items() if epochs < spec["epochs"]]
+        for gone in (folder / unfinished).glob("checkpoint_*"):
+            shutil.rmtree(gone)
+
     s = run_search(cfg.model_copy(update={"resume": True}))
     assert s["resumed"] and s["trials_completed"] == 2 and s["best_params"] == {"lr": GOOD_LR}
     assert all(reports()[trial] == spec["epochs"] for trial in finished)  # not trained again
+    if checkpoint_gone:
+        assert s["trials_restarted"] == 1 and s["trial_epochs_total"] == 2 * spec["epochs"]
 
 
 @pytest.mark.slow

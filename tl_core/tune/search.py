@@ -192,6 +192,10 @@ def make_tuner(cfg: SearchConfig, base: TrainConfig, specs: dict, storage_path: 
     )
 
 
+# Ray Tune's error for a trial whose latest checkpoint, as its saved state names it, is gone.
+CHECKPOINT_GONE = "does not exist on storage anymore"
+
+
 def run_search(cfg: SearchConfig, on_trial: Listener | None = None) -> dict:
     """Run (or resume) the search; returns a JSON-able summary. `on_trial` hears of every trial's
     reports ({"event": "result"}) and end ("complete" or "error")."""
@@ -229,6 +233,15 @@ def run_search(cfg: SearchConfig, on_trial: Listener | None = None) -> dict:
     _listener = on_trial
     try:
         results = tuner.fit()
+        # Tune's saved state can name a checkpoint it has deleted since: a search killed after a
+        # trial's newest checkpoint pushed out its oldest (num_to_keep) and before the state that
+        # no longer names it was saved (Ray forces that save only after the deletion). Such a trial
+        # fails to restore; it trains again from its start, finished trials are kept (restart_errored
+        # also reruns a trial that had failed before the interruption: it fails again the same way).
+        restarted = sum(1 for r in results if r.error and CHECKPOINT_GONE in str(r.error))
+        if restarted:
+            results = tune.Tuner.restore(experiment_path, fn, resume_unfinished=True, resume_errored=False,
+                                         restart_errored=True, storage_filesystem=filesystem).fit()
     finally:
         _listener = None
 
@@ -272,6 +285,7 @@ def run_search(cfg: SearchConfig, on_trial: Listener | None = None) -> dict:
         "trials_stopped": sum(t.status == "stopped" for t in trials),
         "trials_failed": sum(t.status == "failed" for t in trials),
         "trial_epochs_total": sum(t.epochs for t in trials),
+        "trials_restarted": restarted,  # resumed trials whose checkpoint Tune had deleted (above)
     }
     summary["seconds"] = time.perf_counter() - started
     summary["run_id"] = record_search(cfg, summary, trials, best_yaml, ckpt)
