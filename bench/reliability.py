@@ -188,6 +188,78 @@ def damaged_checkpoints(data: str, env: dict, work: Path, backbone: str) -> dict
             "detail": lines[0]}
 
 
+def damaged_copies(data: str, env: dict, work: Path, model: str, root: Path) -> list[dict]:
+    """A flipped byte in the copies of a checkpoint that travel without a `.sha256` file: the one a
+    transfer logged to MLflow, a registry version's, one on S3. The digest inside the checkpoint
+    must refuse each, in every reader, with a line naming that copy."""
+    def flip(raw: bytes) -> bytes:
+        damaged = bytearray(raw)
+        damaged[len(damaged) // 2] ^= 0x01
+        return bytes(damaged)
+
+    def refused(commands: list[list], copy: str) -> tuple[int, int, str]:
+        tried, ok, first = 0, 0, ""
+        for command in commands:
+            tried += 1
+            out = tl(command, env, check=False)
+            line = error_line(out)
+            ok += int(out.returncode == 2 and f"checkpoint {copy} is corrupt" in line)
+            first = first or line
+        return tried, ok, first
+
+    rows = []
+    # 1. MLflow's copy of the transfer's checkpoint (mlartifacts/<run>/artifacts/checkpoint/checkpoint.pt).
+    logged = next(p for p in work.rglob("checkpoint.pt") if "artifacts" in p.parts
+                  and p.read_bytes() == Path(model).read_bytes())
+    before = snapshot(work)
+    original = logged.read_bytes()
+    logged.write_bytes(flip(original))
+    tried, ok, line = refused([["evaluate", "--model", logged, "--data", data],
+                               ["transfer", "--data", data, "--strategy", "finetune", "--backbone", logged,
+                                "--epochs", "1", "--no-baseline"]], str(logged))
+    logged.write_bytes(original)
+    rows.append({"fault": "a flipped byte in the checkpoint a transfer logged to MLflow (no .sha256 beside it), given "
+                          "to evaluate and transfer", "tried": tried, "survived": ok,
+                 "data_lost": lost(before, snapshot(work)), "seconds_lost": None, "detail": line})
+
+    # 2. A registry version: its checkpoint artifact damaged; evaluate, promote and the pyfunc load it.
+    reg = summary(tl(["register", "--checkpoint", model, "--name", "bench-copies", "--data", data, "--json"], env))
+    model_id = reg["model_uri"].rsplit("/", 1)[-1]
+    (artifact,) = [p for p in work.rglob("checkpoint.pt") if model_id in str(p)]
+    before = snapshot(work)
+    artifact.write_bytes(flip(artifact.read_bytes()))
+    version = f"models:/bench-copies/{reg['version']}"
+    tried, ok, line = refused([["evaluate", "--model", version, "--data", data]], version)
+    out = tl(["promote", "--model", "bench-copies", "--data", data], env, check=False)
+    tried, ok = tried + 1, ok + int(out.returncode == 2 and "is corrupt" in error_line(out))
+    pyfunc = subprocess.run([sys.executable, "-c", "import mlflow; mlflow.pyfunc.load_model('models:/bench-copies@challenger')"],
+                            env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}, capture_output=True,
+                            text=True)
+    tried, ok = tried + 1, ok + int(pyfunc.returncode != 0 and "is corrupt" in pyfunc.stderr)
+    rows.append({"fault": "a flipped byte in a registry version's checkpoint, given to evaluate, promote and "
+                          "mlflow.pyfunc.load_model", "tried": tried, "survived": ok,
+                 "data_lost": lost(before, snapshot(work)), "seconds_lost": None, "detail": line})
+
+    # 3. A copy on S3 made without its .sha256 (aws s3 cp of the .pt alone).
+    with servers.moto_s3(root) as endpoint:
+        servers.make_bucket(endpoint, "bench-copies")
+        s3_env = {**env, **servers.S3_ENV, "AWS_ENDPOINT_URL": endpoint}
+        copy = "s3://bench-copies/models/checkpoint.pt"
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").put_object(Bucket="bench-copies", Key="models/checkpoint.pt",
+                                                                 Body=flip(Path(model).read_bytes()))
+        before = snapshot(work)
+        tried, ok, line = refused([["evaluate", "--model", copy, "--data", data],
+                                   ["transfer", "--data", data, "--strategy", "finetune", "--backbone", copy,
+                                    "--epochs", "1", "--no-baseline"]], copy)
+        rows.append({"fault": "a flipped byte in a checkpoint's copy on S3 (no .sha256 beside it), given to evaluate "
+                              "and transfer", "tried": tried, "survived": ok,
+                     "data_lost": lost(before, snapshot(work)), "seconds_lost": None, "detail": line})
+    return rows
+
+
 def damaged_dataset(env: dict, work: Path) -> dict:
     """A flipped byte in a shard, a truncated shard, a manifest whose hash of the labels lies."""
     tried, refused, lines, changed = 0, 0, [], 0
@@ -435,7 +507,7 @@ def tune_driver_killed(data: str, env: dict, work: Path, backbone: str) -> dict:
             "seconds_lost": round(seconds - plain, 1), "detail": detail}
 
 
-FAULTS = ("worker", "raylet", "tune", "checkpoints", "data", "twice", "register", "s3", "mlflow")
+FAULTS = ("worker", "raylet", "tune", "checkpoints", "copies", "data", "twice", "register", "s3", "mlflow")
 
 
 def main() -> None:
@@ -462,6 +534,7 @@ def main() -> None:
                 "raylet": lambda: [raylet_killed(data, env, work)],
                 "tune": lambda: [tune_driver_killed(data, env, work, backbone)],
                 "checkpoints": lambda: [damaged_checkpoints(data, env, work, backbone)],
+                "copies": lambda: damaged_copies(data, env, work, model, root),
                 "data": lambda: [damaged_dataset(env, work)],
                 "twice": lambda: [same_run_twice(data, env, work, backbone)],
                 "register": lambda: [register_retried(data, env, work, model)],

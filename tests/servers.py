@@ -45,6 +45,21 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(5)
 
 
+@contextlib.contextmanager
+def started(args: list, **popen):
+    """A command run for the length of a `with` (a `tl` under test): in a session of its own, and
+    SIGKILLed with everything it started (its local Ray too) on the way out, also when the test
+    fails or times out."""
+    proc = subprocess.Popen([str(a) for a in args], start_new_session=True, **popen)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -169,12 +184,14 @@ class Relay:
         self._lock = threading.Lock()
         self._open: list[socket.socket] = []
         self._listener: socket.socket | None = None
+        self._holding = False
         self.up()
 
     def up(self) -> None:
         import threading
 
         with self._lock:
+            self._holding = False
             if self._listener is not None:
                 return
             listener = socket.socket()
@@ -198,6 +215,12 @@ class Relay:
         if seconds is not None:
             threading.Timer(seconds, self.up).start()
 
+    def hang(self) -> None:
+        """Accept connections and never answer on them (a wedged endpoint or a silent load balancer),
+        until `up()` or `down()`."""
+        with self._lock:
+            self._holding = True
+
     def cut_when(self, pattern: bytes, seconds: float) -> None:
         with self._lock:
             self._triggers.append((pattern, seconds))
@@ -210,6 +233,10 @@ class Relay:
                 client, _ = listener.accept()
             except OSError:
                 return  # taken down
+            with self._lock:
+                if self._holding:  # kept open, never forwarded: closed by down()
+                    self._open.append(client)
+                    continue
             try:
                 server = socket.create_connection(("127.0.0.1", self.target_port))
             except OSError:

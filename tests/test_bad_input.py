@@ -101,6 +101,34 @@ def test_a_damaged_checkpoint_is_refused_by_name(work, digits, tiny_backbone, tm
         assert_error(tl_error("evaluate", "--model", folder / "checkpoint.pt", "--data", digits), "is corrupt")
 
 
+def test_a_damaged_copy_without_its_sha256_file_is_refused_by_the_digest_inside(work, digits, tiny_backbone, tmp_path):
+    """MLflow's copy of a logged checkpoint (mlartifacts/<run>/artifacts/checkpoint/checkpoint.pt)
+    has no .sha256 beside it: the checkpoint carries its own digest."""
+    from pathlib import Path
+
+    logged = [p for p in (work / "work").rglob("checkpoint.pt") if "artifacts" in p.parts
+              and not p.with_name("checkpoint.pt.sha256").exists()]
+    assert logged, "the pretrain run logged no checkpoint to MLflow"
+    raw = bytearray(logged[0].read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    damaged = tmp_path / "checkpoint.pt"
+    damaged.write_bytes(bytes(raw))
+    line = tl_error("evaluate", "--model", damaged, "--data", digits)
+    assert_error(line, f"checkpoint {damaged} is corrupt", "do not match the sha256 it carries")
+    assert "Traceback" not in tl("evaluate", "--model", logged[0], "--data", digits).output  # the copy itself is whole
+
+    # A checkpoint from before checkpoints carried a digest loads, with a warning.
+    import torch
+
+    from tl_core.checkpoints import INTEGRITY, load_checkpoint
+
+    old = torch.load(Path(tiny_backbone), weights_only=True)
+    del old[INTEGRITY]
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.warns(UserWarning, match="carries no integrity digest"):
+        assert load_checkpoint(str(tmp_path / "old.pt"))["model_spec"] == old["model_spec"]
+
+
 def test_failed_prepare_leaves_nothing_behind(work, tmp_path):
     before = sorted((work / "work" / "data").iterdir()) if (work / "work" / "data").exists() else []
     np.savez(tmp_path / "bad2.npz", x=np.zeros((4, 8, 8), np.uint8), y=np.array([0, 1, 2, 9]),

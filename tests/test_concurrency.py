@@ -3,6 +3,7 @@ reuses its result), eight evaluations of one registered model (one SQLite MLflow
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -21,9 +22,10 @@ def test_two_identical_transfers_at_once_train_once(workdir):
     backbone = train(TrainConfig(data=data.path, epochs=1)).checkpoint_uri
     command = [str(servers.BIN / "tl"), "transfer", "--data", data.path, "--strategy", "linear-probe",
                "--backbone", backbone, "--shots", "10", "--epochs", "5", "--no-baseline", "--json"]
-    runs = [subprocess.Popen(command, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for _ in range(2)]
-    outs = [run.communicate(timeout=300) for run in runs]
+    with contextlib.ExitStack() as stack:
+        runs = [stack.enter_context(servers.started(command, env=dict(os.environ), stdout=subprocess.PIPE,
+                                                    stderr=subprocess.PIPE, text=True)) for _ in range(2)]
+        outs = [run.communicate(timeout=300) for run in runs]
     for run, (out, err) in zip(runs, outs):
         assert run.returncode == 0, err[-3000:]
     first, second = (json.loads(out.strip().splitlines()[-1]) for out, _ in outs)
@@ -46,9 +48,10 @@ def test_eight_evaluations_of_one_registered_model_at_once(workdir):
     register_model(checkpoint, "digits-at-once", data.path)
     command = [str(servers.BIN / "tl"), "evaluate", "--model", "models:/digits-at-once@challenger", "--data", data.path,
                "--json"]
-    runs = [subprocess.Popen(command, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for _ in range(8)]
-    outs = [run.communicate(timeout=600) for run in runs]
+    with contextlib.ExitStack() as stack:
+        runs = [stack.enter_context(servers.started(command, env=dict(os.environ), stdout=subprocess.PIPE,
+                                                    stderr=subprocess.PIPE, text=True)) for _ in range(8)]
+        outs = [run.communicate(timeout=600) for run in runs]
     for run, (out, err) in zip(runs, outs):
         assert run.returncode == 0, err[-3000:]
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]

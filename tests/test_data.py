@@ -97,6 +97,25 @@ def test_imagefolder_local(tmp_path, workdir):
     assert sum(data.manifest["counts"]["test"].values()) == 6
 
 
+def test_an_imagefolder_class_folder_that_is_a_symlink_is_read(tmp_path, workdir):
+    # The images live elsewhere; the class folder links to them (a shared photo store, a dataset
+    # assembled from links). Before, listing skipped the link's files and the class read as empty.
+    _write_imagefolder(tmp_path / "store", classes=("a", "b"))
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a").symlink_to(tmp_path / "store" / "a", target_is_directory=True)
+    (tmp_path / "imgs" / "b").symlink_to(tmp_path / "store" / "b", target_is_directory=True)
+    data, _ = prepare(PrepareConfig(uri=f"imagefolder:{tmp_path / 'imgs'}", test_fraction=0.5))
+    assert data.classes == ["a", "b"]
+    assert sum(data.manifest["counts"]["train"].values()) + sum(data.manifest["counts"]["test"].values()) == 12
+
+    # Two links into one folder: refused by name (a loop through links is refused the same way).
+    (tmp_path / "twice").mkdir()
+    (tmp_path / "twice" / "a").symlink_to(tmp_path / "store" / "a", target_is_directory=True)
+    (tmp_path / "twice" / "b").symlink_to(tmp_path / "store" / "a", target_is_directory=True)
+    with pytest.raises(UserError, match="linked twice"):
+        prepare(PrepareConfig(uri=f"imagefolder:{tmp_path / 'twice'}", test_fraction=0.5))
+
+
 def test_imagefolder_on_s3_through_boto3(tmp_path, workdir, s3_endpoint):
     import boto3
 

@@ -64,6 +64,18 @@ def test_s3_that_stays_down_fails_clearly_and_nothing_half_written_is_read(s3_re
     assert not summary["reused"] and load_prepared(summary["path"]).manifest["hash"] == summary["hash"]
 
 
+def test_s3_that_takes_connections_and_never_answers_fails_within_the_outage_and_one_read_timeout(s3_relay,
+                                                                                                   monkeypatch):
+    monkeypatch.setenv("TL_S3_OUTAGE_SECONDS", "3")
+    monkeypatch.setenv("TL_S3_READ_TIMEOUT_SECONDS", "4")
+    s3_relay.hang()
+    start = time.monotonic()
+    error = tl_error("prepare", "sklearn:digits")
+    took = time.monotonic() - start
+    assert "did not answer for 3 s" in error and s3_relay.url in error, error
+    assert took < 3 + 4 + 3, took  # boto3's own retries took 3 read timeouts a call (180 s by default)
+
+
 def test_s3_down_while_training_reads_data_and_stores_its_checkpoint(s3_relay):
     data = tl_json("prepare", "sklearn:digits")["path"]
     s3_relay.cut_when(b"/shards/", 8)  # a shard read while streaming (--in-memory-mb 0)

@@ -258,18 +258,18 @@ def test_a_node_lost_mid_fit_is_replaced_and_the_run_goes_on_from_its_checkpoint
 
     data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
     env = {**os.environ, "RAY_ADDRESS": two_node_cluster, "RAY_AUTH_MODE": "disabled", "TL_WORKDIR": str(workdir)}
-    run = subprocess.Popen([str(servers.BIN / "tl"), "transfer", "--data", data.path, "--strategy", "scratch",
-                            "--shots", "20", "--epochs", "30", "--workers", "2", "--lr", "3e-3", "--no-baseline",
-                            "--output", str(workdir / "models" / "node-lost"), "--json"],
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while len(list((workdir / "ray" / "node-lost").glob("checkpoint_*"))) < 2 and run.poll() is None \
-            and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert run.poll() is None and servers.lose_ray_node(two_node_cluster), "no second node to lose mid-fit"
-    time.sleep(3)
-    servers.ADD_RAY_NODE[two_node_cluster]()
-    out, err = run.communicate(timeout=600)
+    command = [servers.BIN / "tl", "transfer", "--data", data.path, "--strategy", "scratch", "--shots", "20",
+               "--epochs", "30", "--workers", "2", "--lr", "3e-3", "--no-baseline",
+               "--output", workdir / "models" / "node-lost", "--json"]
+    with servers.started(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
+        deadline = time.monotonic() + 300
+        while len(list((workdir / "ray" / "node-lost").glob("checkpoint_*"))) < 2 and run.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert run.poll() is None and servers.lose_ray_node(two_node_cluster), "no second node to lose mid-fit"
+        time.sleep(3)
+        servers.ADD_RAY_NODE[two_node_cluster]()
+        out, err = run.communicate(timeout=600)
     assert run.returncode == 0, err[-3000:]
     summary = json.loads(out.strip().splitlines()[-1])
     m = torch.load(summary["checkpoint"], weights_only=True)["metrics"]

@@ -268,6 +268,44 @@ def test_model_artifacts_are_in_s3(services, served):
     assert s3.get_object(Bucket=BUCKET, Key=checkpoint)["Body"].read() == Path(served.registered["checkpoint"]).read_bytes()
 
 
+def flip_middle_byte(raw: bytes) -> bytes:
+    damaged = bytearray(raw)
+    damaged[len(damaged) // 2] ^= 0x01  # inside the weights: torch.load alone does not notice
+    return bytes(damaged)
+
+
+def test_a_damaged_copy_of_a_checkpoint_is_refused_wherever_it_is_read(services, models):
+    """No .sha256 file travels with the registry's copy or an S3 copy: the digest inside the
+    checkpoint refuses them, naming the copy, in evaluate, transfer, promote and the pyfunc."""
+    import boto3
+    import mlflow
+
+    from tl_core import storage
+
+    s3 = boto3.client("s3", endpoint_url=services.s3, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    name = "digits-damaged"
+    reg = registry.register_model(models.fair, name, models.data.path)
+    model_id = reg["model_uri"].split("/")[-1]
+    (key,) = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="mlflow/")
+              for o in page.get("Contents", []) if model_id in o["Key"] and o["Key"].endswith("/checkpoint.pt")]
+    s3.put_object(Bucket=BUCKET, Key=key, Body=flip_middle_byte(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()))
+
+    version = f"models:/{name}/{reg['version']}"
+    data = models.data.path
+    assert f"checkpoint {version} is corrupt" in tl_error("evaluate", "--model", version, "--data", data)
+    assert f"checkpoint {version} is corrupt" in tl_error("transfer", "--data", data, "--backbone", version, "--no-baseline", "--epochs", 1)
+    assert "is corrupt" in tl_error("promote", "--model", name, "--data", data)
+    assert champion_of(name) is None  # nothing promoted
+    with pytest.raises(Exception, match="is corrupt"):
+        mlflow.pyfunc.load_model(f"models:/{name}@challenger")
+
+    # A copy on S3 made without its .sha256 (aws s3 cp of the .pt alone).
+    copy = f"s3://{BUCKET}/copies/checkpoint.pt"
+    storage.write_bytes(copy, flip_middle_byte(Path(models.good).read_bytes()))
+    assert f"checkpoint {copy} is corrupt" in tl_error("evaluate", "--model", copy, "--data", data)
+
+
 def test_bad_input(models, served):
     data = models.data.path
     assert "no registered model named 'nope'" in tl_error("promote", "--model", "nope", "--data", data)

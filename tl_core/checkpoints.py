@@ -4,6 +4,11 @@
      "optimizer": state_dict, "epoch", "config", "history": [per-epoch metrics], "metrics",
      "data": {hash, classes, shape, mean, std}}
 
+Every checkpoint carries its own digest (`"integrity"`: the sha256 of its contents, tensors and
+values, computed before saving), so a copy is checked wherever it is read, also where no
+`.sha256` file travels with it: an MLflow artifact, a registry version, an S3 copy. The `.sha256`
+beside a file that `save_checkpoint` wrote checks its bytes as well.
+
 They live at a local path, `s3://...`, or in MLflow (`runs:/RUN_ID/PATH`, `models:/NAME/VERSION`,
 `models:/NAME@ALIAS`, `mlflow-artifacts:/...`). `packaged:NAME` is a pretrained backbone that an
 installed package ships (`packaged:minilm-l6`, the text encoder): a bare backbone built on load.
@@ -11,8 +16,11 @@ installed package ships (`packaged:minilm-l6`, the text encoder): a bare backbon
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import tempfile
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,10 +34,56 @@ MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 CHECKSUM_SUFFIX = ".sha256"
 
 
+INTEGRITY = "integrity"  # {"sha256": content_digest(the rest)}: inside the checkpoint, so it travels with every copy
+
+
+def content_digest(ckpt: dict) -> str:
+    """sha256 over a checkpoint's contents, in a fixed order: each tensor's dtype, shape and bytes,
+    every other value as JSON. Leaves out the digest itself and the `sha256` that loading adds."""
+    h = hashlib.sha256()
+
+    def feed(value) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"tensor {t.dtype} {list(t.shape)}:".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            h.update(b"{")
+            for key in sorted(value, key=str):
+                h.update(json.dumps(str(key)).encode() + b":")
+                feed(value[key])
+            h.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            h.update(b"[")
+            for item in value:
+                feed(item)
+                h.update(b",")
+            h.update(b"]")
+        else:
+            h.update(json.dumps(value, default=repr).encode())
+
+    feed({k: v for k, v in ckpt.items() if k not in (INTEGRITY, "sha256")})
+    return h.hexdigest()
+
+
 def to_bytes(ckpt: dict) -> bytes:
     buf = io.BytesIO()
-    torch.save(ckpt, buf)
+    torch.save({**ckpt, INTEGRITY: {"sha256": content_digest(ckpt)}}, buf)
     return buf.getvalue()
+
+
+def verify_integrity(ckpt: dict, uri: str) -> None:
+    """Refuse a checkpoint whose contents no longer match the digest it carries (a flipped byte
+    in a weight, in a class name, ...). One written before checkpoints carried a digest loads,
+    with a warning."""
+    stored = ckpt.get(INTEGRITY)
+    if not isinstance(stored, dict) or "sha256" not in stored:
+        warnings.warn(f"checkpoint {uri} carries no integrity digest (written by an older tl): loaded unchecked; "
+                      "train or save it again to add one", stacklevel=2)
+        return
+    if stored["sha256"] != content_digest(ckpt):
+        raise UserError(f"checkpoint {uri} is corrupt: its contents do not match the sha256 it carries; "
+                        "restore it from a copy or train it again")
 
 
 def save_checkpoint(ckpt: dict, uri: str) -> str:
@@ -132,6 +186,7 @@ def load_checkpoint(uri: str) -> dict:
         raise UserError(f"{uri} is not a readable checkpoint ({err.__class__.__name__}); was it written by tl?") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{uri} is not a tl checkpoint (format {FORMAT}); export it with tl or wrap its state_dict")
+    verify_integrity(ckpt, uri)
     problem = checkpoint_problem(ckpt)
     if problem:
         raise UserError(f"checkpoint {uri} is damaged or was not written by tl ({problem}): train it again")

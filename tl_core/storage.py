@@ -8,7 +8,9 @@ Two processes making the same local output take turns (`exclusive`).
 S3 is reached through boto3; the endpoint comes from `AWS_ENDPOINT_URL` or
 `MLFLOW_S3_ENDPOINT_URL` (MinIO, moto, or a cluster's own store). While the endpoint cannot be
 reached (a restarting MinIO, a network blip) every request is retried with backoff for up to
-`TL_S3_OUTAGE_SECONDS` (default 60), then fails with one clear error.
+`TL_S3_OUTAGE_SECONDS` (default 60), then fails with one clear error; an endpoint that takes a
+connection and never answers fails after that plus one read timeout (`TL_S3_READ_TIMEOUT_SECONDS`,
+default 60).
 """
 
 from __future__ import annotations
@@ -46,18 +48,23 @@ def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
 
 
+S3_READ_TIMEOUT_SECONDS = 60.0  # how long one answer is waited for; TL_S3_READ_TIMEOUT_SECONDS overrides
+
+
 @lru_cache(maxsize=4)
-def _s3_client(endpoint: str | None):
+def _s3_client(endpoint: str | None, read_timeout: float):
     import boto3
     from botocore.config import Config
 
-    # Bounded retries: an unreachable endpoint should fail in seconds, not minutes.
-    config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=60)
+    # One attempt a call: _s3_call retries for as long as TL_S3_OUTAGE_SECONDS allows. With boto3's
+    # own retries on top, an endpoint that accepts connections and never answers held each call for
+    # three read timeouts (180 s), whatever the outage setting said.
+    config = Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=5, read_timeout=read_timeout)
     return boto3.client("s3", endpoint_url=endpoint, config=config)
 
 
 def s3_client():
-    return _s3_client(s3_endpoint())
+    return _s3_client(s3_endpoint(), float(os.environ.get("TL_S3_READ_TIMEOUT_SECONDS", S3_READ_TIMEOUT_SECONDS)))
 
 
 S3_OUTAGE_SECONDS = 60.0  # how long an unreachable endpoint is waited for; TL_S3_OUTAGE_SECONDS overrides
@@ -78,9 +85,9 @@ def _unreachable(err: Exception) -> bool:
 
 
 def _s3_call(uri: str, request):
-    """`request()` against S3; while the endpoint is unreachable, again after 0.5, 1, 2, 4, 8, 8... s
-    until `outage_seconds()` have passed, then a UserError naming the endpoint. boto3's own retries
-    (3 attempts) sit inside each call; this outer loop rides out an outage of seconds to a minute."""
+    """`request()` against S3; while the endpoint is unreachable or silent, again after 0.5, 1, 2, 4,
+    8, 8... s until `outage_seconds()` have passed, then a UserError naming the endpoint: at most
+    that plus one read timeout in all. This loop is the only retry (boto3 makes one attempt)."""
     deadline = time.monotonic() + outage_seconds()
     pause = 0.5
     while True:
@@ -167,7 +174,18 @@ def list_files(uri: str) -> list[str]:
     root = Path(uri)
     if not root.is_dir():
         raise UserError(f"{uri} is not a folder: check the path")
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    # Links to folders are followed (an image folder whose class folders link to where the images
+    # are), each real folder once: a second way into one is a loop or a duplicate, refused by name.
+    files, seen = [], {}
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise UserError(f"{uri}: {folder} leads to {real}, which {seen[real]} leads to as well (a symlink loop or "
+                            "a folder linked twice); remove one of the links")
+        seen[real] = folder
+        subfolders.sort()
+        files += [os.path.relpath(os.path.join(folder, n), root) for n in names if os.path.isfile(os.path.join(folder, n))]
+    return sorted(files)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from tl_core.checkpoints import read_checkpoint_bytes, save_checkpoint
+from tl_core.checkpoints import read_checkpoint_bytes, save_checkpoint, verify_integrity
 from tl_core.data.batches import RayDataBatches, StreamedBatches
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -112,8 +112,10 @@ def read_ray_checkpoint(ckpt) -> dict | None:
     if ckpt is None:
         return None
     with ckpt.as_directory() as folder:
-        data = read_checkpoint_bytes(str(Path(folder, CHECKPOINT_FILE)))  # its sha256 checked
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        path = str(Path(folder, CHECKPOINT_FILE))
+        ckpt = torch.load(io.BytesIO(read_checkpoint_bytes(path)), map_location="cpu", weights_only=True)  # sha256 file checked
+    verify_integrity(ckpt, path)
+    return ckpt
 
 
 def report_to_ray(report, metrics: dict, checkpoint: dict | None) -> None:

@@ -154,7 +154,9 @@ def checkpoint_bytes(result, filesystem) -> bytes:
 
 def make_tuner(cfg: SearchConfig, base: TrainConfig, specs: dict, storage_path: str, filesystem, fn) -> tune.Tuner:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.search import ConcurrencyLimiter
+
+    from tl_core.tune.resume import ResumableSearchGenerator, ResumableVariantGenerator
 
     if cfg.resolved_scheduler() == "asha" and cfg.multi_worker():
         warnings.warn("ASHA with multi-worker trials deadlocked on a 2-CPU machine (STACK-NOTES): "
@@ -165,21 +167,24 @@ def make_tuner(cfg: SearchConfig, base: TrainConfig, specs: dict, storage_path: 
                                   grace_period=min(cfg.grace_period, budget), reduction_factor=cfg.reduction_factor)
     else:
         scheduler = FIFOScheduler()
+    # Both searchers take the concurrency limit themselves, and restore in agreement with the trials (resume.py).
     if cfg.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg, limit = OptunaSearch(seed=cfg.sampler_seed), cfg.max_concurrent_trials
-    else:  # the variant generator takes its concurrency limit itself
+        searcher = OptunaSearch(seed=cfg.sampler_seed)
+        if cfg.max_concurrent_trials:
+            searcher = ConcurrencyLimiter(searcher, max_concurrent=cfg.max_concurrent_trials)
+        search_alg = ResumableSearchGenerator(searcher)
+    else:
         points = grid_points(cfg, specs) if cfg.search == "grid" else None
-        search_alg = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=cfg.max_concurrent_trials,
-                                           random_state=cfg.sampler_seed)
-        limit = None
+        search_alg = ResumableVariantGenerator(points_to_evaluate=points, max_concurrent=cfg.max_concurrent_trials or 0,
+                                               random_state=cfg.sampler_seed)
     return tune.Tuner(
         fn,
         param_space=param_space(cfg, base, specs),
         tune_config=tune.TuneConfig(
             metric=cfg.metric, mode=cfg.resolved_mode(), scheduler=scheduler, search_alg=search_alg,
-            num_samples=trial_count(cfg, specs) if cfg.search == "grid" else cfg.samples(), max_concurrent_trials=limit,
+            num_samples=trial_count(cfg, specs) if cfg.search == "grid" else cfg.samples(),
             trial_dirname_creator=_trial_dirname,
             reuse_actors=True,  # one process runs trial after trial: torch is imported once, not per trial
         ),
