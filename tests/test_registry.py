@@ -274,13 +274,11 @@ def flip_middle_byte(raw: bytes) -> bytes:
     return bytes(damaged)
 
 
-def test_a_damaged_copy_of_a_checkpoint_is_refused_wherever_it_is_read(services, models):
+def test_a_damaged_copy_of_a_checkpoint_is_refused_wherever_it_is_read(services, models, monkeypatch):
     """No .sha256 file travels with the registry's copy or an S3 copy: the digest inside the
     checkpoint refuses them, naming the copy, in evaluate, transfer, promote and the pyfunc."""
     import boto3
     import mlflow
-
-    from tl_core import storage
 
     s3 = boto3.client("s3", endpoint_url=services.s3, region_name="us-east-1",
                       aws_access_key_id="testing", aws_secret_access_key="testing")
@@ -302,7 +300,10 @@ def test_a_damaged_copy_of_a_checkpoint_is_refused_wherever_it_is_read(services,
 
     # A copy on S3 made without its .sha256 (aws s3 cp of the .pt alone).
     copy = f"s3://{BUCKET}/copies/checkpoint.pt"
-    storage.write_bytes(copy, flip_middle_byte(Path(models.good).read_bytes()))
+    s3.put_object(Bucket=BUCKET, Key="copies/checkpoint.pt", Body=flip_middle_byte(Path(models.good).read_bytes()))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", services.s3)
+    for name, value in servers.S3_ENV.items():
+        monkeypatch.setenv(name, value)
     assert f"checkpoint {copy} is corrupt" in tl_error("evaluate", "--model", copy, "--data", data)
 
 
