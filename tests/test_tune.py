@@ -220,7 +220,7 @@ RESUMES = ["kept", "checkpoint-gone", "searcher-older"]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_a_search_whose_driver_is_killed_resumes_without_rerunning_finished_trials(work, local_ray, digits, tmp_path):
     """One kill; each way of leaving the saved search is resumed from a copy of it. Every resume
     ends (within its own time limit) with both trials, and no finished trial trains again."""
