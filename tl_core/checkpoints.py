@@ -11,7 +11,8 @@ beside a file that `save_checkpoint` wrote checks its bytes as well.
 
 They live at a local path, `s3://...`, or in MLflow (`runs:/RUN_ID/PATH`, `models:/NAME/VERSION`,
 `models:/NAME@ALIAS`, `mlflow-artifacts:/...`). `packaged:NAME` is a pretrained backbone that an
-installed package ships (`packaged:minilm-l6`, the text encoder): a bare backbone built on load.
+installed package ships (`packaged:minilm-l6`, the text encoder; `packaged:efficientnet-lite0`, the
+ImageNet network): a bare backbone built on load.
 """
 
 from __future__ import annotations
@@ -146,7 +147,14 @@ def read_checkpoint_bytes(uri: str) -> bytes:
 
 
 PACKAGED = "packaged:"
-PACKAGED_MODELS = ("minilm-l6",)
+
+
+def packaged_models() -> dict:
+    """{name: Packaged}: the architectures whose pretrained weights come with a package
+    (`minilm-l6`, `efficientnet-lite0`), as they registered themselves."""
+    from tl_core.models import PACKAGED as registered
+
+    return registered
 
 
 @lru_cache(maxsize=4)
@@ -156,12 +164,10 @@ def packaged_sha256(uri: str) -> str:
 
 
 def packaged_weights(uri: str) -> bytes:
-    from tl_core.models.text import packaged_folder
-
-    name = uri[len(PACKAGED):]
-    if name not in PACKAGED_MODELS:
-        raise UserError(f"{uri}: no packaged backbone of that name; there is {', '.join(PACKAGED + n for n in PACKAGED_MODELS)}")
-    return (packaged_folder() / "model.safetensors").read_bytes()
+    name, known = uri[len(PACKAGED):], packaged_models()
+    if name not in known:
+        raise UserError(f"{uri}: no packaged backbone of that name; there is {', '.join(PACKAGED + n for n in known)}")
+    return known[name].weights_file().read_bytes()
 
 
 def packaged_backbone(uri: str) -> dict:
@@ -171,8 +177,9 @@ def packaged_backbone(uri: str) -> dict:
 
     digest = packaged_sha256(uri)
     name = uri[len(PACKAGED):]
-    model = create_model(name, num_classes=1, in_channels=1, weights="packaged")
-    return {"format": FORMAT, "model_spec": model_spec(name, 1, 1, {}), "sha256": digest,
+    channels = packaged_models()[name].in_channels
+    model = create_model(name, num_classes=1, in_channels=channels, weights="packaged")
+    return {"format": FORMAT, "model_spec": model_spec(name, 1, channels, {}), "sha256": digest,
             "model": {k: v for k, v in model.state_dict().items()}}
 
 

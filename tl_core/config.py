@@ -235,10 +235,10 @@ class ExperimentSettings(StepConfig):
 
     def packaged_backbone(self) -> str | None:
         """`packaged:MODEL` where the model's pretrained weights ship in a package (the text
-        encoder): then that is the source, and nothing is pretrained."""
-        from tl_core.checkpoints import PACKAGED, PACKAGED_MODELS
+        encoder, the ImageNet network): then that is the source, and nothing is pretrained."""
+        from tl_core.checkpoints import PACKAGED, packaged_models
 
-        return PACKAGED + self.model if self.model in PACKAGED_MODELS else None
+        return PACKAGED + self.model if self.model in packaged_models() else None
 
     def target_prepare(self, image_size: int | None = None, channels: int | None = None) -> PrepareConfig:
         return PrepareConfig(uri=self.target, image_size=image_size, channels=channels, text_column=self.text_column,

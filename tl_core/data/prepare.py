@@ -80,6 +80,16 @@ class PreparedDataset:
         """uint8 images -> float tensor scaled by this dataset's mean and std."""
         return normalise(x, self.manifest)
 
+    def normalised_as(self, stats: dict | None) -> "PreparedDataset":
+        """This dataset with its images normalised by `stats` ({"mean", "std"}: a pretrained
+        network's own, `tl_core.models.INPUT_STATS`) instead of its own statistics; itself where
+        `stats` is None. Only the normalisation changes (not the hash): a checkpoint trained on it
+        records these statistics, so evaluation and the served model normalise as training did."""
+        if stats is None or self.text:
+            return self
+        return PreparedDataset(self.path, {**self.manifest, "mean": list(stats["mean"]), "std": list(stats["std"])},
+                               self._labels)
+
     def labels(self, split: str) -> np.ndarray:
         """All labels of a split (8 bytes an image), without reading an image."""
         if split in self._labels:

@@ -10,14 +10,14 @@ this package imports them all (a new architecture: one module, one line below).
 
 from __future__ import annotations
 
-from tl_core.models import small_cnn, text, tv  # the built-in architectures register themselves
+from tl_core.models import efficientnet, small_cnn, text, tv  # the built-in architectures register themselves
 from tl_core.models._registry import (
-    MODELS, SCRATCH_STAND_INS, build_from_spec, create_model, defaults_for_shape, model_spec, register_architecture,
+    INPUT_STATS, MODELS, PACKAGED, SCRATCH_STAND_INS, Packaged, build_from_spec, create_model, defaults_for_shape, model_spec, register_architecture,
 )
 from tl_core.models.classifier import Classifier
 from tl_core.models.predict import predict_logits
 
 __all__ = [
-    "MODELS", "SCRATCH_STAND_INS", "Classifier", "build_from_spec", "create_model", "defaults_for_shape", "model_spec", "predict_logits", "register_architecture",
-    "small_cnn", "text", "tv",
+    "INPUT_STATS", "MODELS", "PACKAGED", "SCRATCH_STAND_INS", "Classifier", "Packaged", "build_from_spec", "create_model", "defaults_for_shape", "model_spec", "predict_logits", "register_architecture",
+    "efficientnet", "small_cnn", "text", "tv",
 ]

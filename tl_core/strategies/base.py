@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,8 +72,9 @@ class Strategy:
         if self.needs_backbone:
             load_state(model.backbone, backbone_state(backbone), self.cfg.backbone, part="backbone")
         if self.cfg.head_init == "descriptions":
-            from tl_core.strategies.zero_shot import description_head
+            from tl_core.strategies.zero_shot import description_head, refuse_glyphs_for
 
+            refuse_glyphs_for(name, self.cfg)
             model.head.weight.data = description_head(model, self.cfg, shape)
             model.head.bias.data.zero_()
             self.head_start = model.head.weight.detach().clone()
@@ -101,6 +104,12 @@ class Strategy:
         """For a streamed labelled set (`tl_core.data.prepare.Rows`): what to train on in memory
         instead (e.g. cached features), or None to train on the images themselves, streamed."""
         return None
+
+    def test_input(self, model: Classifier, rows, normalise) -> tuple[nn.Module, Iterable]:
+        """What scores the test split during training, and the chunks of (inputs, labels) it
+        scores: the model on the normalised images, a shard at a time, by default; a frozen
+        backbone's strategy may score its head on cached features instead."""
+        return model, ((normalise(x), torch.from_numpy(y)) for x, y in rows.chunks())
 
     def batches(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, rank: int, world_size: int):
         """One worker's training batches, an iterable with `set_epoch` and `len`: shuffled
@@ -202,6 +211,11 @@ class SourcePool:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def normalised_as(self, stats: dict | None) -> None:
+        """Normalise the source's images by `stats` (the network's own; see PreparedDataset.normalised_as)."""
+        self.data = self.data.normalised_as(stats)
+        self.rows = self.data.rows("train")
 
     @property
     def x(self) -> torch.Tensor | None:

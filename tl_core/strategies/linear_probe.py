@@ -53,24 +53,36 @@ class LinearProbe(Strategy):
 
     def train_set(self, model: Classifier, x: torch.Tensor, y: torch.Tensor, unlabeled=None):
         chunks = (x[i : i + FEATURE_BATCH * 8] for i in range(0, len(x), FEATURE_BATCH * 8))
-        return self.cached_features(model, storage.sha256_bytes(x.numpy().tobytes()), chunks), y
+        features, self.cache_hit = self.cached_features(model, storage.sha256_bytes(x.numpy().tobytes()), chunks)
+        return features, y
 
     def stream_set(self, model: Classifier, rows, normalise):
+        features, self.cache_hit = self.rows_features(model, rows, normalise)
+        return features, torch.from_numpy(rows.labels())
+
+    def test_input(self, model: Classifier, rows, normalise):
+        # The backbone never changes, so the test images' features are cached like the training
+        # images' and each evaluation scores the head alone: photos are not decoded and run
+        # through the network again at every evaluation, nor for every seed.
+        features, _ = self.rows_features(model, rows, normalise)
+        return model.head, [(features, torch.from_numpy(rows.labels()))]
+
+    def rows_features(self, model: Classifier, rows, normalise) -> tuple[torch.Tensor, bool]:
         chunks = (normalise(x) for x, _ in rows.chunks())
         identity = f"{rows.data.hash}/{rows.split}/{storage.sha256_bytes(rows.indices.tobytes()) if rows.indices is not None else 'all'}"
-        return self.cached_features(model, storage.sha256_bytes(identity.encode()), chunks), torch.from_numpy(rows.labels())
+        return self.cached_features(model, storage.sha256_bytes(identity.encode()), chunks)
 
-    def cached_features(self, model: Classifier, images_key: str, chunks: Iterable[torch.Tensor]) -> torch.Tensor:
+    def cached_features(self, model: Classifier, images_key: str,
+                        chunks: Iterable[torch.Tensor]) -> tuple[torch.Tensor, bool]:
         """The features of the images that `chunks` yield (normalised), from the cache or computed
-        and cached chunk by chunk."""
+        and cached chunk by chunk; and whether they came from the cache."""
         key = storage.sha256_bytes(self.backbone_sha.encode() + images_key.encode())
         folder = storage.join(workdir(), "cache", "features", key[:32])
         done = storage.join(folder, "done")
-        self.cache_hit = storage.exists(done)
-        if self.cache_hit:
+        if storage.exists(done):
             parts = int(storage.read_bytes(done))
             return torch.cat([torch.load(io.BytesIO(storage.read_bytes(storage.join(folder, f"{i:05d}.pt"))),
-                                         weights_only=True) for i in range(parts)])
+                                         weights_only=True) for i in range(parts)]), True
         features = []
         for i, x in enumerate(chunks):
             features.append(extract_features(model, x))
@@ -78,4 +90,4 @@ class LinearProbe(Strategy):
             torch.save(features[-1], buf)
             storage.write_bytes(storage.join(folder, f"{i:05d}.pt"), buf.getvalue())
         storage.write_bytes(done, str(len(features)).encode())  # last: a folder with `done` is complete
-        return torch.cat(features)
+        return torch.cat(features), False

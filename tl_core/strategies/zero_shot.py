@@ -175,6 +175,17 @@ def glyph_margin(cfg) -> float:
     return float(margin)
 
 
+def refuse_glyphs_for(model_name: str, cfg) -> None:
+    """Glyphs are drawn and normalised as the dataset's own images (digits, letters); a network
+    that reads photos normalised its own way (efficientnet-lite0) is no glyph reader: say so."""
+    from tl_core.models import INPUT_STATS
+
+    if model_name in INPUT_STATS and load_manifest(cfg.data)["stored"] != "text":
+        raise UserError(f"{model_name} is a photo network and class descriptions of images are printed glyphs "
+                        "(digits, letters): describe the classes by attributes instead (--attributes FILE with "
+                        "`attributes:` signatures), or drop --head-init descriptions")
+
+
 def glyph_images(glyphs: list[str], manifest: dict, shape: list[int], margin: float = 0.0) -> torch.Tensor:
     """Each glyph printed in GLYPHS_PER_CLASS fonts, framed as `tl prepare` frames the
     dataset's images (its channels, size, mean and std): (classes, fonts, C, H, W)."""
@@ -346,6 +357,7 @@ class ZeroShot(Strategy):
 
     def build_model(self, num_classes, shape, backbone):
         if self.embeds:  # the head is not used: classes are scored by their descriptions' embeddings
+            refuse_glyphs_for(self.architecture(backbone, shape)[0], self.cfg)
             return super().build_model(num_classes, shape, backbone)
         # One output per attribute, not per class: the head predicts the signature.
         return super().build_model(len(self.task.attributes), shape, backbone)

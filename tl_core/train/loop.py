@@ -18,6 +18,7 @@ from tl_core.config import TrainConfig
 from tl_core.data import load_prepared, sample_shots
 from tl_core.data.transforms import random_shift
 from tl_core.errors import UserError
+from tl_core.models import INPUT_STATS
 from tl_core.strategies import STRATEGIES, create_strategy
 from tl_core.strategies.base import predict_chunks
 
@@ -133,12 +134,17 @@ def fit(cfg: TrainConfig, session) -> dict:
     data = load_prepared(cfg.data)
     pool_y = data.labels("train")
     train_idx, val_idx = sample_shots(pool_y, cfg.shots, cfg.seed, data.classes, cfg.val_per_class)
-    labelled, test = data.rows("train", train_idx), data.rows("test")
-    val_x, val_y = data.rows("train", val_idx).tensors()  # a few images per class: in memory
 
     strategy = create_strategy(cfg)
     backbone = load_checkpoint(cfg.backbone) if cfg.backbone else None
     model, spec = strategy.build_model(len(data.classes), data.shape, backbone)
+    # A pretrained network reads its inputs normalised as it was trained (EfficientNet-Lite: to
+    # [-1, 1]), not by the dataset's own statistics; so does the source task trained beside it.
+    data = data.normalised_as(INPUT_STATS.get(spec["name"]))
+    if getattr(strategy, "source", None) is not None:
+        strategy.source.normalised_as(INPUT_STATS.get(spec["name"]))
+    labelled, test = data.rows("train", train_idx), data.rows("test")
+    val_x, val_y = data.rows("train", val_idx).tensors()  # a few images per class: in memory
     trained, rest = training_rows(data, strategy, train_idx, val_idx)
     streamed = streams(cfg, data, trained, strategy)
     if streamed:
@@ -152,11 +158,11 @@ def fit(cfg: TrainConfig, session) -> dict:
         raise UserError(f"strategy {cfg.strategy} has no training images with shots={cfg.shots}: give it labels "
                         "(--shots N) or use a strategy that learns from unlabeled images (dann, mcc, simclr)")
 
-    def test_chunks():  # the test split, a shard at a time
-        return ((data.normalise(x), torch.from_numpy(y)) for x, y in test.chunks())
+    def test_input():  # the test split as the strategy scores it (see Strategy.test_input)
+        return strategy.test_input(model, test, data.normalise)
 
-    def eval_chunks():  # what is validated each epoch: the validation images, else the test split
-        return [(val_x, val_y)] if len(val_idx) else test_chunks()
+    def eval_input():  # what is validated each epoch: the validation images, else the test split
+        return (model, [(val_x, val_y)]) if len(val_idx) else test_input()
 
     eval_name = "val" if len(val_idx) else "test"
     model = model.to(device)
@@ -205,14 +211,14 @@ def fit(cfg: TrainConfig, session) -> dict:
         metrics["epoch_seconds"] = time.perf_counter() - epoch_start
         last = epoch == cfg.epochs - 1
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            result = evaluate(strategy, model, eval_chunks(), data.classes, device)
+            result = evaluate(strategy, *eval_input(), data.classes, device)
             metrics.update({f"{eval_name}_accuracy": result["accuracy"], f"{eval_name}_loss": result["loss"]})
         history.append(metrics)
         if not last:  # the last epoch is reported below, with the final test metrics
             save = cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0
             session.report(metrics, checkpoint(epoch, metrics) if save and session.rank == 0 else None)
 
-    final = evaluate(strategy, model, test_chunks(), data.classes, device)
+    final = evaluate(strategy, *test_input(), data.classes, device)
     summary = {
         "test_accuracy": final["accuracy"],
         "test_loss": final["loss"],
