@@ -110,7 +110,8 @@ def test_linear_probe_features_are_computed_and_cached_chunk_by_chunk(workdir, s
     assert first["metrics"]["feature_cache_hit"] == 0.0 and second["metrics"]["feature_cache_hit"] == 1.0
     assert rows_held["max"] <= 40
     parts = list((workdir / "cache" / "features").glob("*/0*.pt"))
-    assert len(parts) == len(data.manifest["shards"]["train"])  # one cache file per shard
+    # one cache file per shard: of the training rows, and of the test split (scored on its features)
+    assert len(parts) == len(data.manifest["shards"]["train"]) + len(data.manifest["shards"]["test"])
     assert first["metrics"]["test_accuracy"] == second["metrics"]["test_accuracy"]
 
 

@@ -97,6 +97,7 @@ def strategy_option(default, description: str, strategies: tuple[str, ...], **co
 FEW_SHOT = ("protonet", "maml", "episodic-finetune")
 FINETUNES = ("finetune", "setfit")  # setfit is finetune with a pair loss: the same schedule of blocks and LRs
 HEAD_FROM_DESCRIPTIONS = ("linear-probe", *FINETUNES)
+HEAD_SOLVED = ("linear-probe", "setfit")  # a linear head on fixed features: solved, not trained (strategies/logistic.py)
 # What a tl run recipe may not change: what makes its runs comparable (the same data, labels and
 # seeds) and what tl run wires itself (the backbone, the source, distill's teacher).
 RECIPE_FIXED = ("data", "strategy", "backbone", "shots", "seed", "source_data", "teacher")
@@ -127,11 +128,20 @@ class TrainConfig(StepConfig):
                                           FINETUNES, ge=0)
     l2sp_alpha: float = strategy_option(0.0, "L2-SP: pull the backbone towards its pretrained weights", ("finetune",), ge=0)
     l2sp_beta: float = strategy_option(0.0, "L2-SP: L2 on the new head", ("finetune",), ge=0)
-    head_init: Literal["random", "descriptions"] = strategy_option(
-        "random", "descriptions: the new head starts as the zero-shot classifier, each class's weights its description's "
-        "embedding (from --attributes; default: the class names)", HEAD_FROM_DESCRIPTIONS)
+    head_init: Literal["auto", "random", "descriptions"] = strategy_option(
+        "auto", "descriptions: the new head starts as the zero-shot classifier, each class's weights its description's "
+        "embedding (from --attributes, else the data's descriptions.yaml, else the class names); auto: descriptions "
+        "where the data has a descriptions file or is text whose class names are words (not digits or ids), else "
+        "random", HEAD_FROM_DESCRIPTIONS)
     head_prior: float = strategy_option(0.05, "with --head-init descriptions: pull the head towards its start, "
                                         "head_prior/2 * ||W - W_start||^2", HEAD_FROM_DESCRIPTIONS, ge=0)
+    head_solver: Literal["optimum", "epochs"] = strategy_option(
+        "optimum", "optimum: the linear head on the frozen features solved to the optimum of L2-regularised logistic "
+        "regression (L-BFGS; C by k-fold cross-validation on the labels; no lr or epochs; setfit: refitted so at the "
+        "end); epochs: trained by --optimizer for --epochs", HEAD_SOLVED)
+    head_c: float | None = strategy_option(None, "with --head-solver optimum: the inverse strength C of the L2 "
+                                           "penalty (default: chosen by 5-fold cross-validation on the labels)",
+                                           HEAD_SOLVED, gt=0)
     teacher: str | None = strategy_option(None, "the teacher's checkpoint (trained on the target classes)", ("distill",))
     temperature: float = strategy_option(4.0, "softmax temperature T of the soft labels", ("distill",), gt=0)
     alpha: float = strategy_option(0.7, "weight of the soft-label term (1 - alpha on hard labels)", ("distill",), ge=0, le=1)

@@ -127,6 +127,15 @@ class Strategy:
     def param_groups(self, net: nn.Module) -> list[dict]:
         return [{"params": [p for p in net.parameters() if p.requires_grad], "lr": self.cfg.lr}]
 
+    def epochs(self) -> int:
+        """The epochs the loop trains (after `train_set`): --epochs, or 0 where the strategy has
+        fitted what it trains itself (linear-probe's head, solved to its optimum)."""
+        return self.cfg.epochs
+
+    def run_metrics(self) -> dict:
+        """Figures of the run the strategy knows (e.g. the C its solved head chose), for its summary."""
+        return {}
+
     def on_epoch_start(self, net: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> None:
         """Before each epoch: train mode, and any schedule (unfreezing, warm-up)."""
         net.train()

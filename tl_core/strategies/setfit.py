@@ -14,6 +14,11 @@ alone. SetFit fits its head after the encoder, on frozen embeddings; learning bo
 keeps it one loop of the training core (and one DDP model), and the head, at the higher
 learning rate, keeps up.
 
+At the end, as SetFit does, the head is fitted anew on the fine-tuned encoder's embeddings of the
+labelled examples: logistic regression solved to its optimum (`--head-solver optimum`, the
+default; strategies/logistic.py), towards the class descriptions' head with `--head-init
+descriptions`. Where the labelled examples stream (photos), the head learnt beside stays.
+
 It is `finetune` with another loss, so its settings apply: `--backbone-lr-mult` (the encoder's
 learning rate is lr * mult, the head's lr), `--freeze`, `--head-warmup-epochs`. Any backbone
 works, images too: the embeddings are L2-normalised before their similarities are taken.
@@ -27,7 +32,10 @@ from torch import nn
 
 from tl_core.models import Classifier
 from tl_core.strategies._registry import register_strategy
+from tl_core.strategies.base import unwrap
 from tl_core.strategies.finetune import Finetune
+from tl_core.strategies.linear_probe import FEATURE_BATCH
+from tl_core.strategies.logistic import choose_and_fit
 
 
 def pair_loss(features: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -60,8 +68,32 @@ class PairNet(nn.Module):
 class SetFit(Finetune):
     name = "setfit"
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.labelled: tuple[torch.Tensor, torch.Tensor] | None = None  # in memory: the head is refitted on them
+
     def trainable(self, model: Classifier) -> nn.Module:
         return PairNet(model)
+
+    def train_set(self, model, x, y, unlabeled=None):
+        self.labelled = (x, y)
+        return x, y
+
+    def on_epoch_end(self, net: nn.Module, epoch: int) -> None:
+        super().on_epoch_end(net, epoch)
+        if epoch != self.cfg.epochs - 1 or self.cfg.head_solver != "optimum" or self.labelled is None:
+            return
+        pair_net = unwrap(net)
+        pair_net.eval()
+        device = next(pair_net.parameters()).device
+        x, y = self.labelled
+        with torch.no_grad():
+            features = torch.cat([pair_net.backbone(x[i : i + FEATURE_BATCH].to(device)).float().cpu()
+                                  for i in range(0, len(x), FEATURE_BATCH)])
+        solved = choose_and_fit(features, y, pair_net.head.out_features, self.cfg.head_c, self.head_start,
+                                seed=self.cfg.seed)
+        pair_net.head.weight.data.copy_(solved.weight)
+        pair_net.head.bias.data.copy_(solved.bias)
 
     def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         features, logits = net(x)

@@ -154,6 +154,7 @@ def fit(cfg: TrainConfig, session) -> dict:
         # labels, domain adaptation, simclr): it fits, or it would stream (see `streams`).
         unlabeled = data.rows("train", rest).tensors()[0] if strategy.uses_unlabeled else None
         train_x, train_y = strategy.train_set(model, *labelled.tensors(), unlabeled)
+    epochs = strategy.epochs()  # 0 where the strategy fitted what it trains itself (a solved linear head)
     if not len(train_y) and strategy.needs_examples:
         raise UserError(f"strategy {cfg.strategy} has no training images with shots={cfg.shots}: give it labels "
                         "(--shots N) or use a strategy that learns from unlabeled images (dann, mcc, simclr)")
@@ -201,7 +202,7 @@ def fit(cfg: TrainConfig, session) -> dict:
             "backbone": {"uri": cfg.backbone, "sha256": backbone["sha256"]} if backbone else None,
         }
 
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)
         epoch_start = time.perf_counter()
         strategy.on_epoch_start(net, optimizer, epoch)
@@ -209,7 +210,7 @@ def fit(cfg: TrainConfig, session) -> dict:
                                                       photos=data.photos and train_x is None)}
         strategy.on_epoch_end(net, epoch)
         metrics["epoch_seconds"] = time.perf_counter() - epoch_start
-        last = epoch == cfg.epochs - 1
+        last = epoch == epochs - 1
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
             result = evaluate(strategy, *eval_input(), data.classes, device)
             metrics.update({f"{eval_name}_accuracy": result["accuracy"], f"{eval_name}_loss": result["loss"]})
@@ -242,6 +243,7 @@ def fit(cfg: TrainConfig, session) -> dict:
         summary["source_streamed"] = float(strategy.source.streamed)
     if getattr(strategy, "cache_hit", None) is not None:
         summary["feature_cache_hit"] = float(strategy.cache_hit)
-    ckpt = checkpoint(cfg.epochs - 1, summary)
+    summary.update(strategy.run_metrics())
+    ckpt = checkpoint(epochs - 1, summary)
     session.report({**(history[-1] if history else {}), **summary}, ckpt if session.rank == 0 else None)
     return ckpt
