@@ -101,3 +101,16 @@ def test_tl_run_recipes_give_each_strategy_its_own_settings_and_nothing_else(wor
         file = tmp_path / "recipes.yaml"
         file.write_text(f"recipes: {recipes}\n")
         assert expected in tl_error("run", "--config", file)
+
+
+def test_a_text_model_trains_each_strategy_with_its_recipe_unless_told_otherwise():
+    """Issue 27: `tl run --model minilm-l6` needs no recipe file: the model's default recipes
+    (tl_core/recipes.py); a shared setting given explicitly, and a `recipes:` entry, win."""
+    from tl_core.recipes import RECIPES
+
+    text = ExperimentConfig(target="tsv:x", model="minilm-l6")
+    assert text.recipe("finetune") == RECIPES["minilm-l6"]["finetune"] and text.recipe("linear-probe") == {}
+    told = ExperimentConfig(target="tsv:x", model="minilm-l6", epochs=3, recipes={"finetune": {"lr": 0.01}})
+    assert "epochs" not in told.recipe("finetune") and told.recipe("finetune")["lr"] == 0.01
+    assert told.recipe("finetune")["backbone_lr_mult"] == RECIPES["minilm-l6"]["finetune"]["backbone_lr_mult"]
+    assert ExperimentConfig().recipe("finetune") == {}  # the small CNN: the shared settings

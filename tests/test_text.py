@@ -291,3 +291,41 @@ def test_a_text_model_evaluates_on_other_text_but_not_on_images(agnews, module_w
     assert tl_json("evaluate", "--model", trained["checkpoint"], "--data", short.path)["metrics"]["n"] == len(rows[::5])
     digits, _ = prepare(PrepareConfig(uri="sklearn:digits", classes=["0", "1", "2", "3"]))
     assert "was trained on text" in tl_error("evaluate", "--model", trained["checkpoint"], "--data", digits.path)
+
+
+def test_text_defaults_a_head_from_class_names_that_are_words_and_a_descriptions_file_beside_the_data(
+        agnews, module_workdir):
+    """Issue 27: with no flag, a text target whose class names are words (AG News) starts its head
+    from them; bare ids ("0", "1") do not, unless a descriptions.yaml comes with the data, which
+    `tl prepare` records in the manifest (and in the dataset's hash)."""
+    from tl_core.strategies.zero_shot import class_sentences, head_from_descriptions, is_word
+
+    assert [is_word(n) for n in ("World", "Sci/Tech", "0", "n02342", "7")] == [True, True, False, False, False]
+    words = TrainConfig(data=agnews.path, strategy="linear-probe", backbone="packaged:minilm-l6")
+    assert head_from_descriptions(words, "linear-probe", "minilm-l6")
+    assert not head_from_descriptions(words.model_copy(update={"head_init": "random"}), "linear-probe", "minilm-l6")
+    assert not head_from_descriptions(words, "scratch", "text_cnn")  # only a strategy that can
+
+    folder = module_workdir / "numbered"
+    folder.mkdir(exist_ok=True)
+    ids = {name: str(i) for i, name in enumerate(AG_CLASSES)}
+    for split in ("train", "test"):
+        rows = (module_workdir / "agnews" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()
+        (folder / f"{split}.tsv").write_text("".join(f"{t}\t{ids[label]}\n" for t, label in
+                                                     (r.rsplit("\t", 1) for r in rows)), encoding="utf-8")
+    bare, _ = prepare(PrepareConfig(uri=f"tsv:{folder}", header=False))
+    assert "descriptions" not in bare.manifest
+    assert not head_from_descriptions(words.model_copy(update={"data": bare.path}), "linear-probe", "minilm-l6")
+
+    (folder / "descriptions.yaml").write_text("descriptions:\n" + "".join(
+        f'  "{ids[k]}": "{v}"\n' for k, v in AG_DESCRIPTIONS.items()))
+    described, reused = prepare(PrepareConfig(uri=f"tsv:{folder}", header=False))
+    assert not reused and described.hash != bare.hash  # the file is part of the dataset
+    assert described.manifest["descriptions"]["descriptions"]["0"] == AG_DESCRIPTIONS[AG_CLASSES[0]]
+    cfg = words.model_copy(update={"data": described.path})
+    assert head_from_descriptions(cfg, "linear-probe", "minilm-l6")
+    assert class_sentences(cfg, described.classes) == [AG_DESCRIPTIONS[c] for c in AG_CLASSES]
+
+    (folder / "descriptions.yaml").write_text('descriptions:\n  "0": "world news"\n')
+    line = tl_error("prepare", f"tsv:{folder}", "--no-header")
+    assert "describes no class ['1', '2', '3']" in line

@@ -341,8 +341,13 @@ class ExperimentConfig(ExperimentSettings):
         return self
 
     def recipe(self, strategy: str) -> dict:
-        """The settings of `strategy`'s runs that differ from the shared ones."""
-        return dict(self.recipes.get(strategy, {}))
+        """The settings of `strategy`'s runs that differ from the shared ones: the model's default
+        recipe (tl_core/recipes.py), overridden setting by setting by the config file's `recipes:`."""
+        from tl_core.recipes import default_recipe
+
+        # A shared setting given explicitly (a flag, or the file's top level) wins over the default recipe
+        defaults = {k: v for k, v in default_recipe(self.model, strategy).items() if k not in self.model_fields_set}
+        return {**defaults, **self.recipes.get(strategy, {})}
 
 
 class SearchSettings(ExperimentSettings):

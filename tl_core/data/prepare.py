@@ -364,6 +364,36 @@ def _write_split(source: Source, parts, out: str, split: str, shape: list[int], 
     return writer
 
 
+DESCRIPTIONS_FILE = "descriptions.yaml"
+PATH_SCHEMES = ("tsv", "csv", "jsonl", "idx", "npz", "imagefolder", "omniglot")  # URIs that name a local path
+
+
+def descriptions_beside(uri: str) -> dict | None:
+    """The class descriptions file that travels with the data (None: there is none):
+    descriptions.yaml in the data folder, or beside the data file. Its content is part of the
+    prepared dataset (in the manifest and the hash): every strategy that can use class
+    descriptions then does, with no flag (see zero_shot.descriptions_of)."""
+    scheme, _, location = uri.partition(":")
+    if scheme not in PATH_SCHEMES or not location or storage.is_s3(location):
+        return None
+    path = Path(location)
+    file = (path if path.is_dir() else path.parent) / DESCRIPTIONS_FILE
+    if not file.is_file():
+        return None
+    from tl_core.strategies.zero_shot import read_descriptions_file  # (zero_shot reads prepared data)
+
+    return read_descriptions_file(str(file))
+
+
+def check_descriptions(descriptions: dict, classes: list[str], uri: str) -> None:
+    described = descriptions.get("descriptions")
+    if isinstance(described, dict):
+        missing = [c for c in classes if c not in {str(k) for k in described}]
+        if missing:
+            raise UserError(f"the {DESCRIPTIONS_FILE} beside {uri} describes no class {missing}: add them under "
+                            f"`descriptions:` (the classes are {classes}), or remove the file")
+
+
 def prepare(cfg: PrepareConfig) -> tuple[PreparedDataset, bool]:
     """Prepare the dataset; returns it and whether an existing identical one was reused."""
     if is_text_uri(cfg.uri):
@@ -373,12 +403,16 @@ def prepare(cfg: PrepareConfig) -> tuple[PreparedDataset, bool]:
     else:
         source = open_source(cfg.uri, cfg.store)
     settings = cfg.model_dump(exclude={"output"})
-    key = _canonical_hash({"settings": settings, "source": source.fingerprint, "format": FORMAT})[:12]
+    descriptions = descriptions_beside(cfg.uri)
+    identity = {"settings": settings, "source": source.fingerprint, "format": FORMAT}
+    key = _canonical_hash({**identity, **({"descriptions": descriptions} if descriptions else {})})[:12]
     out = storage.join(cfg.output or storage.join(workdir(), "data"), f"{_slug(cfg.uri)}-{key}")
     if storage.exists(storage.join(out, "manifest.json")):
         return load_prepared(out), True
 
     classes, plan = plan_splits(source, cfg)
+    if descriptions:
+        check_descriptions(descriptions, classes, cfg.uri)
     if source.kind == "text":
         shape = list(source.shape["train"])  # one row of UTF-8 bytes, as long as the longest text
     elif source.kind == "files":
@@ -415,6 +449,7 @@ def prepare(cfg: PrepareConfig) -> tuple[PreparedDataset, bool]:
         "seed": cfg.seed,
         "files": files,
         "shards": shards,
+        **({"descriptions": descriptions} if descriptions else {}),
     }
     manifest["hash"] = _canonical_hash(manifest)
     storage.write_bytes(storage.join(out, "manifest.json"), json.dumps(manifest, indent=2).encode())

@@ -71,7 +71,9 @@ class Strategy:
         model = create_model(name, num_classes, in_channels, **kwargs)
         if self.needs_backbone:
             load_state(model.backbone, backbone_state(backbone), self.cfg.backbone, part="backbone")
-        if self.cfg.head_init == "descriptions":
+        from tl_core.strategies.zero_shot import head_from_descriptions
+
+        if head_from_descriptions(self.cfg, self.name, name):
             from tl_core.strategies.zero_shot import description_head, refuse_glyphs_for
 
             refuse_glyphs_for(name, self.cfg)

@@ -128,33 +128,70 @@ SCALE = 20.0  # cosine similarities (in [-1, 1]) times this are the logits: a so
 GLYPHS_PER_CLASS = 4
 
 
-def described(path: str | None, key: str) -> dict[str, str]:
-    """The `key:` mapping of a descriptions file (class name -> text); {} without a file or key."""
-    found = (read_descriptions_file(path) or {}).get(key, {})
+def descriptions_of(cfg) -> dict | None:
+    """The class descriptions a run uses: `--attributes FILE`, else the descriptions.yaml that came
+    with the data (recorded in its manifest by `tl prepare`), else none."""
+    if cfg.attributes:
+        return read_descriptions_file(cfg.attributes)
+    return load_manifest(cfg.data).get("descriptions")
+
+
+def descriptions_name(cfg) -> str:
+    return str(cfg.attributes) if cfg.attributes else f"the descriptions.yaml of {cfg.data}"
+
+
+def is_word(name: str) -> bool:
+    """A class name that says something to a text encoder: letters, no digits ("Sci/Tech", not "0" or "n0234")."""
+    return sum(ch.isalpha() for ch in name) >= 2 and not any(ch.isdigit() for ch in name)
+
+
+def head_from_descriptions(cfg, strategy: str, model_name: str) -> bool:
+    """Whether the new head starts from the class descriptions: as --head-init says; with `auto`
+    (the default), for a strategy that can (HEAD_FROM_DESCRIPTIONS), where the data came with a
+    descriptions file (sentences, or glyphs for images), or is text whose class names are words.
+    Never on a photo network (it reads no glyphs) nor by attribute signatures."""
+    from tl_core.config import HEAD_FROM_DESCRIPTIONS
+    from tl_core.models import INPUT_STATS
+
+    if cfg.head_init != "auto":
+        return cfg.head_init == "descriptions"
+    if strategy not in HEAD_FROM_DESCRIPTIONS:
+        return False
+    manifest = load_manifest(cfg.data)
+    text = manifest["stored"] == "text"
+    content = descriptions_of(cfg) or {}
+    if (model_name in INPUT_STATS and not text) or "attributes" in content:
+        return False
+    return bool(content.get("descriptions" if text else "glyphs")) or (text and all(map(is_word, manifest["classes"])))
+
+
+def described(cfg, key: str) -> dict[str, str]:
+    """The `key:` mapping of the run's descriptions (class name -> text); {} without any or without the key."""
+    found = (descriptions_of(cfg) or {}).get(key, {})
     if not isinstance(found, dict) or not all(isinstance(v, (str, int)) and str(v).strip() for v in found.values()):
-        raise UserError(f"{path}: `{key}:` must map each class name to a text, e.g. " + (
+        raise UserError(f"{descriptions_name(cfg)}: `{key}:` must map each class name to a text, e.g. " + (
             'World: "news about world politics"' if key == "descriptions" else '"0": "0"'))
     return {str(k): str(v).strip() for k, v in found.items()}
 
 
 def class_sentences(cfg, classes: list[str]) -> list[str]:
     """One sentence per dataset class: from the descriptions file, else the class name itself."""
-    sentences = described(cfg.attributes, "descriptions")
+    sentences = described(cfg, "descriptions")
     if not sentences:
         return list(classes)
     missing = [c for c in classes if c not in sentences]
     if missing:
-        raise UserError(f"{cfg.attributes} has no description of the dataset's classes {missing}: add them under "
+        raise UserError(f"{descriptions_name(cfg)} has no description of the dataset's classes {missing}: add them under "
                         f"`descriptions:` (the dataset's classes are {classes})")
     return [sentences[c] for c in classes]
 
 
 def class_glyphs(cfg, classes: list[str]) -> list[str]:
     """The printed character that describes each image class: from `glyphs:`, else its name."""
-    if described(cfg.attributes, "descriptions"):
-        raise UserError(f"{cfg.attributes} describes classes by sentences (`descriptions:`), which only a text model "
+    if described(cfg, "descriptions"):
+        raise UserError(f"{descriptions_name(cfg)} describes classes by sentences (`descriptions:`), which only a text model "
                         "embeds: describe an image class by its printed character under `glyphs:`, or by attributes")
-    glyphs = described(cfg.attributes, "glyphs")
+    glyphs = described(cfg, "glyphs")
     chosen = [glyphs.get(c, c) for c in classes]
     long = [c for c, g in zip(classes, chosen) if len(g) != 1]
     if long:
@@ -168,9 +205,9 @@ def glyph_margin(cfg) -> float:
     """The blank border around a printed glyph, a fraction of the image's side: frame the glyphs
     as the dataset frames its characters (MNIST: 4 px of 28, 0.14; default 0, the glyph filling
     the image as in sklearn's digits, USPS and fonts:)."""
-    margin = (read_descriptions_file(cfg.attributes) or {}).get("glyph_margin", 0.0)
+    margin = (descriptions_of(cfg) or {}).get("glyph_margin", 0.0)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 0.5:
-        raise UserError(f"{cfg.attributes}: glyph_margin is {margin!r}; it must be a fraction of the image side in "
+        raise UserError(f"{descriptions_name(cfg)}: glyph_margin is {margin!r}; it must be a fraction of the image side in "
                         "[0, 0.5), e.g. 0.14 for MNIST (a 20 px digit in 28 px)")
     return float(margin)
 
