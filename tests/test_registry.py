@@ -337,3 +337,32 @@ def test_tracking_server_down(models, monkeypatch):
         line = tl_error(*args)
         assert time.monotonic() - started < 30, args
         assert "cannot reach the MLflow tracking store" in line and str(port) in line
+
+
+def test_the_gate_never_promotes_a_negative_transfer_and_says_why(models, tmp_path):
+    """`tl promote --min-gain-over-scratch` (default 0): the challenger must beat its scratch
+    baseline, the same model trained from random init on the same labels. A linear probe of a
+    backbone pretrained on shuffled labels (features that carry nothing) loses to it: refused,
+    the decision tag says so, even with no champion; -1 turns the comparison off."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    np.savez(tmp_path / "shuffled.npz", x=digits.images, y=np.random.default_rng(0).permutation(digits.target))
+    shuffled, _ = prepare(PrepareConfig(uri=f"npz:{tmp_path / 'shuffled.npz'}"))
+    noise = train(TrainConfig(data=shuffled.path, epochs=15, eval_every=0, checkpoint_every=0))
+    probe = train(TrainConfig(data=models.data.path, strategy="linear-probe", backbone=noise.checkpoint_uri, shots=10,
+                              epochs=60, eval_every=0, checkpoint_every=0))
+    name, data = "digits-negative", models.data.path
+    tl_json("register", "--checkpoint", probe.checkpoint_uri, "--name", name)
+    refused = tl_json("promote", "--model", name, "--data", data, "--min-accuracy", 0.1)
+    assert refused["decision"] == "refused" and refused["reason"].startswith("negative transfer"), refused
+    assert refused["accuracy"] < refused["scratch_accuracy"] and champion_of(name) is None
+    tags = client().get_model_version(name, "1").tags
+    assert tags[registry.DECISION] == "refused" and tags["tl.promotion.reason"].startswith("negative transfer")
+    assert float(tags["tl.promotion.scratch_accuracy"]) == pytest.approx(refused["scratch_accuracy"], abs=1e-6)
+    assert json.loads(tags["tl.promotion.gate"])["min_gain_over_scratch"] == 0.0
+
+    allowed = tl_json("promote", "--model", name, "--data", data, "--min-accuracy", 0.1, "--version", 1,
+                      "--min-gain-over-scratch", -1)
+    assert allowed["decision"] == "promoted" and allowed["scratch_accuracy"] is None and champion_of(name) == 1
+    assert "between -1 and 1" in tl_error("promote", "--model", name, "--data", data, "--min-gain-over-scratch", 2)

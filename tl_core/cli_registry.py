@@ -43,14 +43,18 @@ def promote(
     min_delta: float = typer.Option(0.0, help="challenger accuracy >= champion + this"),
     min_relative_delta: float = typer.Option(0.0, help="challenger accuracy >= champion * (1 + this)"),
     version: Optional[int] = typer.Option(None, help="promote this version instead of the challenger"),
+    min_gain_over_scratch: float = typer.Option(
+        0.0, help="challenger accuracy >= its scratch baseline (the same model from random init, trained on the same "
+                  "labels) + this; the default 0 never promotes a negative transfer; -1: no comparison"),
     as_json: bool = AS_JSON,
 ):
-    """Move `champion` to the challenger if it passes the floor and beats the champion; print the decision."""
+    """Move `champion` to the challenger if it passes the floor, beats its scratch baseline and beats the
+    champion; print the decision."""
 
     def work():
         from tl_core.registry import promote as promote_model
 
-        return promote_model(model, data, min_accuracy, min_delta, min_relative_delta, version)
+        return promote_model(model, data, min_accuracy, min_delta, min_relative_delta, version, min_gain_over_scratch)
 
     def show(s):
         against = (f"champion v{s['champion_version']} {s['champion_accuracy']:.4f}" if s["champion_version"]

@@ -332,6 +332,20 @@ def check_gate(candidate: float, champion: float | None, min_accuracy: float, mi
     return True, "passed the floor" + (" and beat the champion" if champion is not None else " (no champion yet)")
 
 
+def check_gain_over_scratch(score: float, scratch: float | None, min_gain: float) -> tuple[bool, str]:
+    """The challenger must beat training the same model from scratch on the same labels by at
+    least `min_gain` (default 0: a negative transfer, below scratch, never passes). No scratch
+    baseline (a scratch model, or one trained with no target labels): nothing to compare with."""
+    if scratch is None:
+        return True, ""
+    gain = score - scratch
+    if gain >= min_gain:
+        return True, f"gains {gain:+.4f} over scratch ({scratch:.4f}) on the same labels"
+    kind = "negative transfer: " if gain < 0 else ""
+    return False, (f"{kind}accuracy {score:.4f} is {gain:+.4f} over scratch ({scratch:.4f}) trained on the same labels, "
+                   f"below --min-gain-over-scratch {min_gain:+.4f}")
+
+
 def _check_thresholds(min_accuracy: float, min_absolute_change: float, min_relative_change: float) -> None:
     if not 0 <= min_accuracy <= 1:
         raise UserError(f"--min-accuracy must be between 0 and 1, not {min_accuracy}")
@@ -342,8 +356,34 @@ def _check_thresholds(min_accuracy: float, min_absolute_change: float, min_relat
 
 
 def _test_accuracy(name: str, version: str, data) -> float:
+    return _scored(name, version, data)[0]
+
+
+def _scored(name: str, version: str, data) -> tuple[float, dict]:
     uri = f"models:/{name}/{version}"
-    return evaluate_loaded(load_checkpoint(uri), data, "test", uri).metrics["accuracy"]
+    ckpt = load_checkpoint(uri)
+    return evaluate_loaded(ckpt, data, "test", uri).metrics["accuracy"], ckpt
+
+
+def scratch_accuracy(ckpt: dict, data) -> float | None:
+    """The test accuracy, on `data`, of the scratch baseline of the checkpoint's own training: the
+    same architecture trained from random init on the same labels (`TrainConfig.baseline`; the run
+    `tl transfer` and `tl run` trained beside it, reused from its cache, else trained now). None
+    where there is none: a scratch model, a strategy scored on other tasks, no target labels."""
+    from tl_core.config import TrainConfig, validate
+    from tl_core.train import train
+
+    cfg = validate(TrainConfig, ckpt["config"])
+    if cfg.strategy == "scratch" or cfg.shots == 0 or not STRATEGIES[cfg.strategy].classifies_dataset_classes:
+        return None
+    try:
+        load_prepared(cfg.data)
+    except UserError:
+        raise UserError(f"the gain over scratch needs the data the model was trained on ({cfg.data}), to train its "
+                        "scratch baseline on the same labels: prepare it again there, or pass "
+                        "--min-gain-over-scratch=-1 to skip the comparison") from None
+    baseline = train(cfg.baseline())
+    return evaluate_loaded(baseline.checkpoint, data, "test", baseline.checkpoint_uri).metrics["accuracy"]
 
 
 def _aliases(client, name: str) -> dict[str, str]:
@@ -351,13 +391,20 @@ def _aliases(client, name: str) -> dict[str, str]:
     return {alias: str(version) for alias, version in _registered_model(client, name).aliases.items()}
 
 
+NO_SCRATCH_GATE = -1.0  # --min-gain-over-scratch at or below this: no comparison with scratch
+
+
 def promote(name: str, data_uri: str, min_accuracy: float = 0.5, min_absolute_change: float = 0.0,
-            min_relative_change: float = 0.0, version: int | None = None) -> dict:
+            min_relative_change: float = 0.0, version: int | None = None, min_gain_over_scratch: float = 0.0) -> dict:
     """Evaluate the challenger (or `version`) and the champion on `data_uri`'s test split; move
-    `champion` to the challenger only if it passes the gate and the champion is still the one it
-    was compared with. Decision: promoted, refused (failed the gate) or lost (another promotion
-    moved the champion meanwhile)."""
+    `champion` to the challenger only if it passes the gate (the floor, the champion, and its
+    scratch baseline on the same labels by `min_gain_over_scratch`) and the champion is still the
+    one it was compared with. Decision: promoted, refused (failed the gate) or lost (another
+    promotion moved the champion meanwhile)."""
     _check_thresholds(min_accuracy, min_absolute_change, min_relative_change)
+    if not -1 <= min_gain_over_scratch <= 1:
+        raise UserError(f"--min-gain-over-scratch must be between -1 and 1 (accuracy as a fraction; -1: no comparison "
+                        f"with scratch), not {min_gain_over_scratch}")
     started = time.perf_counter()
     client = _client()
     with _mlflow_errors(f"promoting {name}"):
@@ -379,9 +426,15 @@ def promote(name: str, data_uri: str, min_accuracy: float = 0.5, min_absolute_ch
             raise UserError(f"version {candidate} of {name} is already the {CHAMPION}; register a new model to promote")
         data = load_prepared(data_uri)
         # The slow part, outside the lock: both models on the same test split.
-        score = _test_accuracy(name, candidate, data)
+        score, ckpt = _scored(name, candidate, data)
         champion_score = _test_accuracy(name, champion, data) if champion else None
         passed, reason = check_gate(score, champion_score, min_accuracy, min_absolute_change, min_relative_change)
+        scratch = scratch_accuracy(ckpt, data) if min_gain_over_scratch > NO_SCRATCH_GATE else None
+        beats_scratch, against_scratch = check_gain_over_scratch(score, scratch, min_gain_over_scratch)
+        if not beats_scratch:  # the first reason a refusal gives: no use promoting what scratch beats
+            passed, reason = False, against_scratch + ("" if passed else f"; {reason}")
+        elif against_scratch:
+            reason = f"{reason}; {against_scratch}"
 
         with promotion_lock(client, name):
             current = _aliases(client, name).get(CHAMPION)  # re-read under the lock
@@ -402,9 +455,11 @@ def promote(name: str, data_uri: str, min_accuracy: float = 0.5, min_absolute_ch
                 "tl.promotion.accuracy": f"{score:.6f}",
                 "tl.promotion.champion_version": champion or "none",
                 "tl.promotion.champion_accuracy": "none" if champion_score is None else f"{champion_score:.6f}",
+                "tl.promotion.scratch_accuracy": "none" if scratch is None else f"{scratch:.6f}",
                 "tl.promotion.data_hash": data.hash,
                 "tl.promotion.gate": json.dumps({"min_accuracy": min_accuracy, "min_absolute_change": min_absolute_change,
-                                                 "min_relative_change": min_relative_change}),
+                                                 "min_relative_change": min_relative_change,
+                                                 "min_gain_over_scratch": min_gain_over_scratch}),
                 "tl.promotion.at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             for key, value in record.items():
@@ -414,7 +469,7 @@ def promote(name: str, data_uri: str, min_accuracy: float = 0.5, min_absolute_ch
                 client.delete_registered_model_alias(name, CHALLENGER)
     return {"model": name, "decision": decision, "promoted": decision == "promoted", "version": int(candidate),
             "accuracy": score, "champion_version": int(champion) if champion else None,
-            "champion_accuracy": champion_score, "reason": reason,
+            "champion_accuracy": champion_score, "scratch_accuracy": scratch, "reason": reason,
             "champion_now": int(candidate) if decision == "promoted" else (int(current) if current else None),
             "data": data_uri, "data_hash": data.hash, "seconds": time.perf_counter() - started}
 
