@@ -1,0 +1,106 @@
+"""Benchmark: the test suite's wall time, as CI runs it, and where the time goes.
+
+    .venv/bin/python bench/suite_time.py            # the README's test command (pyproject's addopts)
+    .venv/bin/python bench/suite_time.py --clone    # on a fresh clone beside this one, set up as CI does
+
+Writes bench/suite_time.json and bench/suite_time.md: the wall time of the whole run (the goal is
+20 minutes on 2 cores), the outcome counts, and each test file's summed test time (from pytest's
+JUnit XML), which is what the parallel workers (pytest-xdist, `--dist loadfile`) share out: a
+file runs whole on one worker, so the longest file bounds the run from below.
+
+The machine's load is recorded beside the figures: the suite run beside other jobs is slower, and
+says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+GOAL_SECONDS = 20 * 60
+
+
+def run_suite(repo: Path, junit: Path) -> tuple[float, int]:
+    started = time.monotonic()
+    proc = subprocess.run([str(repo / ".venv" / "bin" / "python"), "-m", "pytest", "-q", f"--junitxml={junit}"],
+                          cwd=repo, env={**os.environ, "CI": "true"})
+    return time.monotonic() - started, proc.returncode
+
+
+def per_file(junit: Path) -> tuple[dict, dict]:
+    seconds, counts = defaultdict(float), defaultdict(int)
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        seconds[case.get("classname", "").split(".")[1] if "." in case.get("classname", "") else "?"] += float(case.get("time", 0))
+        outcome = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
+        counts[outcome] += 1
+    return dict(sorted(seconds.items(), key=lambda kv: -kv[1])), dict(counts)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clone", action="store_true", help="time a fresh clone set up by scripts/setup.sh, as CI")
+    args = parser.parse_args()
+
+    repo, setup_seconds = REPO, None
+    if args.clone:
+        repo = REPO.parent / "suite-time-clone"  # beside this one: ../shared must be its sibling too
+        shutil.rmtree(repo, ignore_errors=True)
+        subprocess.run(["git", "clone", "-q", str(REPO), str(repo)], check=True)
+        started = time.monotonic()
+        subprocess.run(["bash", "scripts/setup.sh"], cwd=repo, check=True)
+        setup_seconds = time.monotonic() - started
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        junit = Path(tmp) / "junit.xml"
+        wall, rc = run_suite(repo, junit)
+        files, counts = per_file(junit)
+    load_after = os.getloadavg()[0]
+
+    result = {"commit": commit, "clone": args.clone, "setup_seconds": setup_seconds, "wall_seconds": round(wall, 1),
+              "goal_seconds": GOAL_SECONDS, "within_goal": wall <= GOAL_SECONDS, "pytest_exit": rc, "outcomes": counts,
+              "cores": os.cpu_count(), "load_1min_before_after": [round(load_before, 2), round(load_after, 2)],
+              "seconds_by_file": {k: round(v, 1) for k, v in files.items()}}
+    (HERE / "suite_time.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    lines = [
+        "# The test suite's time",
+        "",
+        "From `.venv/bin/python bench/suite_time.py" + (" --clone`" if args.clone else "`") + f" at {commit}, on "
+        f"{os.cpu_count()} cores (1-minute load {load_before:.1f} before, {load_after:.1f} after: above 2, other jobs shared the cores).",
+        "",
+        f"- **Wall time: {wall / 60:.1f} min** ({wall:.0f} s; goal {GOAL_SECONDS // 60} min: "
+        f"{'met' if wall <= GOAL_SECONDS else 'NOT met'}); pytest exit {rc}; "
+        + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ".",
+    ]
+    if setup_seconds is not None:
+        lines.append(f"- Set-up of the fresh clone (`bash scripts/setup.sh`): {setup_seconds:.0f} s, not counted above.")
+    lines += [
+        "- Two pytest-xdist workers, `--dist loadfile` (pyproject's addopts): a file's tests share its module",
+        "  fixtures (a Ray runtime, a moto, an MLflow server) on one worker.",
+        "",
+        "| test file | summed test seconds |",
+        "|---|---|",
+        *(f"| {name} | {seconds:.0f} |" for name, seconds in files.items()),
+        f"| **all files (serial sum)** | **{sum(files.values()):.0f}** |",
+        "",
+    ]
+    (HERE / "suite_time.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
