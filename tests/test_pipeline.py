@@ -154,7 +154,8 @@ def test_compiled_pipeline_has_the_expected_dag(tmp_path):
 @pytest.fixture(scope="module")
 def first_run(work):
     """The embedded default end to end, with the HPO branch (a search space); `log` is all it printed."""
-    result = tl("pipeline", "run", "--local", *FAST, "--search-space", SPACE, "--num-samples", 2, "--json")
+    result = tl("pipeline", "run", "--local", *FAST, "--strategy", "finetune", "--search-space", SPACE,
+                "--num-samples", 2, "--json")
     assert result.exit_code == 0, result.output[-5000:]
     return {**json.loads(result.stdout.strip().splitlines()[-1]), "log": result.output}
 
@@ -211,7 +212,7 @@ def test_the_hpo_branch_picks_on_validation_data(first_run):
 
 @pytest.mark.slow
 def test_a_run_that_fails_the_gate_leaves_the_champion(first_run):
-    again = tl_json("pipeline", "run", "--local", *FAST, "--min-accuracy", 0.999)
+    again = tl_json("pipeline", "run", "--local", *FAST, "--strategy", "finetune", "--min-accuracy", 0.999)
     assert again["version"] == 2 and again["accuracy"] < 0.999
     assert "promote-2" not in again["steps"] and again["decision"].startswith("not promoted")  # the gate skipped it
     # Reruns reuse identical outputs: the prepared data and the pretrained backbone.

@@ -35,8 +35,11 @@ def test_shots_has_one_meaning(value, meaning):
 def test_bad_shots_and_labels_a_strategy_cannot_do_without_are_refused():
     with pytest.raises(UserError, match="shots: Input should be greater than or equal to 0"):
         validate(TrainConfig, {"data": "d", "shots": -2})
-    with pytest.raises(UserError, match="shots 0 gives the target no labels, which finetune needs.*dann, mcc"):
+    # the pipeline's default strategy, auto, chooses on labels
+    with pytest.raises(UserError, match="shots 0 gives the target no labels, which auto needs.*dann, mcc"):
         validate(PipelineConfig, {"shots": 0})
+    with pytest.raises(UserError, match="auto chooses the strategy itself"):
+        validate(PipelineConfig, {"search_space": '{"lr": {"choice": [0.1]}}'})
     with pytest.raises(UserError, match="which linear-probe needs"):
         validate(ExperimentConfig, {"shots": 0})
 
@@ -84,7 +87,7 @@ def test_transfer_help_lists_every_strategy():
 
 def test_a_bad_flag_value_is_one_error_line(workdir):
     assert "shots" in tl_error("run", "--shots", "some")
-    assert "which finetune needs" in tl_error("pipeline", "run", "--local", "--shots", "0")
+    assert "which auto needs" in tl_error("pipeline", "run", "--local", "--shots", "0")
 
 
 def test_tl_run_recipes_give_each_strategy_its_own_settings_and_nothing_else(workdir, tmp_path):

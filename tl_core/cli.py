@@ -67,6 +67,8 @@ def _train_command(step: str, settings: dict, config, force: bool, baseline: boo
         m = s["metrics"]
         line = (f"{s['strategy']}: test accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ECE {m['ece']:.4f}  "
                 f"{'(reused) ' if s['reused'] else ''}{s['seconds']:.1f}s\ncheckpoint {s['checkpoint']}  mlflow run {s['run_id']}")
+        if "auto" in s:
+            line += f"\nauto chose {s['auto']['choice']}: {s['auto']['reason']}"
         if "gain_over_scratch" in s:
             line += f"\ngain over scratch {100 * s['gain_over_scratch']:+.1f} points (scratch {s['scratch_accuracy']:.4f})"
             if s["negative_transfer"]:
@@ -141,6 +143,9 @@ def show_table(summary: dict) -> None:
         flag = "[red]negative transfer[/red]" if row["negative_transfer"] else ""
         if row["strategy"] == summary["best_strategy"] and not row["negative_transfer"]:
             flag = "[green]best[/green]"
+        if row["strategy"] == "auto":  # what it chose, seed by seed
+            chosen = ", ".join(a["choice"] + (" (1-shot rule)" if a["fallback"] else "") for a in summary["auto"])
+            flag = f"chose {chosen}" + (f"; {flag}" if flag else "")
         table.add_row(row["strategy"], f"{100 * row['test_accuracy']:.1f} ± {100 * row['test_accuracy_std']:.1f}",
                       gain, won, f"{row['train_seconds']:.1f}", flag)
     console = Console()
@@ -150,6 +155,8 @@ def show_table(summary: dict) -> None:
     pretrain = summary["pretrain"]
     source = ("no source training" if pretrain["metrics"] is None
               else f"source test accuracy {pretrain['metrics']['accuracy']:.3f}")
+    for choice in summary.get("auto", []):
+        console.print(f"auto, seed {choice['seed']}: chose {choice['choice']}: {choice['reason']}")
     console.print(f"pretrained backbone {pretrain['checkpoint']} ({source}); MLflow parent run {summary['run_id']}; "
                   f"{summary['seconds']:.0f}s in all")
 

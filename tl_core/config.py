@@ -94,6 +94,7 @@ def strategy_option(default, description: str, strategies: tuple[str, ...], **co
     return Field(default, description=description, json_schema_extra={"strategies": list(strategies)}, **constraints)
 
 
+AUTO = "auto"  # --strategy auto: chosen among strategies by validation on the labels (tl_core/auto.py)
 FEW_SHOT = ("protonet", "maml", "episodic-finetune")
 FINETUNES = ("finetune", "setfit")  # setfit is finetune with a pair loss: the same schedule of blocks and LRs
 HEAD_FROM_DESCRIPTIONS = ("linear-probe", *FINETUNES)
@@ -113,6 +114,10 @@ class TrainConfig(StepConfig):
     backbone: str | None = Field(None, description="pretrained checkpoint: path, s3://, runs:/ or models:/")
     shots: Shots = None
     val_per_class: int = Field(0, ge=0, description="held-out validation images per class from the train pool")
+    # --strategy auto's candidates: validated within the labels they were given, never on more.
+    cv_folds: int = Field(0, ge=0, description="validate on one of this many stratified folds of the labelled shots "
+                          "and train on the others (0: no folds); the test split is then never read")
+    cv_fold: int = Field(0, ge=0, description="with --cv-folds: the fold validated on (0 .. cv_folds - 1)")
     seed: int = Field(0, description="seed of the labels drawn, the initialisation and the batches")
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1, description="global batch size, split across workers")
@@ -187,9 +192,18 @@ class TrainConfig(StepConfig):
     def _known_strategy(cls, name: str) -> str:
         from tl_core.strategies import STRATEGIES
 
-        if name not in STRATEGIES:
-            raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+        if name not in STRATEGIES and name != AUTO:
+            raise ValueError(f"unknown strategy {name!r}; choose one of {sorted([*STRATEGIES, AUTO])}")
         return name
+
+    @model_validator(mode="after")
+    def _folds(self) -> "TrainConfig":
+        if self.cv_folds == 1 or (self.cv_folds and self.cv_fold >= self.cv_folds):
+            raise ValueError(f"cv_fold {self.cv_fold} of cv_folds {self.cv_folds}: cv_folds is 0 or at least 2, and "
+                             "cv_fold one of 0 .. cv_folds - 1")
+        if self.cv_folds and self.val_per_class:
+            raise ValueError("cv_folds validates on the labelled shots themselves: leave val_per_class at 0")
+        return self
 
     @field_validator("model")
     @classmethod
@@ -280,6 +294,9 @@ class ExperimentSettings(StepConfig):
     def search_base(self, target_data: str, backbone: str, strategy: str, source_data: str | None = None) -> dict:
         """The transfer a search (`tl tune`, the pipeline's HPO step) starts from: the one above,
         validated after every epoch, as the search compares trials."""
+        if strategy == AUTO:
+            raise UserError("a search tunes one strategy's settings, and auto chooses the strategy itself: name the "
+                            "strategy to search (e.g. --strategy finetune), or drop the search")
         cfg = self.transfer(target_data, backbone, strategy, source_data=source_data)
         return cfg.model_copy(update={"eval_every": 1}).model_dump()
 
@@ -304,10 +321,10 @@ class ExperimentConfig(ExperimentSettings):
     def _known_strategies(cls, names: list[str]) -> list[str]:
         from tl_core.strategies import STRATEGIES
 
-        unknown = [n for n in names if n not in STRATEGIES]
+        unknown = [n for n in names if n not in STRATEGIES and n != AUTO]
         if unknown:
-            raise ValueError(f"unknown strategy {unknown[0]!r}; choose from {sorted(STRATEGIES)}")
-        other_tasks = [n for n in names if not STRATEGIES[n].classifies_dataset_classes]
+            raise ValueError(f"unknown strategy {unknown[0]!r}; choose from {sorted([*STRATEGIES, AUTO])}")
+        other_tasks = [n for n in names if n != AUTO and not STRATEGIES[n].classifies_dataset_classes]
         if other_tasks:
             raise ValueError(f"strategy {other_tasks[0]!r} does not classify the target's classes (few-shot episodes or "
                              "zero-shot), so tl run cannot compare it with scratch: run it with tl transfer")
@@ -325,8 +342,11 @@ class ExperimentConfig(ExperimentSettings):
 
     @model_validator(mode="after")
     def _recipes_are_training_settings(self) -> "ExperimentConfig":
+        from tl_core.strategies import STRATEGIES
+
+        trained = STRATEGIES if AUTO in self.strategies else ("scratch", *self.strategies)  # auto: any candidate
         for strategy, recipe in self.recipes.items():
-            if strategy not in ("scratch", *self.strategies):
+            if strategy not in trained:
                 raise ValueError(f"recipes has settings for {strategy!r}, which this run does not train: name one of "
                                  f"scratch, {', '.join(self.strategies)}")
             unknown = [k for k in recipe if k not in TrainConfig.model_fields or k in RECIPE_FIXED]
@@ -362,6 +382,10 @@ class PipelineConfig(SearchSettings):
     """The KFP pipeline's parameters (pipelines/transfer.py): validated here before a run is
     compiled, sent or scheduled."""
 
+    # A scheduled retraining job cannot know the best strategy for the labels it will have: by
+    # default it chooses by validation on them (tl_core/auto.py).
+    strategy: str = Field(AUTO, description="transfer strategy; auto: chosen by validation on the labels")
+
     search_space: str = Field("", description='HPO search space, JSON: {"lr": {"loguniform": [1e-4, 1e-2]}}; '
                                               '"" skips HPO')
     num_samples: int = Field(8, ge=1, description="HPO trials")
@@ -384,6 +408,13 @@ class PipelineConfig(SearchSettings):
         if unknown:
             raise ValueError(f"{unknown} are not TrainConfig settings")
         return json.dumps(space, sort_keys=True)  # the search checks the distributions themselves
+
+    @model_validator(mode="after")
+    def _auto_searches_itself(self) -> "PipelineConfig":
+        if self.strategy == AUTO and self.search_space:
+            raise ValueError("--search-space tunes one strategy's settings, and auto chooses the strategy itself: "
+                             "name a strategy (--strategy finetune) or drop --search-space")
+        return self
 
     @model_validator(mode="after")
     def _labels_for_the_strategy(self) -> "PipelineConfig":

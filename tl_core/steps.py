@@ -20,7 +20,7 @@ from typing import Callable
 
 from tl_core import storage, tracking
 from tl_core.baselines import TFIDF_LR, tfidf_logistic
-from tl_core.config import ExperimentConfig, ExperimentSettings, PrepareConfig, SearchSettings, TrainConfig
+from tl_core.config import AUTO, ExperimentConfig, ExperimentSettings, PrepareConfig, SearchSettings, TrainConfig
 from tl_core.data import load_prepared, prepare
 from tl_core.errors import UserError
 from tl_core.evaluate import (
@@ -133,7 +133,13 @@ def pretrain_step(cfg: TrainConfig, on_report: Progress | None = None, force: bo
 
 def transfer_step(cfg: TrainConfig, on_report: Progress | None = None, force: bool = False, baseline: bool = True) -> dict:
     """Transfer with `cfg.strategy`, measured against the scratch baseline on the same labels."""
+    from tl_core.config import AUTO
     from tl_core.strategies import STRATEGIES
+
+    if cfg.strategy == AUTO:  # a strategy chosen by validation on the labels, then trained (tl_core/auto.py)
+        from tl_core.auto import auto_step
+
+        return auto_step(cfg, None, on_report, force, baseline)
 
     # No scratch baseline where it cannot be trained (no labels) or scores something else than
     # the strategy does (few-shot episodes, zero-shot); those report against their own baselines.
@@ -280,8 +286,15 @@ def run_step(cfg: ExperimentConfig, on_progress: Callable[[str], None] | None = 
                 teacher = done.get("finetune", {}).get("checkpoint")
                 run_cfg = cfg.transfer(target["path"], pretrain["checkpoint"], strategy, seed,
                                        source_data=source_data, teacher=teacher, **cfg.recipe(strategy))
-                done[strategy] = train_step(run_cfg, "transfer", on_report,
-                                            scratch_accuracy=reference["metrics"]["accuracy"])
+                if strategy == AUTO:  # chooses among the candidates with their recipes: this run's
+                    from tl_core.auto import auto_step, candidate_names
+
+                    recipes = {s: cfg.recipe(s) for s in candidate_names(run_cfg)}
+                    done[strategy] = auto_step(run_cfg, recipes, on_report, say=say,
+                                               scratch_accuracy=reference["metrics"]["accuracy"])
+                else:
+                    done[strategy] = train_step(run_cfg, "transfer", on_report,
+                                                scratch_accuracy=reference["metrics"]["accuracy"])
                 results.append(done[strategy])
         table = summarise(results, [*classic, *strategies], baseline)
         for row in table:
@@ -292,6 +305,8 @@ def run_step(cfg: ExperimentConfig, on_progress: Callable[[str], None] | None = 
         summary = {"source": source, "target": target, "pretrain": pretrain, "table": table, "baseline": baseline,
                    "best_strategy": best["strategy"] if best else None,
                    "best_beats_scratch_on_every_seed": bool(best and best["seeds_beating_scratch"] == best["seeds"]),
+                   "auto": [{"seed": r["seed"], **{k: r["auto"][k] for k in ("choice", "reason", "fallback", "candidates")}}
+                            for r in results if r["strategy"] == AUTO],
                    "runs": [{k: r[k] for k in ("strategy", "seed", "checkpoint", "run_id")} | {"accuracy": r["metrics"]["accuracy"]} for r in results]}
         tracking.log_json(summary, "summary.json")
     return {**summary, "run_id": parent.info.run_id, "seconds": time.perf_counter() - started}

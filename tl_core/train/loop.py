@@ -21,6 +21,7 @@ from tl_core.errors import UserError
 from tl_core.models import INPUT_STATS
 from tl_core.strategies import STRATEGIES, create_strategy
 from tl_core.strategies.base import predict_chunks
+from tl_core.strategies.logistic import stratified_folds
 
 
 def train_one_epoch(net, strategy, loader, optimizer, device, augment: int, generator, amp: bool,
@@ -134,6 +135,9 @@ def fit(cfg: TrainConfig, session) -> dict:
     data = load_prepared(cfg.data)
     pool_y = data.labels("train")
     train_idx, val_idx = sample_shots(pool_y, cfg.shots, cfg.seed, data.classes, cfg.val_per_class)
+    if cfg.cv_folds:  # one fold of the labelled shots validates, the others train (--strategy auto)
+        held = stratified_folds(pool_y[train_idx], cfg.cv_folds, cfg.seed)[cfg.cv_fold]
+        train_idx, val_idx = np.delete(train_idx, held), train_idx[held]
 
     strategy = create_strategy(cfg)
     backbone = load_checkpoint(cfg.backbone) if cfg.backbone else None
@@ -219,11 +223,11 @@ def fit(cfg: TrainConfig, session) -> dict:
             save = cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0
             session.report(metrics, checkpoint(epoch, metrics) if save and session.rank == 0 else None)
 
-    final = evaluate(strategy, *test_input(), data.classes, device)
+    # A run validated on a fold of its labels (an auto candidate) never reads the test split.
+    final = None if cfg.cv_folds else evaluate(strategy, *test_input(), data.classes, device)
     summary = {
-        "test_accuracy": final["accuracy"],
-        "test_loss": final["loss"],
-        "test_macro_f1": final["macro_f1"],
+        **({"test_accuracy": final["accuracy"], "test_loss": final["loss"], "test_macro_f1": final["macro_f1"]}
+           if final else {}),
         "train_images": int(len(train_idx)),
         "train_seconds": time.perf_counter() - started,
         "workers": session.world_size,
@@ -245,5 +249,7 @@ def fit(cfg: TrainConfig, session) -> dict:
         summary["feature_cache_hit"] = float(strategy.cache_hit)
     summary.update(strategy.run_metrics())
     ckpt = checkpoint(epochs - 1, summary)
-    session.report({**(history[-1] if history else {}), **summary}, ckpt if session.rank == 0 else None)
+    # The last epoch of the run's budget, also where none was trained (a solved head: nothing left to train)
+    session.report({"epoch": cfg.epochs - 1, **(history[-1] if history else {}), **summary},
+                   ckpt if session.rank == 0 else None)
     return ckpt

@@ -176,7 +176,7 @@ def make_tuner(cfg: SearchConfig, base: TrainConfig, specs: dict, storage_path: 
             searcher = ConcurrencyLimiter(searcher, max_concurrent=cfg.max_concurrent_trials)
         search_alg = ResumableSearchGenerator(searcher)
     else:
-        points = grid_points(cfg, specs) if cfg.search == "grid" else None
+        points = cfg.points or (grid_points(cfg, specs) if cfg.search == "grid" else None)
         search_alg = ResumableVariantGenerator(points_to_evaluate=points, max_concurrent=cfg.max_concurrent_trials or 0,
                                                random_state=cfg.sampler_seed)
     return tune.Tuner(
@@ -184,7 +184,7 @@ def make_tuner(cfg: SearchConfig, base: TrainConfig, specs: dict, storage_path: 
         param_space=param_space(cfg, base, specs),
         tune_config=tune.TuneConfig(
             metric=cfg.metric, mode=cfg.resolved_mode(), scheduler=scheduler, search_alg=search_alg,
-            num_samples=trial_count(cfg, specs) if cfg.search == "grid" else cfg.samples(),
+            num_samples=trial_count(cfg, specs) if cfg.search == "grid" or cfg.points else cfg.samples(),
             trial_dirname_creator=_trial_dirname,
             reuse_actors=True,  # one process runs trial after trial: torch is imported once, not per trial
         ),

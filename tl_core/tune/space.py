@@ -58,6 +58,10 @@ class SearchConfig(StepConfig):
     name: str | None = Field(None, description="default: the strategy and a hash of the search")
     storage: str | None = Field(None, description="folder or s3:// for Ray Tune's state; default $TL_WORKDIR/tune")
     resume: bool = Field(False, description="continue the search of the same name where it stopped")
+    # The trials themselves, each a point of the space (every searched setting given): a search of
+    # listed candidates (--strategy auto's), run as a grid search runs its points.
+    points: list[dict[str, Any]] = Field(default_factory=list, description="trials to run, each a value of every "
+                                                                          "searched setting (default: sampled)")
 
     def experiment_name(self) -> str:
         if self.name:
@@ -91,7 +95,7 @@ def base_config(cfg: SearchConfig) -> TrainConfig:
     """The TrainConfig every trial starts from. The search needs validation data (ASHA and the
     final choice look at val accuracy, never test), so an unset val_per_class becomes 10."""
     values = dict(cfg.base)
-    if not values.get("val_per_class"):
+    if not values.get("val_per_class") and not values.get("cv_folds"):  # cv_folds: validated on a fold of the shots
         values["val_per_class"] = DEFAULT_VAL_PER_CLASS
     base = validate(TrainConfig, values)
     if base.eval_every != 1:
@@ -153,6 +157,9 @@ def check_space(cfg: SearchConfig, base: TrainConfig) -> dict[str, tuple[str, li
     if cfg.search == "grid" and (cfg.num_samples or 1) != 1:
         raise UserError("a grid search runs every point once: leave num_samples unset")
     specs = {name: _check_spec(name, spec, cfg.search) for name, spec in cfg.space.items()}
+    for point in cfg.points:
+        if set(point) != set(specs):
+            raise UserError(f"points: {point} must give a value of each searched setting, {sorted(specs)}, and no other")
     for name, (kind, values) in specs.items():
         for value in _sample_points(kind, values):
             try:
@@ -184,6 +191,8 @@ def grid_points(cfg: SearchConfig, specs: dict[str, tuple[str, list]]) -> list[d
 
 def trial_count(cfg: SearchConfig, specs: dict[str, tuple[str, list]]) -> int:
     """How many trials the whole search runs."""
+    if cfg.points:
+        return len(cfg.points)
     if cfg.search == "grid":
         return math.prod(len(range(*v)) if kind == "randint" else len(v) for kind, v in specs.values())
     if cfg.search == "random":  # `grid` lists are crossed with the samples

@@ -1,0 +1,88 @@
+"""`--strategy auto` (issue 27): the candidates are chosen by validation on folds of the labels,
+through the same Ray Tune search as `tl tune`; the test split is never read while choosing (the
+test makes every read of it fail); the winner is refitted on all the labels; the candidates, the
+choice and the reason are logged to MLflow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tl_core.config import PrepareConfig, TrainConfig
+
+
+@pytest.fixture(scope="module")
+def local_ray(module_workdir):
+    import ray
+
+    from tl_core.ray_cluster import init_ray
+
+    init_ray()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def digits(module_workdir):
+    from tl_core.data import prepare
+    from tl_core.train import train
+
+    data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
+    backbone = train(TrainConfig(data=data.path, epochs=2, seed=1, batch_size=128))
+    return data, TrainConfig(data=data.path, strategy="auto", backbone=backbone.checkpoint_uri, shots=5, epochs=10)
+
+
+@pytest.mark.timeout(600)
+def test_auto_chooses_on_folds_of_the_labels_never_the_test_split_and_refits_on_all(digits, local_ray,
+                                                                                     module_workdir):
+    from tl_core.auto import CHEAP, auto_step, choose
+
+    data, cfg = digits
+    # Every file of the test split moved away while auto chooses: any read of it fails.
+    hidden = module_workdir / "hidden-test"
+    hidden.mkdir()
+    test_files = [p for p in Path(data.path).rglob("*test*") if p.is_file()]
+    assert test_files
+    for path in test_files:
+        shutil.move(path, hidden / path.name)
+    try:
+        choice = choose(cfg, say=lambda line: None)
+    finally:
+        for path in test_files:
+            shutil.move(hidden / path.name, path)
+    assert choice.folds == 5 and set(choice.candidates) == {"zero-shot", "linear-probe", "scratch", "finetune"}
+    for name, candidate in choice.candidates.items():
+        assert candidate["folds_run"] == (5 if name in CHEAP else 1) and 0 <= candidate["val_accuracy"] <= 1
+    best = max(c["val_accuracy"] for c in choice.candidates.values())
+    assert choice.candidates[choice.strategy]["val_accuracy"] == best and choice.strategy in choice.reason
+    assert all(t["test_accuracy"] is None for t in choice.search["trials"])  # no trial scored the test split
+    assert choice.config.strategy == choice.strategy and choice.config.cv_folds == 0  # refitted on every label
+
+    result = auto_step(cfg, say=lambda line: None)  # the same choice (its trials reused), refitted, logged
+    assert result["auto"]["choice"] == choice.strategy
+    from tl_core.checkpoints import load_checkpoint
+
+    refit = load_checkpoint(result["checkpoint"])
+    assert refit["config"]["strategy"] == choice.strategy and refit["config"]["cv_folds"] == 0
+    assert refit["metrics"]["train_images"] == 5 * len(data.classes)  # all the labels, none held out
+    run = mlflow.get_run(result["run_id"])
+    assert run.data.tags["tl.auto.choice"] == choice.strategy and run.data.tags["tl.auto.reason"] == choice.reason
+    for name, candidate in choice.candidates.items():
+        assert run.data.metrics[f"auto.val_accuracy.{name}"] == pytest.approx(candidate["val_accuracy"])
+    logged = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=result["run_id"], artifact_path="auto.json"))
+                        .read_text())
+    assert logged["choice"] == choice.strategy and logged["fallback"] is False
+    assert "gain_over_scratch" in result
+
+
+def test_one_label_a_class_falls_back_to_the_stated_rule(digits):
+    from tl_core.auto import FALLBACK, choose
+
+    _, cfg = digits
+    choice = choose(cfg.model_copy(update={"shots": 1}), say=lambda line: None)
+    assert choice.strategy == FALLBACK and choice.folds == 0 and choice.search is None
+    assert "fewer than 2 labels" in choice.reason and choice.config.shots == 1

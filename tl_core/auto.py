@@ -1,0 +1,222 @@
+"""`--strategy auto`: choose the strategy (and its recipe) by validation within the labels given.
+
+The best strategy moves with the labels a task has (bench/label_efficiency.md: linear-probe at
+1 shot, distill at 10, finetune at 50, scratch with every label), so a retraining job cannot fix
+one. `auto` tries the candidates and keeps the one that validates best, where validation sees
+**only the labelled training set**, never the test split:
+
+    candidates   zero-shot (where the classes can be described), linear-probe, finetune, setfit
+                 (text), and scratch, each with its recipe (the model's defaults, tl_core/recipes.py,
+                 or the run's `recipes:`)
+    validation   the labelled shots split into k stratified folds (k = min(5, the fewest labels a
+                 class has)). A candidate that trains on cached features or trains nothing
+                 (linear-probe, zero-shot) is cross-validated on all k folds; one that trains the
+                 network (scratch, finetune, setfit) on one held-out fold, k-1 folds training it.
+                 Its score is its mean validation accuracy over the folds it ran.
+    search       one Ray Tune search through the same `run_search` as `tl tune`: each (candidate,
+                 fold) a trial, so a cluster trains them in parallel; every trial is an MLflow run.
+    choice       the highest score; a tie (frequent: a fold of 10 images scores in steps of 0.1) goes
+                 to the earlier in PREFERENCE, the transfers first and scratch last, the order the
+                 benches rank them in at few labels (a tie says the labels cannot tell them apart).
+    refit        the winner trains again on all the labels, measured against scratch.
+
+Budget: the held-out fold of a network-training candidate costs about (k-1)/k of one full run,
+the cached-feature folds seconds, and the refit one run; with the text candidates (finetune and
+setfit of similar cost) that is about 0.8 + 0.8 + 1 = 2.6x the most expensive candidate (scratch
+and the cached folds are small beside them); bench/auto.md measures it.
+
+Fallback: with fewer than 2 labels in some class (1 shot) there is nothing to validate on. The
+stated rule then: `linear-probe`, its head solved with scikit-learn's C and started from the class
+descriptions where the data has them (the strongest single strategy at 1 shot on the benches:
+MNIST -> USPS, and text from descriptions); nothing is searched, and the summary says so.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tl_core.config import TrainConfig
+from tl_core.errors import UserError
+
+FOLDS = 5
+CHEAP = ("zero-shot", "linear-probe")  # no network trained: every fold
+NETWORK = ("scratch", "finetune", "setfit")  # one held-out fold each
+PREFERENCE = ("finetune", "linear-probe", "setfit", "zero-shot", "scratch")  # who a tie goes to
+FALLBACK = "linear-probe"
+
+
+@dataclass
+class Choice:
+    strategy: str
+    config: TrainConfig  # the winner's, on all labels (no folds)
+    reason: str
+    folds: int  # 0: not validated (the fallback rule)
+    candidates: dict[str, dict] = field(default_factory=dict)  # name -> {val_accuracy, folds_run, settings}
+    search: dict | None = None  # run_search's summary (None: nothing searched)
+    seconds: float = 0.0
+
+
+def fold_count(cfg: TrainConfig) -> int:
+    """k: as many folds as the class with the fewest labels allows, at most FOLDS (0 or 1: no validation)."""
+    from tl_core.data import load_prepared, sample_shots
+
+    data = load_prepared(cfg.data)
+    train_idx, _ = sample_shots(data.labels("train"), cfg.shots, cfg.seed, data.classes)
+    counts = np.bincount(data.labels("train")[train_idx], minlength=len(data.classes))
+    return min(FOLDS, int(counts.min()))
+
+
+def model_name(cfg: TrainConfig) -> str:
+    if cfg.model:
+        return cfg.model
+    from tl_core.checkpoints import load_checkpoint
+
+    return load_checkpoint(cfg.backbone)["model_spec"]["name"]
+
+
+def describable(cfg: TrainConfig) -> bool:
+    """Whether zero-shot by descriptions can name every class: a descriptions file came with the
+    data; text whose class names are words; images whose class names are printed characters read
+    by a network trained on such images (not a photo network)."""
+    from tl_core.data import load_manifest
+    from tl_core.models import INPUT_STATS
+    from tl_core.strategies.zero_shot import descriptions_of, is_word
+
+    manifest = load_manifest(cfg.data)
+    content = descriptions_of(cfg) or {}
+    if manifest["stored"] == "text":
+        return bool(content.get("descriptions")) or all(map(is_word, manifest["classes"]))
+    if "attributes" in content or model_name(cfg) in INPUT_STATS:
+        return False
+    return bool(content.get("glyphs")) or all(len(c) == 1 for c in manifest["classes"])
+
+
+def candidate_names(cfg: TrainConfig) -> list[str]:
+    from tl_core.data import load_manifest
+
+    text = load_manifest(cfg.data)["stored"] == "text"
+    names = [*(["zero-shot"] if describable(cfg) else []), "linear-probe", "scratch", "finetune"]
+    return names + (["setfit"] if text else [])
+
+
+def candidate_config(cfg: TrainConfig, strategy: str, recipe: dict) -> TrainConfig:
+    """`strategy` with its recipe over the auto run's settings: the same data, labels, seed and backbone."""
+    if strategy == "scratch":
+        return cfg.model_copy(update={"strategy": "scratch"}).baseline().model_copy(update=recipe)
+    update = {"strategy": strategy, **recipe}
+    if strategy == "zero-shot":  # every class described, nothing trained: one pass
+        update.update(epochs=1, unseen_classes=[])
+    return TrainConfig(**{**cfg.model_dump(), **update})
+
+
+def choose(cfg: TrainConfig, recipes: dict[str, dict] | None = None, say=print) -> Choice:
+    """The candidate that validates best on the labels of `cfg` (never the test split), as the
+    config to refit on all labels. `recipes`: strategy -> settings (default: the model's own)."""
+    from tl_core.tune.search import run_search
+    from tl_core.tune.space import SearchConfig
+
+    started = time.perf_counter()
+    if cfg.shots == 0:
+        raise UserError("--strategy auto chooses by validation on labels, and shots 0 gives none: give --shots N, or "
+                        "pick a strategy that adapts to unlabeled images (dann, mcc)")
+    names = candidate_names(cfg)
+    configs = {s: candidate_config(cfg, s, recipe_for(cfg, recipes, s)) for s in names}
+    k = fold_count(cfg)
+    if k < 2:
+        reason = (f"fewer than 2 labels in some class: nothing to validate on, so the stated rule: {FALLBACK} "
+                  "(its head solved with C=1, from the class descriptions where the data has them)")
+        say(f"auto: {reason}")
+        return Choice(FALLBACK, configs[FALLBACK], reason, 0, {}, None, time.perf_counter() - started)
+
+    # Every candidate a point of one search: its settings and the fold it validates on.
+    # (Validated after every epoch as a search compares trials; only the final model is kept.)
+    points = [{**configs[s].model_dump(), "cv_folds": k, "cv_fold": fold, "eval_every": 1, "checkpoint_every": 0}
+              for s in names for fold in (range(k) if s in CHEAP else [0])]
+    varying = sorted({key for p in points for key in p if len({repr(q[key]) for q in points}) > 1})
+    search = SearchConfig(
+        base=points[0],
+        space={key: {"choice": _distinct([p[key] for p in points])} for key in varying},
+        points=[{key: p[key] for key in varying} for p in points],
+        scheduler="fifo",  # every candidate runs its whole budget: they are compared at the end
+        name=f"auto-{cfg.fingerprint()[:12]}-k{k}",
+        resume=True,  # the same choice asked again: its finished trials are reused
+    )
+    say(f"auto: {len(names)} candidates ({', '.join(names)}), {len(points)} trials on {k} folds of the labels")
+    summary = run_search(search)
+    scores: dict[str, list[float]] = {s: [] for s in names}
+    for trial in summary["trials"]:
+        strategy = trial["params"].get("strategy", names[0])
+        if trial["status"] == "completed" and trial["val_accuracy"] is not None:
+            scores[strategy].append(trial["val_accuracy"])
+    candidates = {s: {"val_accuracy": statistics.mean(v) if v else None, "folds_run": len(v),
+                      "validation": f"{k}-fold" if s in CHEAP else f"1 held-out fold of {k}"}
+                  for s, v in scores.items()}
+    ranked = [s for s in names if candidates[s]["val_accuracy"] is not None]
+    if not ranked:
+        raise UserError(f"auto: no candidate finished its validation (search {summary['name']}); see its trials in MLflow")
+    best = max(ranked, key=lambda s: (candidates[s]["val_accuracy"], -PREFERENCE.index(s)))
+    others = ", ".join(f"{s} {candidates[s]['val_accuracy']:.3f}" for s in ranked if s != best)
+    reason = (f"highest validation accuracy on the labels: {best} {candidates[best]['val_accuracy']:.3f} "
+              f"({candidates[best]['validation']}) against {others or 'no other candidate'}")
+    say(f"auto: chose {best}: {reason}")
+    return Choice(best, configs[best], reason, k, candidates, summary, time.perf_counter() - started)
+
+
+def recipe_for(cfg: TrainConfig, recipes: dict[str, dict] | None, strategy: str) -> dict:
+    """A candidate's recipe: from `recipes` (tl run's, the model's defaults under the file's
+    `recipes:`) where given, else the model's default recipe (tl_core/recipes.py)."""
+    from tl_core.recipes import default_recipe
+
+    return dict(recipes.get(strategy, {})) if recipes is not None else default_recipe(model_name(cfg), strategy)
+
+
+def _distinct(values: list) -> list:
+    seen, out = set(), []
+    for value in values:
+        if repr(value) not in seen:
+            seen.add(repr(value))
+            out.append(value)
+    return out
+
+
+def auto_step(cfg: TrainConfig, recipes: dict[str, dict] | None = None, on_report=None, force: bool = False,
+              baseline: bool = True, say=print, scratch_accuracy: float | None = None) -> dict:
+    """`tl transfer --strategy auto` and `tl run`'s auto row: choose, refit the winner on all the
+    labels (measured against scratch, as every transfer), and log the candidates, the choice and
+    the reason to MLflow."""
+    import mlflow
+
+    from tl_core import tracking
+    from tl_core.steps import train_step
+
+    with tracking.run(f"transfer auto seed={cfg.seed} shots={cfg.shots}", params=cfg.model_dump(),
+                      tags={"tl.step": "transfer", "tl.strategy": "auto"}) as active:
+        choice = choose(cfg, recipes, say)
+        scratch = None  # the baseline on the same labels: given (tl run trained it), or trained here
+        if baseline and scratch_accuracy is None:
+            scratch = train_step(candidate_config(cfg, "scratch", recipe_for(cfg, recipes, "scratch")), "transfer",
+                                 on_report)
+            scratch_accuracy = scratch["metrics"]["accuracy"]
+        refit = train_step(choice.config, "transfer", on_report, force, scratch_accuracy=scratch_accuracy)
+        tracking.log_metrics({f"auto.val_accuracy.{s}": c["val_accuracy"] for s, c in choice.candidates.items()
+                              if c["val_accuracy"] is not None})
+        tracking.log_metrics({"auto.folds": choice.folds, "auto.choose_seconds": choice.seconds,
+                              "test_accuracy": refit["metrics"]["accuracy"]})
+        mlflow.set_tags({"tl.auto.choice": choice.strategy, "tl.auto.reason": choice.reason[:5000],
+                         "tl.auto.fallback": str(choice.folds == 0).lower()})
+        record = {"choice": choice.strategy, "reason": choice.reason, "folds": choice.folds,
+                  "fallback": choice.folds == 0, "candidates": choice.candidates,
+                  "search": choice.search["name"] if choice.search else None, "choose_seconds": choice.seconds,
+                  "refit": {k: refit[k] for k in ("strategy", "checkpoint", "run_id")}}
+        tracking.log_json(record, "auto.json")
+    # Its cost is the choosing and the refit together
+    out = {**refit, "strategy": "auto", "auto": record, "run_id": active.info.run_id,
+           "seconds": choice.seconds + refit["seconds"], "train_seconds": choice.seconds + refit["train_seconds"]}
+    if scratch:
+        out["baseline"] = scratch
+    return out
+
