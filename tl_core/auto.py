@@ -33,12 +33,14 @@ MNIST -> USPS, and text from descriptions); nothing is searched, and the summary
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from tl_core import storage
 from tl_core.config import TrainConfig
 from tl_core.errors import UserError
 
@@ -142,8 +144,10 @@ def choose(cfg: TrainConfig, recipes: dict[str, dict] | None = None, say=print) 
         space={key: {"choice": _distinct([p[key] for p in points])} for key in varying},
         points=[{key: p[key] for key in varying} for p in points],
         scheduler="fifo",  # every candidate runs its whole budget: they are compared at the end
-        name=f"auto-{cfg.fingerprint()[:12]}-k{k}",
-        resume=True,  # the same choice asked again: its finished trials are reused
+        # Named by its trials: the same choice asked again (same labels, candidates and recipes)
+        # resumes the finished search and reuses its trials.
+        name=f"auto-{storage.sha256_bytes(json.dumps(points, sort_keys=True, default=str).encode())[:12]}",
+        resume=True,
     )
     say(f"auto: {len(names)} candidates ({', '.join(names)}), {len(points)} trials on {k} folds of the labels")
     summary = run_search(search)

@@ -1,0 +1,165 @@
+"""Benchmark: `--strategy auto` against every single strategy it chooses among (issue 27).
+
+    .venv/bin/python bench/auto.py                          # every row, seeds 0-2: bench/auto.{json,md}
+    .venv/bin/python bench/auto.py --rows=usps-10,sst2-8-described --seeds=0,1,2
+
+Each row is a target, a backbone and a shot count; for each seed it runs `auto_step` (the step
+`tl transfer --strategy auto` runs: candidates validated on folds of the labels through Ray
+Tune, the winner refitted on all labels) and each candidate alone on all the labels with the
+same recipe (the model's defaults, tl_core/recipes.py), all scored on the test split, which
+auto never reads while choosing. No flag beyond data, model and shots: the defaults are what is
+measured. Rows measured before are kept in auto.json (a rerun measures only what is missing;
+--fresh: everything again).
+
+Rows (the issue's goals beside them in auto.md):
+- usps-1, usps-10, usps-all: MNIST-test -> USPS 16x16, small_cnn pretrained on MNIST-test (10
+  epochs, as bench/label_efficiency.py)
+- sst2-8-described, sst2-64-described: SST-2 with bench/text_descriptions/sst2.yaml as the
+  data folder's descriptions.yaml; sst2-8: bare labels 0/1, no file; agnews-8: AG News (the
+  2 000-headline test set of bench/text_transfer.py), class names as they are. MiniLM-L6.
+
+Costs: auto's seconds are its choosing (the whole search's wall time) plus the refit's training;
+a single strategy's are its training seconds as its checkpoint recorded them when first trained.
+TL_WORKDIR (default /tmp/tl-bench-auto) keeps data, features and checkpoints between runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared" / "data"
+GOALS = {"sst2-8-described": 75.0, "sst2-8": 63.5, "sst2-64-described": 80.0, "agnews-8": 84.0, "usps-10": 93.0,
+         "usps-1": 80.0}
+ROWS = ["usps-10", "usps-1", "sst2-8-described", "sst2-8", "agnews-8", "sst2-64-described", "usps-all"]
+
+
+def text_folder(root: Path, name: str, descriptions: str | None) -> Path:
+    """A copy of a text set's folder, with a descriptions.yaml beside its files or none."""
+    folder = root / f"{name}{'-described' if descriptions else ''}"
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        source = SHARED / "text" / name if name == "sst2" else _agnews(root)
+        for split in ("train.tsv", "test.tsv"):
+            shutil.copy(source / split, folder / split)
+        if descriptions:
+            shutil.copy(HERE / "text_descriptions" / descriptions, folder / "descriptions.yaml")
+    return folder
+
+
+def _agnews(root: Path) -> Path:
+    sys.path.insert(0, str(HERE))
+    from text_transfer import agnews_folder
+
+    return agnews_folder(root)
+
+
+def row_setup(row: str, root: Path) -> dict:
+    """The row's auto TrainConfig settings (all but the seed)."""
+    from tl_core.config import PrepareConfig, TrainConfig
+    from tl_core.data import prepare
+    from tl_core.train import train
+
+    name, shots, *described = row.split("-")  # e.g. sst2-8-described
+    shots = None if shots == "all" else int(shots)
+    if name == "usps":
+        source, _ = prepare(PrepareConfig(uri=f"idx:{SHARED}/mnist-test", image_size=16))
+        target, _ = prepare(PrepareConfig(uri=f"npz:{SHARED}/usps/usps_16x16.npz", image_size=16))
+        backbone = train(TrainConfig(data=source.path, epochs=10, augment=2, batch_size=128, eval_every=0)).checkpoint_uri
+        return {"data": target.path, "backbone": backbone, "shots": shots, "augment": 1}
+    folder = text_folder(root, name, f"{name}.yaml" if described else None)
+    data, _ = prepare(PrepareConfig(uri=f"tsv:{folder}", header=name == "sst2"))
+    return {"data": data.path, "backbone": "packaged:minilm-l6", "shots": shots}
+
+
+def measure(row: str, seed: int, settings: dict) -> dict:
+    from tl_core.auto import auto_step, candidate_config, candidate_names, recipe_for
+    from tl_core.config import TrainConfig
+    from tl_core.train import train
+
+    cfg = TrainConfig(strategy="auto", seed=seed, **settings)
+    started = time.perf_counter()
+    result = auto_step(cfg, say=lambda line: print(f"  {row} seed {seed}: {line}", flush=True))
+    auto_wall = time.perf_counter() - started
+    singles = {}
+    for name in candidate_names(cfg):
+        ckpt = train(candidate_config(cfg, name, recipe_for(cfg, None, name))).checkpoint  # the auto refit: reused
+        singles[name] = {"accuracy": ckpt["metrics"]["test_accuracy"], "train_seconds": ckpt["metrics"]["train_seconds"]}
+    record = result["auto"]
+    test_best = max(singles, key=lambda s: singles[s]["accuracy"])
+    return {"row": row, "seed": seed, "auto_accuracy": result["metrics"]["accuracy"], "choice": record["choice"],
+            "reason": record["reason"], "fallback": record["fallback"], "candidates": record["candidates"],
+            "auto_seconds": record["choose_seconds"] + singles.get(record["choice"], {}).get("train_seconds", 0.0),
+            "auto_wall_seconds": auto_wall, "scratch_accuracy": result.get("scratch_accuracy"),
+            "singles": singles, "test_best": test_best,
+            "picked_test_best": singles[record["choice"]]["accuracy"] >= singles[test_best]["accuracy"]}
+
+
+def report(results: list[dict]) -> str:
+    lines = ["# `--strategy auto` against every single strategy (`bench/auto.py`)", "",
+             "Test accuracy %, mean over the seeds measured; auto's choice per seed; seconds: auto = choosing (the "
+             "search's wall time) + the refit's training, a single strategy = its training. Goals: issue 27.", "",
+             "| row | seeds | auto | choices | picked test-best | " + "best single | scratch | goal | auto s | "
+             "costliest single s | auto / costliest |", "|" + "---|" * 11]
+    by_row: dict[str, list[dict]] = {}
+    for r in results:
+        by_row.setdefault(r["row"], []).append(r)
+    for row in [r for r in ROWS if r in by_row] + sorted(set(by_row) - set(ROWS)):
+        runs = sorted(by_row[row], key=lambda r: r["seed"])
+        mean = lambda values: 100 * statistics.mean(values)  # noqa: E731
+        names = sorted({n for r in runs for n in r["singles"]})
+        single = {n: mean([r["singles"][n]["accuracy"] for r in runs if n in r["singles"]]) for n in names}
+        best = max(single, key=single.get)
+        costliest = max(statistics.mean(r["singles"][n]["train_seconds"] for r in runs if n in r["singles"]) for n in names)
+        auto_s = statistics.mean(r["auto_seconds"] for r in runs)
+        goal = GOALS.get(row)
+        lines.append(f"| {row} | {','.join(str(r['seed']) for r in runs)} | {mean([r['auto_accuracy'] for r in runs]):.1f} "
+                     f"| {', '.join(r['choice'] + (' (rule)' if r['fallback'] else '') for r in runs)} "
+                     f"| {sum(r['picked_test_best'] for r in runs)}/{len(runs)} | {best} {single[best]:.1f} "
+                     f"| {single.get('scratch', float('nan')):.1f} | {f'>= {goal:.1f}' if goal else '—'} "
+                     f"| {auto_s:.0f} | {costliest:.0f} | {auto_s / costliest:.1f}x |")
+    lines += ["", "Every single strategy, test accuracy % (mean over the seeds):", ""]
+    for row in by_row:
+        runs = by_row[row]
+        names = sorted({n for r in runs for n in r["singles"]})
+        cells = ", ".join(f"{n} {100 * statistics.mean(r['singles'][n]['accuracy'] for r in runs if n in r['singles']):.1f}"
+                          for n in names)
+        lines.append(f"- {row}: {cells}")
+    lines += ["", "Auto's reasons:", ""]
+    lines += [f"- {r['row']} seed {r['seed']}: {r['choice']}: {r['reason']}" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    os.environ.setdefault("TL_WORKDIR", "/tmp/tl-bench-auto")
+    args = dict(a.split("=", 1) if "=" in a else (a, "") for a in sys.argv[1:])
+    rows = args.get("--rows", ",".join(ROWS)).split(",")
+    seeds = [int(s) for s in args.get("--seeds", "0,1,2").split(",")]
+    output = HERE / "auto.json"
+    kept = [] if "--fresh" in args or not output.is_file() else json.loads(output.read_text())["results"]
+    done = {(r["row"], r["seed"]) for r in kept}
+    root = Path(os.environ["TL_WORKDIR"])
+    results = list(kept)
+    for row in rows:
+        settings = row_setup(row, root)
+        for seed in seeds:
+            if (row, seed) in done:
+                continue
+            started = time.perf_counter()
+            results.append(measure(row, seed, settings))
+            print(f"{row} seed {seed}: auto {results[-1]['auto_accuracy']:.3f} ({results[-1]['choice']}) in "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+            output.write_text(json.dumps({"results": results}, indent=1))  # after each: an interrupted bench keeps it
+            (HERE / "auto.md").write_text(report(results))
+    output.write_text(json.dumps({"results": results}, indent=1))
+    (HERE / "auto.md").write_text(report(results))
+
+
+if __name__ == "__main__":
+    main()
