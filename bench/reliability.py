@@ -197,11 +197,11 @@ def damaged_copies(data: str, env: dict, work: Path, model: str, root: Path) -> 
         damaged[len(damaged) // 2] ^= 0x01
         return bytes(damaged)
 
-    def refused(commands: list[list], copy: str) -> tuple[int, int, str]:
+    def refused(commands: list[list], copy: str, run_env: dict = env) -> tuple[int, int, str]:
         tried, ok, first = 0, 0, ""
         for command in commands:
             tried += 1
-            out = tl(command, env, check=False)
+            out = tl(command, run_env, check=False)
             line = error_line(out)
             ok += int(out.returncode == 2 and f"checkpoint {copy} is corrupt" in line)
             first = first or line
@@ -227,7 +227,8 @@ def damaged_copies(data: str, env: dict, work: Path, model: str, root: Path) -> 
     model_id = reg["model_uri"].rsplit("/", 1)[-1]
     (artifact,) = [p for p in work.rglob("checkpoint.pt") if model_id in str(p)]
     before = snapshot(work)
-    artifact.write_bytes(flip(artifact.read_bytes()))
+    original = artifact.read_bytes()
+    artifact.write_bytes(flip(original))
     version = f"models:/bench-copies/{reg['version']}"
     tried, ok, line = refused([["evaluate", "--model", version, "--data", data]], version)
     out = tl(["promote", "--model", "bench-copies", "--data", data], env, check=False)
@@ -236,6 +237,7 @@ def damaged_copies(data: str, env: dict, work: Path, model: str, root: Path) -> 
                             env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}, capture_output=True,
                             text=True)
     tried, ok = tried + 1, ok + int(pyfunc.returncode != 0 and "is corrupt" in pyfunc.stderr)
+    artifact.write_bytes(original)  # the bench's own damage undone: what is left changed, tl changed
     rows.append({"fault": "a flipped byte in a registry version's checkpoint, given to evaluate, promote and "
                           "mlflow.pyfunc.load_model", "tried": tried, "survived": ok,
                  "data_lost": lost(before, snapshot(work)), "seconds_lost": None, "detail": line})
@@ -253,7 +255,7 @@ def damaged_copies(data: str, env: dict, work: Path, model: str, root: Path) -> 
         before = snapshot(work)
         tried, ok, line = refused([["evaluate", "--model", copy, "--data", data],
                                    ["transfer", "--data", data, "--strategy", "finetune", "--backbone", copy,
-                                    "--epochs", "1", "--no-baseline"]], copy)
+                                    "--epochs", "1", "--no-baseline"]], copy, s3_env)
         rows.append({"fault": "a flipped byte in a checkpoint's copy on S3 (no .sha256 beside it), given to evaluate "
                               "and transfer", "tried": tried, "survived": ok,
                      "data_lost": lost(before, snapshot(work)), "seconds_lost": None, "detail": line})
