@@ -71,6 +71,22 @@ def test_it_loads_offline_and_refuses_what_it_cannot_read(monkeypatch):
         create_model(NAME, 2, in_channels=3, weights="IMAGENET1K_V1")
 
 
+def test_tl_run_trains_the_photo_network_with_its_own_short_recipes():
+    # The shared default is 100 transfer epochs (sized for 8 x 8 digits); on 224 px photos each
+    # epoch costs seconds a batch on 2 cores, so the model brings its own (tl_core/recipes.py).
+    from tl_core.config import ExperimentConfig
+
+    cfg = ExperimentConfig(target="imagefolder:photos", model=NAME, shots=5)
+    for strategy in ("scratch", "finetune"):
+        assert cfg.recipe(strategy)["epochs"] <= 10 and cfg.recipe(strategy)["checkpoint_every"] == 0
+    assert cfg.recipe("finetune")["backbone_lr_mult"] < 1
+    run = cfg.transfer("data", f"packaged:{NAME}", "finetune", **cfg.recipe("finetune"))
+    assert run.epochs == cfg.recipe("finetune")["epochs"] and run.checkpoint_every == 0
+    # A setting given explicitly still wins over the model's recipe.
+    explicit = ExperimentConfig(target="imagefolder:photos", model=NAME, epochs=3)
+    assert explicit.transfer("data", f"packaged:{NAME}", "finetune", **explicit.recipe("finetune")).epochs == 3
+
+
 # -- an independent reading of the packaged weights ------------------------------------------
 # EfficientNet-Lite0 as TensorFlow defines it, written from its block list: the packaged
 # state_dict read under its own names, with no timm and no key mapping. Each stage's first
@@ -184,3 +200,106 @@ def test_tl_run_transfers_from_the_packaged_backbone_on_a_folder_of_another_layo
     ckpt = torch.load(io.BytesIO(Path(probe["checkpoint"]).read_bytes()), weights_only=True)
     assert ckpt["data"]["mean"] == [0.5] * 3 and ckpt["data"]["std"] == [0.5] * 3
     assert ckpt["model_spec"]["name"] == NAME and ckpt["backbone"]["uri"] == f"packaged:{NAME}"
+
+
+# -- the stack on photos: registry and pyfunc on JPEG bytes, tl tune, Ray Train ---------------
+# A small photo folder (20 train and 10 test photos a class, hymenoptera's own split) at 64 px:
+# the point is that every step runs on the packaged backbone, not the accuracy of 64 px photos.
+SMALL = 64
+
+
+@pytest.fixture(scope="module")
+def photos(module_workdir) -> dict:
+    from tl_core.config import PrepareConfig
+    from tl_core.data import prepare
+
+    if not PHOTOS.is_dir():
+        pytest.skip("the shared hymenoptera photos are not here")
+    folder = module_workdir / "photos"
+    for split, count in (("train", 20), ("val", 10)):
+        for cls in ("ants", "bees"):
+            (folder / split / cls).mkdir(parents=True)
+            for photo in sorted((PHOTOS / split / cls).glob("*.jpg"))[:count]:
+                shutil.copy(photo, folder / split / cls / photo.name)
+    data, _ = prepare(PrepareConfig(uri=f"imagefolder:{folder}", image_size=SMALL))
+    return {"folder": folder, "data": data}
+
+
+@pytest.fixture(scope="module")
+def local_ray(module_workdir):
+    import ray
+
+    from tl_core.ray_cluster import init_ray
+
+    init_ray()
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.timeout(450)  # 153 s with its set-up on 2 cores at load 8-12 (others' jobs)
+def test_a_probe_of_photos_is_registered_promoted_and_served_on_jpeg_bytes(photos):
+    import mlflow
+
+    from tl_core import registry
+    from tl_core.config import TrainConfig
+    from tl_core.train import train
+
+    data = photos["data"]
+    probe = train(TrainConfig(data=data.path, strategy="linear-probe", backbone=f"packaged:{NAME}", shots=10,
+                              eval_every=0, checkpoint_every=0))
+    registered = registry.register_model(probe.checkpoint_uri, "insects", data.path)
+    assert registered["tags"]["tl.backbone_uri"] == f"packaged:{NAME}"
+    promoted = registry.promote("insects", data.path)
+    assert promoted["decision"] == "promoted", promoted
+    model = mlflow.pyfunc.load_model("models:/insects@champion")
+    # The test split's photos as files, JPEG bytes as a client would send them: decoded and
+    # cropped as evaluation did, so the very accuracy the promotion measured.
+    files = sorted((photos["folder"] / "val").glob("*/*.jpg"))
+    truth = [f.parent.name for f in files]
+    import numpy as np
+
+    out = model.predict(np.array([f.read_bytes() for f in files], dtype=object))
+    assert list(out.columns) == ["label", "probability", "p_ants", "p_bees"]
+    accuracy = float((out["label"] == truth).mean())
+    assert accuracy == pytest.approx(promoted["accuracy"], abs=1e-6)
+    assert accuracy > 0.6  # 2 classes: chance is 0.5
+    # A PNG of the same photo: the same class as its JPEG.
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.open(files[0]).save(png, format="PNG")
+    assert model.predict(np.array([png.getvalue()], dtype=object))["label"][0] == out["label"][0]
+
+
+@pytest.mark.timeout(600)  # < 400 s with a local Ray's start on 2 cores at load 20-37 (others' jobs)
+def test_tl_tune_searches_a_finetune_of_the_packaged_backbone(photos, local_ray, module_workdir):
+    import yaml
+
+    from tests.conftest import tl_json
+
+    base = {"data": photos["data"].path, "strategy": "finetune", "backbone": f"packaged:{NAME}", "shots": 5,
+            "epochs": 2, "batch_size": 10}
+    config = module_workdir / "tune.yaml"
+    config.write_text(yaml.safe_dump({"base": base, "space": {"lr": {"choice": [1e-7, 3e-3]}}, "search": "grid",
+                                      "scheduler": "fifo", "name": "photos", "max_concurrent_trials": 1}))
+    s = tl_json("tune", "--config", config)
+    assert sorted(t["params"]["lr"] for t in s["trials"]) == [1e-7, 3e-3]
+    assert all(t["status"] == "completed" and t["epochs"] == 2 for t in s["trials"])
+    assert s["trial_epochs_total"] == 4 and s["best_config"]["backbone"] == f"packaged:{NAME}"
+    assert 0.0 <= s["best_val_accuracy"] <= 1.0
+    best = torch.load(io.BytesIO(Path(s["best_checkpoint"]).read_bytes()), weights_only=True)
+    assert best["model_spec"]["name"] == NAME and best["data"]["mean"] == [0.5] * 3  # the network's own inputs
+
+
+@pytest.mark.timeout(600)  # > 400 s on 2 cores at load 20-37 (the first epoch, Ray Data's start, 186 s)
+def test_ray_train_fine_tunes_the_packaged_backbone_on_two_workers(photos, local_ray):
+    from tl_core.config import TrainConfig
+    from tl_core.train import train
+
+    cfg = TrainConfig(data=photos["data"].path, strategy="finetune", backbone=f"packaged:{NAME}", shots=5, epochs=2,
+                      batch_size=10, workers=2, runner="ray", eval_every=0, checkpoint_every=0)
+    ckpt = train(cfg).checkpoint
+    assert ckpt["metrics"]["workers"] == 2
+    assert ckpt["metrics"]["replica_spread"] == 0.0  # batch norm's buffers too: the replicas stay identical
+    assert 0.0 <= ckpt["metrics"]["test_accuracy"] <= 1.0
+    assert ckpt["data"]["mean"] == [0.5] * 3 and ckpt["backbone"]["uri"] == f"packaged:{NAME}"
