@@ -72,9 +72,9 @@ def test_simclr_backbone_beats_random_init_and_transfers(workdir):
     assert ckpt["strategy_state"]["2.weight"].shape[0] == 64  # projection_dim
     assert ckpt["metrics"]["test_accuracy"] > 0.6, ckpt["metrics"]  # the online head learned (chance 0.2)
 
-    # Linear probes (the label_efficiency recipe) on 3 draws of the 10 shots, from the contrastive
-    # backbone and from the same architecture at random init (random conv features are no
-    # strawman on 8x8 digits: ~80 %).
+    # Linear probes (solved: L-BFGS, C by cross-validation) on 3 draws of the 10 shots, from the
+    # contrastive backbone and from the same architecture at random init (random conv features are
+    # no strawman on 8x8 digits: ~90 % once the probe is solved, ~80 % with the old trained head).
     random_init = random_init_checkpoint(os.path.join(workdir, "random-init.pt"), 5)
 
     def probe_accuracy(backbone: str) -> float:
@@ -84,7 +84,7 @@ def test_simclr_backbone_beats_random_init_and_transfers(workdir):
 
     simclr_acc, random_acc = probe_accuracy(pretrained.checkpoint_uri), probe_accuracy(random_init)
     print(f"linear probe on 10 shots: simclr {simclr_acc:.3f}, random init {random_acc:.3f}")
-    assert simclr_acc > random_acc + 0.08, (simclr_acc, random_acc)
+    assert simclr_acc > random_acc + 0.04, (simclr_acc, random_acc)  # measured: 0.964 against 0.902
 
     finetuned = train(TrainConfig(data=target.path, strategy="finetune", backbone=pretrained.checkpoint_uri, shots=10,
                                   epochs=30, eval_every=0, checkpoint_every=0))
