@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from tl_core import cli_pipeline, cli_registry, cli_tune  # noqa: F401  (their commands join `app`)
+from tl_core import cli_predict  # noqa: F401  (tl predict, tl monitor)
 from tl_core.cli_app import AS_JSON, StrategiesInHelp, app, console, execute, with_settings
 
 def _epoch_progress(total: int | None, label: str):

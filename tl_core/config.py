@@ -72,6 +72,50 @@ class PrepareConfig(StepConfig):
     output: str | None = Field(None, description="folder (local or s3://) for prepared datasets")
 
 
+# -- using a model: batch predictions and drift (tl predict, tl monitor; tl_core/batch.py, monitor.py) --
+
+MODEL_URI_HELP = ("the model: a tl checkpoint (path, s3://, runs:/), a registry version models:/NAME/3 or an alias "
+                  "models:/NAME@champion (resolved once to its version)")
+DATA_URI_HELP = ("a prepared dataset, or any data URI tl prepare reads (idx:DIR, npz:FILE, imagefolder:DIR, tsv:..., "
+                 "...), prepared first; images are brought to the model's size and channels")
+Split = Literal["all", "train", "test"]
+
+
+class PredictConfig(StepConfig):
+    """`tl predict`: a model's predictions on a dataset, as Parquet, with Ray Data."""
+
+    model: str = Field(..., description=MODEL_URI_HELP)
+    data: str = Field(..., description=DATA_URI_HELP)
+    output: str = Field(..., min_length=1, description="folder (local or s3://) of the predictions: a Parquet part per "
+                        "shard of the data, predictions.json written last; a rerun keeps the parts already there")
+    split: Split = Field("all", description="the split(s) of the data to predict")
+    batch_size: int = Field(512, ge=1, le=65536, description="images an actor predicts at once")
+    actors: int = Field(1, ge=1, le=1024, description="Ray Data actors, each holding the model (one Ray CPU each; "
+                        "torch's threads: the node's cores shared among them)")
+    # A text source's layout, declared where `tl prepare` reads it.
+    text_column: str | None = PrepareConfig.model_fields["text_column"]
+    label_column: str | None = PrepareConfig.model_fields["label_column"]
+    header: bool = PrepareConfig.model_fields["header"]
+
+
+class MonitorConfig(StepConfig):
+    """`tl monitor`: how far new data has moved from the reference, on the model's own embeddings."""
+
+    model: str = PredictConfig.model_fields["model"]
+    data: str = Field(..., description="the new data: " + DATA_URI_HELP)
+    reference: str | None = Field(None, description="the data to compare with: " + DATA_URI_HELP + "; default: the "
+                                  "data the model was trained on (its checkpoint names it)")
+    data_split: Split = Field("all", description="the split(s) of the new data to draw from")
+    reference_split: Split = Field("train", description="the split(s) of the reference to draw from")
+    sample_size: int = Field(500, ge=20, le=20000, description="images drawn at random from each side")
+    permutations: int = Field(500, ge=20, le=100000, description="permutations behind the MMD's p-value")
+    alpha: float = Field(0.01, gt=0, lt=1, description="drift when the MMD's permutation p-value is below this")
+    seed: int = Field(0, description="seed of the samples and the permutations")
+    text_column: str | None = PrepareConfig.model_fields["text_column"]
+    label_column: str | None = PrepareConfig.model_fields["label_column"]
+    header: bool = PrepareConfig.model_fields["header"]
+
+
 SHOTS_HELP = "labelled images per class: N, 0 for none (dann, mcc learn from unlabeled images), or all (also -1)"
 
 
