@@ -2,7 +2,7 @@
 
 Three files in locks/, written by this script, never by hand:
 
-- `locks/runtime.txt`: what `tl-core[tune,server,text,vision]` needs, and the pip that installs it. The image
+- `locks/runtime.txt`: what `tl-core[tune,server,text,vision,serve]` needs, and the pip that installs it. The image
   installs exactly this (k8s/Dockerfile); so do `scripts/setup.sh` and CI.
 - `locks/runtime-cpu.txt`: the same pins for the image's CPU-only variant, without what only
   torch's CUDA build asks for (the CUDA runtime, cuda-bindings, triton): the Dockerfile installs it
@@ -42,7 +42,7 @@ RUNTIME = LOCKS / "runtime.txt"
 RUNTIME_CPU = LOCKS / "runtime-cpu.txt"
 TEST = LOCKS / "test.txt"
 PROJECT = "tl-core"
-RUNTIME_EXTRAS = {"tune", "server", "text", "vision"}  # the image runs HPO, the MLflow server, text and photo models too
+RUNTIME_EXTRAS = {"tune", "server", "text", "vision", "serve"}  # the image runs HPO, the MLflow server, text and photo models, tl serve
 TEST_EXTRAS = {"test"}
 INSTALLERS = ("pip", "setuptools")  # pinned too: setuptools builds the project (no build isolation)
 FIX = "bash scripts/setup.sh"
@@ -126,7 +126,7 @@ def write_locks() -> None:
     test = {k: v for k, v in closure(PROJECT, TEST_EXTRAS).items() if k not in runtime}
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     for path, pins, what in (
-        (RUNTIME, runtime, "what tl-core[tune,server,text,vision] needs, and the pip/setuptools that install it: the image, set-up and CI"),
+        (RUNTIME, runtime, "what tl-core[tune,server,text,vision,serve] needs, and the pip/setuptools that install it: the image, set-up and CI"),
         (RUNTIME_CPU, runtime_cpu, "locks/runtime.txt without what only torch's CUDA build needs: the image's CPU-only "
                                    "variant, with torch and torchvision from torch's CPU index (k8s/Dockerfile)"),
         (TEST, test, "the test tools (tl-core[test]) beyond locks/runtime.txt: set-up and CI, never the image"),
@@ -196,7 +196,7 @@ def upgrade() -> int:
     try:
         run(sys.executable, "-m", "venv", venv)
         run(python, "-m", "pip", "install", "-q", "--upgrade", *INSTALLERS)
-        run(python, "-m", "pip", "install", "-q", "--upgrade", "-e", ".[test,tune,server,text,vision]")
+        run(python, "-m", "pip", "install", "-q", "--upgrade", "-e", ".[test,tune,server,text,vision,serve]")
         run(python, "-m", "pip", "check")
         run(python, __file__, "--write")
     finally:

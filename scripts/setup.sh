@@ -24,6 +24,6 @@ lock=(-c locks/runtime.txt -c locks/test.txt)
 # pip and setuptools first, at their locked versions: setuptools then builds the project itself
 # (no build isolation, which would fetch whatever setuptools is newest that day).
 .venv/bin/python -m pip install -q "${lock[@]}" pip setuptools
-.venv/bin/python -m pip install -q "${lock[@]}" --no-build-isolation -e '.[test,tune,server,text,vision]'
+.venv/bin/python -m pip install -q "${lock[@]}" --no-build-isolation -e '.[test,tune,server,text,vision,serve]'
 .venv/bin/python scripts/lock.py --check
 .venv/bin/python scripts/lock.py --stamp
