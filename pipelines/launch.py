@@ -25,6 +25,7 @@ from pipelines.transfer import NAME, arguments
 from tl_core import storage
 from tl_core.config import PipelineConfig, workdir
 from tl_core.errors import UserError
+from tl_core.monitor import NO_DRIFT
 from tl_core.ray_cluster import FORWARDED_ENV
 
 MANAGED = "managed by `tl pipeline schedule`; fingerprint"  # recurring runs' description
@@ -197,9 +198,13 @@ def run_local(cfg: PipelineConfig, root: str | None = None, runner: str = "subpr
     def result(step: str):  # a step's return value, from whichever branch ran (evaluate, evaluate-2)
         return next((v["Output"] for task, v in steps.items() if re.sub(r"-\d+$", "", task) == step), None)
 
+    drift = result("monitor")  # the first step's decision: drift, forced, no-champion or no-drift
+    if drift == NO_DRIFT:
+        decision = "not retrained: the monitor found no drift from the champion's training data (--force-retrain to train)"
+    else:
+        decision = result("promote") or f"not promoted: below --min-accuracy {cfg.min_accuracy}"
     return {"pipeline": NAME, "pipeline_root": str(run_dir), "arguments": arguments(cfg), "model": cfg.model_name,
-            "accuracy": result("evaluate"), "version": result("register"),
-            "decision": result("promote") or f"not promoted: below --min-accuracy {cfg.min_accuracy}",
+            "monitor": drift, "accuracy": result("evaluate"), "version": result("register"), "decision": decision,
             "steps": steps, "seconds": time.time() - started}
 
 

@@ -1,8 +1,11 @@
-"""The transfer pipeline: prepare the target and the source -> pretrain -> HPO (optional) ->
-transfer with the best config -> evaluate -> register -> promote if the gate passes. With a
-packaged encoder (model minilm-l6, a text target) the source and pretrain steps pass the
-encoder on, as `tl run` does.
+"""The transfer pipeline: monitor -> (drift, forced, or no champion yet) prepare the target and
+the source -> pretrain -> HPO (optional) -> transfer with the best config -> evaluate -> register
+-> promote if the gate passes. With a packaged encoder (model minilm-l6, a text target) the
+source and pretrain steps pass the encoder on, as `tl run` does.
 
+    monitor: the target's data now (the newest snapshot) against the champion's training data,
+             on the champion's embeddings; "no-drift" ends the run here, green, nothing trained
+    [decision != no-drift] retrain:
     prepare target -> prepare source (at the target's shape) -> pretrain
       search_space set:   tune -> release(tuned config)
       search_space "":           release(base config)
@@ -18,12 +21,14 @@ import inspect
 from kfp import dsl
 
 from components.evaluate import evaluate
+from components.monitor import monitor
 from components.prepare import prepare
 from components.pretrain import pretrain
 from components.registry import promote, register
 from components.transfer import transfer
 from components.tune import tune
 from tl_core.config import PipelineConfig
+from tl_core.monitor import NO_DRIFT
 
 NAME = "tl-transfer"
 
@@ -98,6 +103,15 @@ def release(data: dsl.Input[dsl.Dataset], backbone: dsl.Input[dsl.Model], source
 
 
 def pipeline(cfg: PipelineConfig):
+    # The loop's first step: drift of the newest data (what the target holds now) from what the
+    # champion was trained on. Never cached: the data behind the URI and the champion change.
+    checked = _step(monitor(model_name=cfg.model_name, data=cfg.target, force_retrain=cfg.force_retrain,
+                            **{name: getattr(cfg, name) for name in TEXT_LAYOUT}), cache=False)
+    with dsl.If(checked.outputs["Output"] != NO_DRIFT, name="retrain"):
+        retrain(cfg)
+
+
+def retrain(cfg: PipelineConfig):
     # prepare reads its source every time (data behind a URI can change); identical data is
     # recognised by its content hash and reused, so it never needs KFP's cache.
     target_data = _step(prepare(uri=cfg.target, **{name: getattr(cfg, name) for name in TEXT_LAYOUT}), cache=False)

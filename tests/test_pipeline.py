@@ -82,29 +82,34 @@ def test_compiled_pipeline_has_the_expected_dag(tmp_path):
     # Every step (not the sub-pipelines and branches) is retried by KFP, with backoff.
     steps = [task for dag in [spec["root"]["dag"], *(c["dag"] for c in comps.values() if "dag" in c)]
              for task in dag["tasks"].values() if "executorLabel" in comps[task["componentRef"]["name"]]]
-    assert len(steps) == 12  # prepare x2, pretrain, tune, and transfer, evaluate, register, promote in each release
+    assert len(steps) == 13  # monitor, prepare x2, pretrain, tune, and transfer, evaluate, register, promote in each release
     assert all(task["retryPolicy"]["maxRetryCount"] == 2 and task["retryPolicy"]["backoffDuration"] == "60s"
                for task in steps)
-    root = tasks(spec["root"]["dag"])
+    # The loop: the monitor first; everything else only when it finds drift (or is forced, or no champion yet).
+    assert tasks(spec["root"]["dag"]) == {
+        "monitor": ("comp-monitor", [], None),
+        "condition-1": ("comp-condition-1", ["monitor"],
+                        "inputs.parameter_values['pipelinechannel--monitor-Output'] != 'no-drift'")}
+    root = tasks(comps["comp-condition-1"]["dag"])
     assert root == {
         "prepare": ("comp-prepare", [], None),  # the target
         "prepare-2": ("comp-prepare-2", ["prepare"], None),  # the source, at the target's shape
         "pretrain": ("comp-pretrain", ["prepare-2"], None),
         # the transfer takes the source too (dann, mcc, multitask and simclr train on it)
-        "condition-branches-1": ("comp-condition-branches-1", ["prepare", "prepare-2", "pretrain"], None),
+        "condition-branches-2": ("comp-condition-branches-2", ["prepare", "prepare-2", "pretrain"], None),
     }
-    assert spec["root"]["dag"]["tasks"]["prepare-2"]["inputs"]["artifacts"]["like"]["taskOutputArtifact"] == {
+    assert comps["comp-condition-1"]["dag"]["tasks"]["prepare-2"]["inputs"]["artifacts"]["like"]["taskOutputArtifact"] == {
         "outputArtifactKey": "dataset", "producerTask": "prepare"}
     # HPO only with a search space; either way the same release sub-pipeline follows.
-    branches = tasks(comps["comp-condition-branches-1"]["dag"])
-    assert branches["condition-2"][2] == "inputs.parameter_values['pipelinechannel--search_space'] != ''"
-    assert branches["condition-3"][2] == "!(inputs.parameter_values['pipelinechannel--search_space'] != '')"
-    with_hpo, without = tasks(comps["comp-condition-2"]["dag"]), tasks(comps["comp-condition-3"]["dag"])
+    branches = tasks(comps["comp-condition-branches-2"]["dag"])
+    assert branches["condition-3"][2] == "inputs.parameter_values['pipelinechannel--search_space'] != ''"
+    assert branches["condition-4"][2] == "!(inputs.parameter_values['pipelinechannel--search_space'] != '')"
+    with_hpo, without = tasks(comps["comp-condition-3"]["dag"]), tasks(comps["comp-condition-4"]["dag"])
     assert with_hpo == {"tune": ("comp-tune", [], None), "tl-release": ("comp-tl-release", ["tune"], None)}
-    assert comps["comp-condition-2"]["dag"]["tasks"]["tl-release"]["inputs"]["parameters"]["tuned"][
+    assert comps["comp-condition-3"]["dag"]["tasks"]["tl-release"]["inputs"]["parameters"]["tuned"][
         "taskOutputParameter"] == {"outputParameterKey": "Output", "producerTask": "tune"}
     assert without == {"tl-release-2": ("comp-tl-release-2", [], None)}
-    for release, gate in (("comp-tl-release", "comp-condition-1"), ("comp-tl-release-2", "comp-condition-1-2")):
+    for release, gate in (("comp-tl-release", "comp-condition-1-2"), ("comp-tl-release-2", "comp-condition-1-3")):
         steps = tasks(comps[release]["dag"])
         assert {name: deps for name, (_, deps, _) in steps.items()} == {
             "transfer": [], "evaluate": ["transfer"], "register": ["evaluate", "transfer"],
@@ -137,7 +142,7 @@ def test_compiled_pipeline_has_the_expected_dag(tmp_path):
         assert config["secretAsEnv"][0]["secretName"] == "tl-s3"
     caching = {name: t.get("cachingOptions", {}).get("enableCache", False)
                for c in [spec["root"], *comps.values()] if "dag" in c for name, t in c["dag"]["tasks"].items()}
-    assert not caching["prepare"] and not caching["register"] and not caching["promote"]
+    assert not caching["monitor"] and not caching["prepare"] and not caching["register"] and not caching["promote"]
     assert caching["pretrain"] and caching["transfer"] and caching["evaluate"]
 
     # --no-cache: every step, nested ones included.
@@ -212,12 +217,27 @@ def test_the_hpo_branch_picks_on_validation_data(first_run):
 
 @pytest.mark.slow
 def test_a_run_that_fails_the_gate_leaves_the_champion(first_run):
-    again = tl_json("pipeline", "run", "--local", *FAST, "--strategy", "finetune", "--min-accuracy", 0.999)
+    again = tl_json("pipeline", "run", "--local", *FAST, "--strategy", "finetune", "--min-accuracy", 0.999,
+                    "--force-retrain")  # the same data: no drift, so only forced does it train
     assert again["version"] == 2 and again["accuracy"] < 0.999
     assert "promote-2" not in again["steps"] and again["decision"].startswith("not promoted")  # the gate skipped it
     # Reruns reuse identical outputs: the prepared data and the pretrained backbone.
     assert again["steps"]["pretrain"]["checkpoint"] == first_run["steps"]["pretrain"]["checkpoint"]
     assert aliases(again["arguments"]["model_name"]) == {"champion": 1, "challenger": 2}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_run_that_finds_no_drift_ends_green_and_trains_nothing(first_run):
+    # The champion was trained on the target's data, and the target holds the same data now.
+    result = tl("pipeline", "run", "--local", *FAST, "--strategy", "finetune", "--json")
+    assert result.exit_code == 0, result.output[-5000:]
+    again = json.loads(result.stdout.strip().splitlines()[-1])
+    assert again["monitor"] == "no-drift" and again["decision"].startswith("not retrained: the monitor found no drift")
+    assert list(again["steps"]) == ["monitor"] and again["version"] is None  # nothing prepared, trained or registered
+    assert "monitor: no drift: MMD^2" in result.output  # the step says so in its log
+    assert aliases(again["arguments"]["model_name"])["champion"] == 1
+    assert again["steps"]["monitor"]["metrics"]["p_value"] >= 0.01
 
 
 @pytest.mark.slow

@@ -64,6 +64,9 @@ def run(settings: dict, config: Optional[str], local: bool = typer.Option(False,
         return run_local(pipeline_config(settings, config), root, runner, image)
 
     def show(s):
+        if s["accuracy"] is None:  # the monitor found no drift: nothing was trained
+            typer.echo(f"{s['model']}: {s['decision']}\nsteps' outputs in {s['pipeline_root']}; {s['seconds']:.0f}s")
+            return
         typer.echo(f"{s['model']} version {s['version']}: test accuracy {s['accuracy']:.4f}; {s['decision']}\n"
                    f"steps' outputs in {s['pipeline_root']}; {s['seconds']:.0f}s")
 

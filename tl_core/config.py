@@ -436,6 +436,10 @@ class PipelineConfig(SearchSettings):
     min_accuracy: float = Field(0.5, ge=0, le=1, description="promotion floor on the target's test accuracy")
     min_delta: float = Field(0.0, ge=0, description="promotion: beat the champion by at least this much accuracy")
     model_name: str = Field("tl-transfer", pattern=r"^[^/:]+$", description="registered model name")
+    # The loop: the first step measures drift of the target's data now (the newest snapshot) from the
+    # champion's training data (tl_core/monitor.py); without drift the run trains nothing.
+    force_retrain: bool = Field(False, description="retrain, gate and promote even when the monitor finds no drift "
+                                "(a run with no champion yet always trains)")
 
     @field_validator("search_space")
     @classmethod
