@@ -10,12 +10,12 @@
             (`part-test-00000.parquet`: id, split, index, label, predicted, probability, p_<class>,
             model_version), and `predictions.json`, written last: the model, the data, the parts.
 
-Ray Data does the work: each shard file is read and checked against its sha256 by a task, and
-`map_batches` with a callable class (`Predictor`) over an actor pool (`ActorPoolStrategy`)
-decodes, normalises and scores the rows, each actor holding the model once. The driver gathers
-the (small) predictions of each shard as they stream in and writes the shard's part when its last
-row has arrived, so no more than the shards in flight are held anywhere: memory does not grow with
-the data.
+Ray Data does the work: each shard file is read by a task (Ray's `read_binary_files`), and
+`map_batches` with a callable class (`Predictor`) over an actor pool (`ActorPoolStrategy`) checks
+it against its sha256 and decodes, normalises and scores its rows `batch_size` at a time, each
+actor holding the model once. The driver gathers the (small) predictions of each shard as they
+stream in and writes the shard's part when its last row has arrived, so no more than the shards in
+flight (at most 32 MB each) are held anywhere: memory does not grow with the data.
 
 Resuming: a part is written atomically (a local rename, an S3 PUT) and records in its Parquet
 metadata the model's sha256 and the data's hash. A rerun into the same folder keeps every part
@@ -39,7 +39,7 @@ from tl_core.errors import UserError
 FORMAT = "tl-predictions/1"
 SUMMARY_FILE = "predictions.json"
 META_KEY = b"tl.predictions"
-READ_CPUS = 0.25  # what a shard's read task asks of Ray: it leaves the actors their CPUs
+READ_CPUS = 0.5  # what a shard's read task asks of Ray: it leaves the actors their CPUs
 
 
 # -- the model -------------------------------------------------------------------------------
@@ -150,10 +150,11 @@ def model_input(images: list[bytes], manifest: dict, trained: dict) -> "torch.Te
 
 
 class Predictor:
-    """A Ray Data actor: the model built once, then `__call__` on batches of shard rows
-    (image, label, index, part) -> (part, index, label, probabilities)."""
+    """A Ray Data actor: the model built once, then `__call__` on shard files (their bytes, one a
+    call): each checked against its sha256, decoded and scored `batch_size` images at a time ->
+    (part, index, label, probabilities) of every row of the shard."""
 
-    def __init__(self, checkpoint, manifest: dict, actors: int):
+    def __init__(self, checkpoint, manifest: dict, folder: str, shards: dict, batch_size: int, actors: int):
         import ray
         import torch
 
@@ -166,18 +167,29 @@ class Predictor:
         self.model = build_from_spec(ckpt["model_spec"])
         load_state(self.model, ckpt["model"], "the checkpoint")
         self.model.eval()
-        self.trained, self.manifest = ckpt["data"], manifest
+        self.trained, self.manifest, self.folder = ckpt["data"], manifest, folder
+        self.shards, self.batch_size = shards, batch_size  # file name -> (split, manifest entry)
 
     def __call__(self, batch: dict) -> dict:
         import torch
 
+        from tl_core.data.shards import verified_table
         from tl_core.models import predict_logits
 
-        x = model_input(list(batch["image"]), self.manifest, self.trained)
-        with torch.inference_mode():
-            probs = torch.softmax(predict_logits(self.model, x, torch.device("cpu")), dim=1).numpy()
-        return {"part": batch["part"], "index": batch["index"].astype(np.int64),
-                "label": batch["label"].astype(np.int64), "probs": probs.astype(np.float32)}
+        parts, index, label, probs = [], [], [], []
+        for data_bytes, path in zip(batch["bytes"], batch["path"]):
+            split, entry = self.shards[str(path).rsplit("/", 1)[-1]]
+            table = verified_table(bytes(data_bytes), entry, self.folder)
+            images = table.column("image").to_pylist()
+            for start in range(0, len(images), self.batch_size):
+                x = model_input(images[start:start + self.batch_size], self.manifest, self.trained)
+                with torch.inference_mode():
+                    probs.append(torch.softmax(predict_logits(self.model, x, torch.device("cpu")), dim=1).numpy())
+            parts += [part_name(split, entry)] * len(images)
+            index.append(table.column("index").to_numpy().astype(np.int64))
+            label.append(table.column("label").to_numpy().astype(np.int64))
+        return {"part": np.asarray(parts, dtype=object), "index": np.concatenate(index), "label": np.concatenate(label),
+                "probs": np.concatenate(probs).astype(np.float32)}
 
 
 def checkpoint_for_actors(ckpt: dict) -> dict:
@@ -328,31 +340,21 @@ def _run_ray(cfg: PredictConfig, ckpt: dict, data, pending: list, classes: list[
     import ray
     import ray.data
 
-    from tl_core.data.shards import verified_table
     from tl_core.ray_cluster import init_ray, storage_for
 
     init_ray()
     by_file = {entry["name"].rsplit("/", 1)[-1]: (split, entry) for split, entry in pending}
     located = [storage_for(storage.join(data.path, entry["name"])) for _, entry in pending]
-    folder = data.path
-
-    def checked_rows(batch):  # one shard file: its sha256 checked, its rows tagged with their part
-        import pyarrow as pa
-
-        tables = []
-        for data_bytes, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist()):
-            split, entry = by_file[path.rsplit("/", 1)[-1]]
-            table = verified_table(data_bytes, entry, folder).select(["image", "label", "index"])
-            tables.append(table.append_column("part", pa.array([part_name(split, entry)] * table.num_rows)))
-        return pa.concat_tables(tables)
 
     started = time.perf_counter()
+    # Ray's own reads (a shard file a block, no tl code: no torch to import in those workers), then the
+    # actors: each takes a whole shard, checks it and scores it (see Predictor).
     ds = ray.data.read_binary_files([path for path, _ in located], filesystem=located[0][1], include_paths=True,
                                     override_num_blocks=len(located), num_cpus=READ_CPUS)
-    ds = ds.map_batches(checked_rows, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS)
-    ds = ds.map_batches(Predictor, fn_constructor_args=(ray.put(checkpoint_for_actors(ckpt)), data.manifest, cfg.actors),
-                        batch_size=cfg.batch_size, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_cpus=1)
+    ds = ds.map_batches(Predictor, fn_constructor_args=(ray.put(checkpoint_for_actors(ckpt)), data.manifest, data.path,
+                                                        by_file, cfg.batch_size, cfg.actors),
+                        batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+                        num_cpus=1)
     expected = {part_name(split, entry): (split, entry) for split, entry in pending}
     held: dict[str, list[dict]] = {}
     counts: dict[str, int] = {}
