@@ -186,7 +186,12 @@ def packaged_backbone(uri: str) -> dict:
 def load_checkpoint(uri: str) -> dict:
     if uri.startswith(PACKAGED):
         return packaged_backbone(uri)
-    data = read_checkpoint_bytes(uri)
+    return checkpoint_from_bytes(read_checkpoint_bytes(uri), uri)
+
+
+def checkpoint_from_bytes(data: bytes, uri: str) -> dict:
+    """A checkpoint from its bytes, read from `uri`: refused (UserError) if it is not a whole tl
+    checkpoint or its contents do not match the digest it carries."""
     try:
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:

@@ -17,6 +17,7 @@ import typer
 from tl_core import cli_pipeline, cli_registry, cli_tune  # noqa: F401  (their commands join `app`)
 from tl_core import cli_predict  # noqa: F401  (tl predict, tl monitor)
 from tl_core.cli_app import AS_JSON, StrategiesInHelp, app, console, execute, with_settings
+from tl_core import cli_serve  # noqa: F401,E402  (tl serve)
 
 def _epoch_progress(total: int | None, label: str):
     """A callback that draws a progress bar over epochs from the training core's reports."""

@@ -473,6 +473,29 @@ class PipelineConfig(SearchSettings):
         return self
 
 
+class ServeConfig(StepConfig):
+    """`tl serve NAME`: the model an alias of NAME points to, served over HTTP as a Ray Serve
+    application (tl_core/serving.py). The settings marked "reloaded" are the deployment's
+    user_config: changed on a running application (`serve deploy`, a RayService's serveConfigV2),
+    every replica applies them in `reconfigure` without a restart."""
+
+    name: str = Field(..., pattern=r"^[^/:]+$", description="registered model name: serves models:/NAME@ALIAS and "
+                                                            "follows the alias when it moves (reloaded)")
+    alias: str = Field("champion", pattern=r"^[A-Za-z0-9_-]+$", description="the alias served and followed (reloaded)")
+    host: str = Field("127.0.0.1", min_length=1, description="address the HTTP proxy listens on (0.0.0.0: every "
+                                                             "interface)")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+    replicas: int = Field(1, ge=1, le=64, description="replicas of the model, one Ray CPU each")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="requests answered by one forward pass at most "
+                                                               "(@serve.batch; reloaded)")
+    batch_wait_s: float = Field(0.005, ge=0, le=1, description="seconds a batch waits to fill before it runs "
+                                                               "(@serve.batch; reloaded)")
+    poll_s: float = Field(1.0, ge=0.1, le=9, description="seconds between two looks at the alias: a promotion or "
+                                                         "rollback is served within about this plus a load (reloaded)")
+    max_body_bytes: int = Field(8 * 1024**2, ge=1024, le=1024**3, description="a request body larger than this is "
+                                "refused with 413 (reloaded)")
+
+
 def load_config(cls: type[StepConfig], path: str | None, overrides: dict) -> StepConfig:
     """Build a config from an optional YAML/JSON file, then CLI flags (flags win)."""
     values = read_config_file(path)
