@@ -116,4 +116,5 @@ def test_a_text_model_trains_each_strategy_with_its_recipe_unless_told_otherwise
     told = ExperimentConfig(target="tsv:x", model="minilm-l6", epochs=3, recipes={"finetune": {"lr": 0.01}})
     assert "epochs" not in told.recipe("finetune") and told.recipe("finetune")["lr"] == 0.01
     assert told.recipe("finetune")["backbone_lr_mult"] == RECIPES["minilm-l6"]["finetune"]["backbone_lr_mult"]
-    assert ExperimentConfig().recipe("finetune") == {}  # the small CNN: the shared settings
+    assert ExperimentConfig().recipe("finetune") == {"backbone_lr_mult": 0.3}  # the small CNN's one departure
+    assert ExperimentConfig().recipe("scratch") == {}  # else the shared settings

@@ -12,6 +12,13 @@ A `recipes:` entry in a config file overrides these setting by setting.
 from __future__ import annotations
 
 RECIPES: dict[str, dict[str, dict]] = {
+    # The small image CNN pretrained on another digit set: its features are close to the target's,
+    # so fine-tuning moves the backbone at 0.3x the head's rate (MNIST-test -> USPS, seeds 0-2, 30
+    # epochs: 92.5 % at 10 shots and 76.5 % at 1 shot, against 91.8 and 68.9 at 1x; 93.1 at 10
+    # shots with tl run's 100 epochs; a head warm-up on top gave 92.0 / 68.3). Other settings shared.
+    "small_cnn": {
+        "finetune": {"backbone_lr_mult": 0.3},
+    },
     "minilm-l6": {
         "scratch": {"lr": 1.0e-3, "epochs": 60, "batch_size": 64},  # text_cnn, the scratch stand-in
         # the encoder at lr * backbone_lr_mult; a fine-tuned checkpoint is 270 MB: written at the end only
