@@ -38,13 +38,18 @@ def run_suite(repo: Path, junit: Path) -> tuple[float, int]:
     return time.monotonic() - started, proc.returncode
 
 
-def per_file(junit: Path) -> tuple[dict, dict]:
-    seconds, counts = defaultdict(float), defaultdict(int)
+SLOWEST = 25  # tests listed one by one: where cutting time pays
+
+
+def per_file(junit: Path) -> tuple[dict, dict, list]:
+    seconds, counts, tests = defaultdict(float), defaultdict(int), []
     for case in ET.parse(junit).getroot().iter("testcase"):
+        tests.append((f"{case.get('classname', '').split('.')[-1]}::{case.get('name')}", float(case.get("time", 0))))
         seconds[case.get("classname", "").split(".")[1] if "." in case.get("classname", "") else "?"] += float(case.get("time", 0))
         outcome = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
         counts[outcome] += 1
-    return dict(sorted(seconds.items(), key=lambda kv: -kv[1])), dict(counts)
+    slowest = sorted(tests, key=lambda t: -t[1])[:SLOWEST]
+    return dict(sorted(seconds.items(), key=lambda kv: -kv[1])), dict(counts), slowest
 
 
 def main() -> int:
@@ -66,13 +71,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         junit = Path(tmp) / "junit.xml"
         wall, rc = run_suite(repo, junit)
-        files, counts = per_file(junit)
+        files, counts, slowest = per_file(junit)
     load_after = os.getloadavg()[0]
 
     result = {"commit": commit, "clone": args.clone, "setup_seconds": setup_seconds, "wall_seconds": round(wall, 1),
               "goal_seconds": GOAL_SECONDS, "within_goal": wall <= GOAL_SECONDS, "pytest_exit": rc, "outcomes": counts,
               "cores": os.cpu_count(), "load_1min_before_after": [round(load_before, 2), round(load_after, 2)],
-              "seconds_by_file": {k: round(v, 1) for k, v in files.items()}}
+              "seconds_by_file": {k: round(v, 1) for k, v in files.items()},
+              "slowest_tests": {name: round(v, 1) for name, v in slowest}}
     (HERE / "suite_time.json").write_text(json.dumps(result, indent=2) + "\n")
 
     lines = [
@@ -95,6 +101,12 @@ def main() -> int:
         "|---|---|",
         *(f"| {name} | {seconds:.0f} |" for name, seconds in files.items()),
         f"| **all files (serial sum)** | **{sum(files.values()):.0f}** |",
+        "",
+        f"The {SLOWEST} slowest tests (seconds, their module fixtures' set-up counted in the first test that uses them):",
+        "",
+        "| test | seconds |",
+        "|---|---|",
+        *(f"| {name} | {seconds:.0f} |" for name, seconds in slowest),
         "",
     ]
     (HERE / "suite_time.md").write_text("\n".join(lines))
