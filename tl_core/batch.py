@@ -176,6 +176,7 @@ class Predictor:
         from tl_core.data.shards import verified_table
         from tl_core.models import predict_logits
 
+        started = time.perf_counter()
         parts, index, label, probs = [], [], [], []
         for data_bytes, path in zip(batch["bytes"], batch["path"]):
             split, entry = self.shards[str(path).rsplit("/", 1)[-1]]
@@ -188,8 +189,11 @@ class Predictor:
             parts += [part_name(split, entry)] * len(images)
             index.append(table.column("index").to_numpy().astype(np.int64))
             label.append(table.column("label").to_numpy().astype(np.int64))
+        # The seconds this call took, spread over its rows: summed, the actors' own time (not their start).
+        seconds = np.full(len(parts), (time.perf_counter() - started) / max(len(parts), 1))
         return {"part": np.asarray(parts, dtype=object), "index": np.concatenate(index), "label": np.concatenate(label),
-                "probs": np.concatenate(probs).astype(np.float32)}
+                "probs": np.concatenate(probs).astype(np.float32), "seconds": seconds,
+                "threads": np.full(len(parts), torch.get_num_threads())}
 
 
 def checkpoint_for_actors(ckpt: dict) -> dict:
@@ -295,7 +299,7 @@ def predict(cfg: PredictConfig, say=lambda message: None) -> dict:
     why = why_redone(redone, identity)
     if why:
         say(why)
-    timing = {"seconds": 0.0, "first_batch_seconds": None, "steady_images_per_s": None}
+    timing = {"seconds": 0.0, "first_batch_seconds": None, "actor_images_per_s": None, "actor_torch_threads": None}
     if pending:
         timing = _run_ray(cfg, ckpt, data, pending, classes, identity, say)
     predicted_seconds = timing["seconds"]
@@ -316,7 +320,7 @@ def predict(cfg: PredictConfig, say=lambda message: None) -> dict:
                "images_predicted": predicted_rows,
                "images_per_s": predicted_rows / predicted_seconds if predicted_seconds else None,
                "predict_seconds": predicted_seconds, "first_batch_seconds": timing["first_batch_seconds"],
-               "steady_images_per_s": timing["steady_images_per_s"]}
+               "actor_images_per_s": timing["actor_images_per_s"], "actor_torch_threads": timing["actor_torch_threads"]}
     storage.write_bytes(storage.join(cfg.output, SUMMARY_FILE), json.dumps(summary, indent=2).encode())
     with tracking.run(f"predict {model['model_version']}", params=cfg.model_dump(),
                       tags={"tl.step": "predict", "tl.model_uri": model["uri"],
@@ -335,8 +339,8 @@ def _read_table(uri: str, columns: list[str]):
 def _run_ray(cfg: PredictConfig, ckpt: dict, data, pending: list, classes: list[str], identity: dict, say) -> dict:
     """Predict the shards of `pending` with Ray Data, writing each one's part as it completes.
     Returns its timing: seconds from the dataset's start to the last part; seconds to the first
-    predictions (the actors' start: a process each, importing torch, building the model); the
-    images/s after that first batch (the steady rate)."""
+    predictions (the actors' start, a process each importing torch, and the first shard); images/s
+    of the actors themselves (rows over their summed seconds in __call__, times the actors)."""
     import ray
     import ray.data
 
@@ -358,13 +362,12 @@ def _run_ray(cfg: PredictConfig, ckpt: dict, data, pending: list, classes: list[
     expected = {part_name(split, entry): (split, entry) for split, entry in pending}
     held: dict[str, list[dict]] = {}
     counts: dict[str, int] = {}
-    written, first, after_first = 0, None, 0
+    written, first, actor_seconds, threads = 0, None, 0.0, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         parts = batch["part"]
-        if first is None:
-            first = time.perf_counter()
-        else:
-            after_first += len(parts)
+        first = first or time.perf_counter()
+        actor_seconds += float(batch["seconds"].sum())
+        threads = max(threads, int(batch["threads"].max(initial=0)))
         for name in np.unique(parts):
             mine = parts == name
             held.setdefault(name, []).append({k: batch[k][mine] for k in ("index", "label", "probs")})
@@ -383,6 +386,7 @@ def _run_ray(cfg: PredictConfig, ckpt: dict, data, pending: list, classes: list[
         raise UserError(f"Ray Data returned no or too few rows for {', '.join(missing[:3])}: run again (finished "
                         "parts are kept)")
     ended = time.perf_counter()
+    rows = sum(counts.values())
     return {"seconds": ended - started, "first_batch_seconds": None if first is None else first - started,
-            "steady_images_per_s": after_first / (ended - first) if first is not None and ended > first and after_first
-            else None}
+            "actor_images_per_s": rows * cfg.actors / actor_seconds if actor_seconds else None,
+            "actor_torch_threads": threads}
