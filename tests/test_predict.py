@@ -52,7 +52,7 @@ def read_parts(folder: Path) -> "pyarrow.Table":  # noqa: F821
     return pa.concat_tables([pq.read_table(p) for p in sorted(folder.glob("part-*.parquet"))])
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)  # with the module's fixture: MNIST prepared, a model trained
 def test_predictions_on_the_prepared_set_score_what_tl_evaluate_scores(trained, tmp_path):
     out = tmp_path / "preds"
     summary = tl_json("predict", "--model", trained.checkpoint, "--data", trained.data.path, "--split", "test",
@@ -77,7 +77,7 @@ def test_predictions_on_the_prepared_set_score_what_tl_evaluate_scores(trained, 
     assert written["rows"] == n and len(written["parts"]) == 8 and written["model_sha256"] == sha
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)  # three tl predict, two of them starting a local Ray: 100-180 s at load 15-20
 def test_a_rerun_after_a_crash_keeps_the_finished_parts_and_says_why_it_redoes_others(trained, tmp_path):
     import pyarrow.parquet as pq
 
@@ -135,7 +135,7 @@ def registry_on_s3(trained, tmp_path_factory):
         mp.undo()
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)  # with an mlflow server's start: 100-230 s at load 15-40
 def test_the_champion_by_alias_on_a_raw_source_into_s3(trained, registry_on_s3, tmp_path):
     """The model by its alias (resolved to its version, which every row names), the data as a source URI
     (MNIST's IDX files at 28 x 28, prepared, brought to the model's 16 x 16 as they are read), the
