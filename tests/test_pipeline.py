@@ -460,6 +460,6 @@ def test_bad_input_and_unreachable_endpoints_are_one_line_errors(kfp_server, wor
     # first, then one error line that says which step failed and why.
     failed = tl("pipeline", "run", "--local", "--target", "sklearn:nope")
     last = failed.output.strip().splitlines()[-1]
-    assert failed.exit_code == 2 and last.startswith("error: ") and "Inner task failed: 'prepare'" in last
+    assert failed.exit_code == 2 and last.startswith("error: ") and "Inner task failed: 'monitor'" in last  # the first step now
     assert "only sklearn:digits ships with scikit-learn" in last
     assert kfp_server.state["runs"] == [] and kfp_server.state["recurring"] == {}  # nothing half-done
