@@ -270,3 +270,23 @@ class Relay:
             self.outages.append(hit[0])
         self.down(hit[1])
         return True
+
+
+@contextlib.contextmanager
+def registry_services(root: Path, bucket: str):
+    """TL_WORKDIR under `root`, no RAY_ADDRESS, a moto S3 with `bucket` and an `mlflow server`
+    storing artifacts there (MLFLOW_TRACKING_URI set): what the registry and serving tests share.
+    Yields (s3 endpoint, tracking URL); the environment is restored on the way out."""
+    import pytest
+
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setenv("TL_WORKDIR", str(root / "work"))
+        mp.delenv("RAY_ADDRESS", raising=False)
+        with moto_s3(root) as s3:
+            make_bucket(s3, bucket)
+            with mlflow_server(root, s3, bucket) as url:
+                mp.setenv("MLFLOW_TRACKING_URI", url)
+                yield s3, url
+    finally:
+        mp.undo()

@@ -38,17 +38,8 @@ MAX_BODY = 256 * 1024  # the fuzz's oversized bodies stay small
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
-    mp = pytest.MonkeyPatch()
-    try:
-        mp.setenv("TL_WORKDIR", str(root / "work"))
-        mp.delenv("RAY_ADDRESS", raising=False)
-        with servers.moto_s3(root) as s3:
-            servers.make_bucket(s3, BUCKET)
-            with servers.mlflow_server(root, s3, BUCKET) as url:
-                mp.setenv("MLFLOW_TRACKING_URI", url)
-                yield SimpleNamespace(s3=s3, url=url, root=root)
-    finally:
-        mp.undo()
+    with servers.registry_services(root, BUCKET) as (s3, url):
+        yield SimpleNamespace(s3=s3, url=url, root=root)
 
 
 def client():
