@@ -18,6 +18,7 @@ from tl_core import cli_pipeline, cli_registry, cli_tune  # noqa: F401  (their c
 from tl_core import cli_predict  # noqa: F401  (tl predict, tl monitor)
 from tl_core.cli_app import AS_JSON, StrategiesInHelp, app, console, execute, with_settings
 from tl_core import cli_serve  # noqa: F401,E402  (tl serve)
+from tl_core import cli_rank  # noqa: F401,E402  (tl rank)
 
 def _epoch_progress(total: int | None, label: str):
     """A callback that draws a progress bar over epochs from the training core's reports."""

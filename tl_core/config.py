@@ -473,6 +473,18 @@ class PipelineConfig(SearchSettings):
         return self
 
 
+class RankConfig(StepConfig):
+    """`tl rank`: candidate source models scored for a target before any training (tl_core/rank.py)."""
+
+    target: str = Field(..., description="the target: a prepared dataset, or a data URI tl prepare reads (prepared "
+                        "first); only its labelled training shots are read, never its test split")
+    shots: Shots = 10
+    seed: int = Field(0, description="seed of the shots, as a transfer with this seed draws them")
+    candidates: list[str] | None = Field(None, description="candidate backbones (path, s3://, runs:/, models:/, "
+                                         "packaged:NAME); default: the registry's versions, the packaged backbones "
+                                         "and the work directory's pretrain checkpoints that fit the target")
+
+
 class ServeConfig(StepConfig):
     """`tl serve NAME`: the model an alias of NAME points to, served over HTTP as a Ray Serve
     application (tl_core/serving.py). The settings marked "reloaded" are the deployment's

@@ -1,0 +1,181 @@
+"""`tl rank` (issue 30): LogME against a direct evidence computation, LEEP against its definition
+written out, ranking that reads only the target's labelled training shots (never the test split)
+through linear-probe's feature cache, and the command's table, MLflow run and errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import tl_error, tl_json
+from tl_core.rank import leep, logme, logme_class
+
+
+def direct_evidence(f: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:
+    """log N(y; 0, I/beta + F F^T/alpha): the marginal likelihood of y = F w + e, w ~ N(0, I/alpha),
+    e ~ N(0, I/beta), with an explicit inverse and determinant (slow; no SVD, no fixed point)."""
+    n = len(f)
+    cov = np.eye(n) / beta + f @ f.T / alpha
+    _, logdet = np.linalg.slogdet(cov)
+    return -0.5 * (n * math.log(2 * math.pi) + logdet + y @ np.linalg.inv(cov) @ y)
+
+
+@pytest.mark.parametrize("n, d", [(40, 8), (30, 50)])  # more examples than features, and fewer
+def test_logme_is_the_maximised_evidence_of_the_direct_computation(n, d):
+    rng = np.random.default_rng(n)
+    labels = rng.integers(0, 3, n)
+    f = rng.normal(size=(n, d)) + labels[:, None] * rng.normal(size=d)  # features that say something
+    u, s, vt = np.linalg.svd(f, full_matrices=False)
+    per_class = []
+    for c in range(3):
+        y = (labels == c).astype(float)
+        ours, alpha, beta = logme_class(f, y, u, s, vt)
+        reference = direct_evidence(f, y, alpha, beta) / n
+        assert ours == pytest.approx(reference, abs=1e-9)
+        # The fixed point maximises the evidence: no (alpha, beta) on a grid around it does better.
+        grid = [direct_evidence(f, y, alpha * a, beta * b) / n for a in (0.25, 0.5, 0.9, 1.1, 2, 4)
+                for b in (0.25, 0.5, 0.9, 1.1, 2, 4)]
+        assert max(grid) <= reference + 1e-9
+        per_class.append(reference)
+    assert logme(f, labels) == pytest.approx(np.mean(per_class), abs=1e-9)
+
+
+def test_logme_prefers_features_that_carry_the_labels():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 10)
+    noise = rng.normal(size=(100, 32))
+    informative = noise * 0.3 + np.eye(10)[labels] @ rng.normal(size=(10, 32))
+    assert logme(informative, labels) > logme(noise, labels) + 0.1
+
+
+def test_leep_is_its_definition_written_out():
+    rng = np.random.default_rng(1)
+    theta = rng.dirichlet(np.ones(4), size=25)  # a source head's probabilities over 4 source classes
+    y = rng.integers(0, 3, 25)
+    total = 0.0
+    for i in range(25):
+        expected = 0.0
+        for z in range(4):
+            p_z = theta[:, z].mean()
+            p_yz = theta[y == y[i], z].sum() / 25
+            expected += p_yz / p_z * theta[i, z]
+        total += math.log(expected)
+    assert leep(theta, y) == pytest.approx(total / 25, abs=1e-12)
+    assert leep(np.eye(3)[y], y) == pytest.approx(0.0, abs=1e-12)  # a head that names the labels: log 1
+
+
+# -- ranking real candidates on real data ---------------------------------------------------------
+
+
+def _checkpoint(path, seed: int, source_head: bool) -> str:
+    """A small_cnn checkpoint for 8x8 grey images: random weights (seeded); with `source_head`, as
+    tl training writes one (its data's classes, so its head is a source classifier for LEEP)."""
+    from tl_core.checkpoints import FORMAT, save_checkpoint
+    from tl_core.models import create_model, model_spec
+
+    torch.manual_seed(seed)
+    model = create_model("small_cnn", 4 if source_head else 10, 1, width=8)
+    ckpt = {"format": FORMAT, "model_spec": model_spec("small_cnn", model.head.out_features, 1, {"width": 8}),
+            "model": model.state_dict()}
+    if source_head:
+        ckpt["data"] = {"hash": "other", "classes": list("abcd"), "shape": [1, 8, 8], "mean": [0.5], "std": [0.5]}
+    uri = str(path / f"cand{seed}" / "checkpoint.pt")
+    save_checkpoint(ckpt, uri)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def digits(module_workdir):
+    """scikit-learn's digits prepared, and two candidates (one with a source head)."""
+    from tl_core.config import PrepareConfig
+    from tl_core.data import prepare
+
+    data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
+    return data, _checkpoint(module_workdir, 0, False), _checkpoint(module_workdir, 1, True)
+
+
+def test_ranking_reads_only_the_training_shots_and_the_probe_reuses_its_features(digits, monkeypatch):
+    from tl_core.data.prepare import PreparedDataset
+    from tl_core.strategies import linear_probe
+    from tl_core.rank import rank
+
+    data, bare, headed = digits
+    splits = []
+    for name in ("rows", "split", "labels"):
+        original = getattr(PreparedDataset, name)
+
+        def spy(self, split, *args, _original=original, **kwargs):
+            splits.append(split)
+            return _original(self, split, *args, **kwargs)
+
+        monkeypatch.setattr(PreparedDataset, name, spy)
+    extracted = []
+    real_extract = linear_probe.extract_features
+    monkeypatch.setattr(linear_probe, "extract_features", lambda m, x: extracted.append(len(x)) or real_extract(m, x))
+
+    result = rank(data.path, shots=5, seed=3, candidates=[bare, headed])
+    assert splits and set(splits) == {"train"}, splits  # the test split is never asked for
+    assert extracted == [50, 50]  # 5 shots x 10 classes, once per candidate
+    assert [r["rank"] for r in result["table"]] == [1, 2]
+    by_uri = {r["candidate"]: r for r in result["table"]}
+    assert by_uri[bare]["leep"] is None and by_uri[headed]["leep"] < 0  # LEEP only through a source head
+    assert result["best"] == result["table"][0]["candidate"]
+    assert result["table"][0]["logme"] >= result["table"][1]["logme"]
+
+    # The linear probe of a candidate on the same shots embeds nothing again: ranking filled its cache.
+    from tl_core.config import TrainConfig
+    from tl_core.data import sample_shots
+    from tl_core.strategies import create_strategy
+    from tl_core.checkpoints import load_checkpoint
+
+    cfg = TrainConfig(data=data.path, strategy="linear-probe", backbone=headed, shots=5, seed=3, head_solver="epochs")
+    probe = create_strategy(cfg)
+    model, _ = probe.build_model(10, data.shape, load_checkpoint(headed))
+    idx, _ = sample_shots(data.labels("train"), 5, 3, data.classes)
+    probe.train_set(model, *data.rows("train", idx).tensors())
+    assert probe.cache_hit is True and extracted == [50, 50]
+    assert set(splits) == {"train"}
+
+
+def test_tl_rank_prints_logs_and_refuses_bad_input(digits, module_workdir):
+    import mlflow
+
+    from tl_core import tracking
+
+    data, bare, headed = digits
+    summary = tl_json("rank", "--target", data.path, "--shots", "3", "--candidates", f"{bare},{headed}")
+    assert [r["rank"] for r in summary["table"]] == [1, 2] and summary["skipped"] == []
+    tracking.setup()
+    logged = mlflow.get_run(summary["run_id"]).data
+    assert logged.metrics["rank_1.logme"] == pytest.approx(summary["table"][0]["logme"])
+    assert logged.tags["tl.rank_best"] == summary["best"]
+
+    assert "unknown data scheme 'nope'" in tl_error("rank", "--target", "nope:x", "--candidates", bare)
+    assert "not a prepared dataset" in tl_error("rank", "--target", str(module_workdir / "missing"))
+    assert "ranking needs labels" in tl_error("rank", "--target", data.path, "--shots", "0", "--candidates", bare)
+
+
+def test_default_candidates_are_the_workdirs_pretrained_models_that_fit(digits, module_workdir):
+    import json
+    import shutil
+
+    from tl_core.rank import resolve
+
+    data, bare, headed = digits
+    assert "no candidate fits" in tl_error("rank", "--target", data.path)  # nothing registered or pretrained yet
+    models = module_workdir / "work" / "models"
+    source = module_workdir / "source"
+    source.mkdir()
+    (source / "manifest.json").write_text(json.dumps({"hash": "another dataset"}))
+    for name, uri, data_folder in (("scratch-a", headed, source), ("scratch-b", bare, data.path),
+                                   ("finetune-c", bare, source)):
+        (models / name).mkdir(parents=True)
+        shutil.copy(uri, models / name / "checkpoint.pt")
+        (models / name / "config.json").write_text(json.dumps({"data": str(data_folder), "strategy": "x"}))
+    # A pretraining (scratch) on another dataset is a candidate; a scratch run on the target itself
+    # (a baseline) and a transfer are not.
+    assert resolve(data.path, None, 5)[1] == [str(models / "scratch-a" / "checkpoint.pt")]
+    shutil.rmtree(models)
