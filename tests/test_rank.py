@@ -178,4 +178,22 @@ def test_default_candidates_are_the_workdirs_pretrained_models_that_fit(digits, 
     # A pretraining (scratch) on another dataset is a candidate; a scratch run on the target itself
     # (a baseline) and a transfer are not.
     assert resolve(data.path, None, 5)[1] == [str(models / "scratch-a" / "checkpoint.pt")]
+
+    # `tl transfer --backbone auto` trains from the candidate ranked first, and records the ranking with its run.
+    import mlflow
+
+    from tl_core import tracking
+
+    (models / "scratch-d").mkdir()
+    shutil.copy(bare, models / "scratch-d" / "checkpoint.pt")
+    (models / "scratch-d" / "config.json").write_text(json.dumps({"data": str(source), "strategy": "scratch"}))
+    summary = tl_json("transfer", "--data", data.path, "--backbone", "auto", "--strategy", "linear-probe",
+                      "--shots", "3", "--no-baseline")
+    ranking = summary["rank"]
+    assert {r["candidate"] for r in ranking["table"]} == {str(models / n / "checkpoint.pt") for n in ("scratch-a", "scratch-d")}
+    tracking.setup()
+    run = mlflow.get_run(summary["run_id"]).data
+    assert run.params["backbone"] == ranking["best"] == ranking["table"][0]["candidate"]
+    assert run.tags["tl.backbone_auto"] == "true" and run.tags["tl.rank_best"] == ranking["best"]
+    assert run.metrics["rank_1.logme"] == pytest.approx(ranking["table"][0]["logme"])
     shutil.rmtree(models)

@@ -155,7 +155,8 @@ class TrainConfig(StepConfig):
     strategy: str = Field("scratch", description="transfer strategy")
     model: str | None = Field(None, description="architecture; default: the backbone's, else small_cnn")
     model_kwargs: dict = Field(default_factory=dict, description="keyword arguments of the architecture (YAML only)")
-    backbone: str | None = Field(None, description="pretrained checkpoint: path, s3://, runs:/ or models:/")
+    backbone: str | None = Field(None, description="pretrained checkpoint: path, s3://, runs:/ or models:/; auto: the "
+                                 "candidate `tl rank` ranks first on these shots (the ranking is logged with the run)")
     shots: Shots = None
     val_per_class: int = Field(0, ge=0, description="held-out validation images per class from the train pool")
     # --strategy auto's candidates: validated within the labels they were given, never on more.

@@ -242,9 +242,21 @@ def training_features(ckpt: dict, uri: str, data, shots, seed: int):
         chunks = (x[i : i + FEATURE_BATCH * 8] for i in range(0, len(x), FEATURE_BATCH * 8))
         features, hit = cached_features(model, images_key(x), chunks)
     head = None
-    if "data" in ckpt and "head.weight" in ckpt["model"]:  # trained by tl on labels: its source classifier
+    if has_source_head(ckpt):
         head = (ckpt["model"]["head.weight"].float(), ckpt["model"]["head.bias"].float())
     return features.double(), y, hit, head
+
+
+def has_source_head(ckpt: dict) -> bool:
+    """Whether the checkpoint's head is a classifier trained on its source's labels: a tl training
+    on labels (not a bare backbone, a packaged encoder, or simclr with --shots 0, whose head stays
+    at random init), of a strategy that classifies its dataset's classes."""
+    from tl_core.strategies import STRATEGIES
+
+    config = ckpt.get("config") or {}
+    strategy = STRATEGIES.get(config.get("strategy", "scratch"))
+    return ("data" in ckpt and "head.weight" in ckpt["model"] and config.get("shots", None) != 0
+            and (strategy is None or strategy.classifies_dataset_classes))
 
 
 def score_candidate(uri: str, data, shots, seed: int) -> dict:
@@ -325,3 +337,20 @@ def log_ranking(result: dict) -> None:
     tracking.log_metrics(metrics)
     tracking.log_json(result, "ranking.json")
     mlflow.set_tag("tl.rank_best", result["best"])
+
+
+def with_ranked_backbone(cfg, transfer) -> dict:
+    """`--backbone auto`: rank the default candidates on the run's own shots and seed, run
+    `transfer` with the first, and record the ranking with its MLflow run (ranking.json, the
+    rank_<i> metrics, tags tl.backbone_auto and tl.rank_best) and in its summary (`rank`)."""
+    import mlflow
+
+    from tl_core import tracking
+
+    ranking = rank(cfg.data, cfg.shots, cfg.seed)
+    summary = transfer(cfg.model_copy(update={"backbone": ranking["best"]}))
+    tracking.setup()
+    with mlflow.start_run(run_id=summary["run_id"]):  # the finished transfer run, reopened to add the ranking
+        log_ranking(ranking)
+        mlflow.set_tag("tl.backbone_auto", "true")
+    return {**summary, "rank": ranking}

@@ -136,6 +136,10 @@ def transfer_step(cfg: TrainConfig, on_report: Progress | None = None, force: bo
     from tl_core.config import AUTO
     from tl_core.strategies import STRATEGIES
 
+    if cfg.backbone == AUTO:  # the backbone `tl rank` puts first on these shots, the ranking kept with the run
+        from tl_core.rank import with_ranked_backbone
+
+        return with_ranked_backbone(cfg, lambda chosen: transfer_step(chosen, on_report, force, baseline))
     if cfg.strategy == AUTO:  # a strategy chosen by validation on the labels, then trained (tl_core/auto.py)
         from tl_core.auto import auto_step
 
