@@ -196,4 +196,16 @@ def test_default_candidates_are_the_workdirs_pretrained_models_that_fit(digits, 
     assert run.params["backbone"] == ranking["best"] == ranking["table"][0]["candidate"]
     assert run.tags["tl.backbone_auto"] == "true" and run.tags["tl.rank_best"] == ranking["best"]
     assert run.metrics["rank_1.logme"] == pytest.approx(ranking["table"][0]["logme"])
+
+    # `tl run --backbone auto`: the winner stands where the pretrained source would, the ranking in the parent run.
+    from tl_core.config import ExperimentConfig
+    from tl_core.rank import ranked_source
+
+    cfg = ExperimentConfig(backbone="auto", shots=3, seeds=[0])
+    with tracking.run("tl run") as parent:
+        target, source, pretrain, ranked = ranked_source(cfg, lambda m: None, lambda: {"path": data.path})
+    assert source == {"path": ranked["best"], "ranked": True} and pretrain["checkpoint"] == ranked["best"]
+    assert [r["candidate"] for r in ranked["table"]] == [r["candidate"] for r in ranking["table"]]  # same shots
+    tags = mlflow.get_run(parent.info.run_id).data.tags
+    assert tags["tl.backbone_auto"] == "true" and tags["tl.rank_best"] == ranked["best"]
     shutil.rmtree(models)

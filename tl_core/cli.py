@@ -158,6 +158,8 @@ def show_table(summary: dict) -> None:
     pretrain = summary["pretrain"]
     source = ("no source training" if pretrain["metrics"] is None
               else f"source test accuracy {pretrain['metrics']['accuracy']:.3f}")
+    if "rank" in summary:  # --backbone auto
+        source = f"ranked first by LogME of {len(summary['rank']['table'])} candidates, see `tl rank`"
     for choice in summary.get("auto", []):
         console.print(f"auto, seed {choice['seed']}: chose {choice['choice']}: {choice['reason']}")
     console.print(f"pretrained backbone {pretrain['checkpoint']} ({source}); MLflow parent run {summary['run_id']}; "

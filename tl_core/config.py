@@ -353,6 +353,9 @@ class ExperimentConfig(ExperimentSettings):
     image_size: int | None = Field(None, ge=1, description="image size of both datasets (default: the target's own)")
     channels: int | None = Field(None, ge=1, le=3, description="1 or 3 channels (default: the target's own)")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="seeds, one transfer of each strategy each")
+    backbone: Literal["auto"] | None = Field(None, description="auto: no --source pretraining; the backbone is the "
+                                             "candidate tl rank puts first on the target's shots of the first seed "
+                                             "(the ranking is logged with the run)")
     strategies: list[str] = Field(default_factory=lambda: ["linear-probe", "finetune"],
                                   description="strategies besides the baseline")
     # One learning rate rarely suits every strategy (a linear head on cached features wants far

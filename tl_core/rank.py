@@ -354,3 +354,23 @@ def with_ranked_backbone(cfg, transfer) -> dict:
         log_ranking(ranking)
         mlflow.set_tag("tl.backbone_auto", "true")
     return {**summary, "rank": ranking}
+
+
+def ranked_source(cfg, say, prepare_target) -> tuple[dict, dict, dict, dict]:
+    """`tl run --backbone auto`: the target prepared (`prepare_target()`, prepare_step's summary),
+    the default candidates ranked on the shots of the first seed, the ranking logged into the
+    active (parent) run; the winner stands where the pretrained source would: (target, source,
+    pretrain, ranking) with source {"path": winner, "ranked": True} and pretrain {"checkpoint":
+    winner, "metrics": None}."""
+    import mlflow
+
+    say(f"preparing the target {cfg.target}")
+    target = prepare_target()
+    say("ranking the candidate backbones (tl rank)")
+    ranking = rank(target["path"], cfg.shots, cfg.seeds[0], say=say)
+    log_ranking(ranking)
+    mlflow.set_tag("tl.backbone_auto", "true")
+    say(f"the backbone is {ranking['best']} (LogME {ranking['table'][0]['logme']:.4f}, first of "
+        f"{len(ranking['table'])})")
+    best = ranking["best"]
+    return target, {"path": best, "ranked": True}, {"checkpoint": best, "metrics": None}, ranking

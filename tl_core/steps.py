@@ -263,7 +263,14 @@ def run_step(cfg: ExperimentConfig, on_progress: Callable[[str], None] | None = 
     say = on_progress or (lambda message: None)
     started = time.perf_counter()
     with tracking.run("tl run", params=cfg.model_dump(), tags={"tl.step": "run"}) as parent:
-        target, source, pretrain = prepare_and_pretrain(cfg, say, on_report, cfg.image_size, cfg.channels)
+        ranking = None
+        if cfg.backbone == AUTO:  # no pretraining: the candidate `tl rank` puts first (tl_core/rank.py)
+            from tl_core.rank import ranked_source
+
+            target, source, pretrain, ranking = ranked_source(
+                cfg, say, lambda: prepare_step(cfg.target_prepare(cfg.image_size, cfg.channels)))
+        else:
+            target, source, pretrain = prepare_and_pretrain(cfg, say, on_report, cfg.image_size, cfg.channels)
         strategies = with_teachers_first(cfg.strategies)
         labels = cfg.shots != 0
         baseline = "scratch" if labels else SOURCE_ONLY
@@ -273,7 +280,8 @@ def run_step(cfg: ExperimentConfig, on_progress: Callable[[str], None] | None = 
         results = [] if labels else source_only(pretrain["checkpoint"], source, target, cfg.seeds)
         text = load_prepared(target["path"]).text
         classic = [TFIDF_LR] if text and labels else []  # the practitioner's baseline, on the same labels
-        source_data = source["path"]  # a packaged encoder's is no data: the strategies that read data drop it
+        # a packaged encoder's is no data: the strategies that read data drop it; a ranked candidate has none
+        source_data = None if ranking else source["path"]
         for seed in cfg.seeds:
             done = {}
             if labels:
@@ -311,6 +319,7 @@ def run_step(cfg: ExperimentConfig, on_progress: Callable[[str], None] | None = 
                    "best_beats_scratch_on_every_seed": bool(best and best["seeds_beating_scratch"] == best["seeds"]),
                    "auto": [{"seed": r["seed"], **{k: r["auto"][k] for k in ("choice", "reason", "fallback", "candidates")}}
                             for r in results if r["strategy"] == AUTO],
-                   "runs": [{k: r[k] for k in ("strategy", "seed", "checkpoint", "run_id")} | {"accuracy": r["metrics"]["accuracy"]} for r in results]}
+                   "runs": [{k: r[k] for k in ("strategy", "seed", "checkpoint", "run_id")} | {"accuracy": r["metrics"]["accuracy"]} for r in results],
+                   **({"rank": ranking} if ranking else {})}
         tracking.log_json(summary, "summary.json")
     return {**summary, "run_id": parent.info.run_id, "seconds": time.perf_counter() - started}
