@@ -209,3 +209,27 @@ def test_default_candidates_are_the_workdirs_pretrained_models_that_fit(digits, 
     tags = mlflow.get_run(parent.info.run_id).data.tags
     assert tags["tl.backbone_auto"] == "true" and tags["tl.rank_best"] == ranked["best"]
     shutil.rmtree(models)
+
+
+def test_registered_versions_that_read_images_are_candidates(digits, module_workdir):
+    """A version in the MLflow registry (tags as tl register writes them) is a default candidate, scored
+    from the checkpoint its model holds; a text model's version is not, for an image target."""
+    import shutil
+
+    import mlflow
+
+    from tl_core import tracking
+    from tl_core.rank import rank
+
+    data, bare, headed = digits
+    tracking.setup()
+    client = mlflow.MlflowClient()
+    for name, arch in (("rank-digits", "small_cnn"), ("rank-text", "minilm-l6")):
+        folder = module_workdir / name / "model" / "artifacts"
+        folder.mkdir(parents=True)
+        shutil.copy(headed, folder / "checkpoint.pt")
+        client.create_registered_model(name)
+        client.create_model_version(name, str(folder.parent), tags={"tl.architecture": arch})
+    result = rank(data.path, shots=3, seed=0)
+    assert [r["candidate"] for r in result["table"]] == ["models:/rank-digits/1"]
+    assert result["table"][0]["leep"] is not None  # the registered classifier's head is its source head
