@@ -167,16 +167,17 @@ def test_default_candidates_are_the_workdirs_pretrained_models_that_fit(digits, 
     data, bare, headed = digits
     assert "no candidate fits" in tl_error("rank", "--target", data.path)  # nothing registered or pretrained yet
     models = module_workdir / "work" / "models"
-    source = module_workdir / "source"
-    source.mkdir()
-    (source / "manifest.json").write_text(json.dumps({"hash": "another dataset"}))
+    source, texts = module_workdir / "source", module_workdir / "texts"
+    for folder, stored, shape in ((source, "arrays", [1, 16, 16]), (texts, "text", [1, 1, 128])):
+        folder.mkdir()
+        (folder / "manifest.json").write_text(json.dumps({"hash": folder.name, "stored": stored, "shape": shape}))
     for name, uri, data_folder in (("scratch-a", headed, source), ("scratch-b", bare, data.path),
-                                   ("finetune-c", bare, source)):
+                                   ("finetune-c", bare, source), ("scratch-e", bare, texts)):
         (models / name).mkdir(parents=True)
         shutil.copy(uri, models / name / "checkpoint.pt")
         (models / name / "config.json").write_text(json.dumps({"data": str(data_folder), "strategy": "x"}))
-    # A pretraining (scratch) on another dataset is a candidate; a scratch run on the target itself
-    # (a baseline) and a transfer are not.
+    # A pretraining (scratch) on another dataset of images is a candidate; a scratch run on the
+    # target itself (a baseline), a transfer and a pretraining on text are not.
     assert resolve(data.path, None, 5)[1] == [str(models / "scratch-a" / "checkpoint.pt")]
 
     # `tl transfer --backbone auto` trains from the candidate ranked first, and records the ranking with its run.

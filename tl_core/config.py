@@ -487,6 +487,9 @@ class RankConfig(StepConfig):
     candidates: list[str] | None = Field(None, description="candidate backbones (path, s3://, runs:/, models:/, "
                                          "packaged:NAME); default: the registry's versions, the packaged backbones "
                                          "and the work directory's pretrain checkpoints that fit the target")
+    text_column: str | None = PrepareConfig.model_fields["text_column"]
+    label_column: str | None = PrepareConfig.model_fields["label_column"]
+    header: bool = PrepareConfig.model_fields["header"]
 
 
 class ServeConfig(StepConfig):

@@ -159,7 +159,8 @@ def packaged_candidates(data) -> list[str]:
 
 
 def workdir_candidates(data) -> list[str]:
-    """Pretrain checkpoints in the work directory: `scratch` runs on a dataset other than the target."""
+    """Pretrain checkpoints in the work directory: `scratch` runs on a dataset other than the
+    target, of the target's kind (text or images, the same channels)."""
     from tl_core.config import workdir
 
     folder = Path(workdir(), "models")
@@ -169,10 +170,12 @@ def workdir_candidates(data) -> list[str]:
     for ckpt in sorted(folder.glob("scratch-*/checkpoint.pt")):
         try:
             config = json.loads((ckpt.parent / "config.json").read_text())
-            source = json.loads(Path(config["data"], "manifest.json").read_text()).get("hash")
+            manifest = json.loads(Path(config["data"], "manifest.json").read_text())
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if source != data.hash:
+        same_kind = (manifest.get("stored") == "text") == data.text and (
+            data.text or (manifest.get("shape") or [None])[0] == data.shape[0])
+        if manifest.get("hash") != data.hash and same_kind:
             out.append(str(ckpt))
     return out
 
@@ -206,15 +209,16 @@ def default_candidates(data) -> list[str]:
 # -- ranking --------------------------------------------------------------------------------------
 
 
-def target_dataset(uri: str):
-    """A prepared dataset: the folder itself, or the source prepared as `tl prepare URI` does."""
+def target_dataset(uri: str, layout: dict | None = None):
+    """A prepared dataset: the folder itself, or the source prepared as `tl prepare URI` does
+    (`layout`: a text source's text_column, label_column, header)."""
     from tl_core.config import PrepareConfig
     from tl_core.data import load_prepared, prepare
 
     scheme, colon, _ = uri.partition(":")
     if not colon or scheme == "s3" or "/" in scheme:
         return load_prepared(uri)
-    return prepare(PrepareConfig(uri=uri))[0]
+    return prepare(PrepareConfig(uri=uri, **(layout or {})))[0]
 
 
 def training_features(ckpt: dict, uri: str, data, shots, seed: int):
@@ -278,11 +282,11 @@ def score_candidate(uri: str, data, shots, seed: int) -> dict:
     return row
 
 
-def resolve(target: str, candidates: list[str] | None, shots):
+def resolve(target: str, candidates: list[str] | None, shots, layout: dict | None = None):
     """The target's prepared dataset and the candidates' URIs, or one error line: before any run starts."""
     if shots == 0:
         raise UserError("ranking needs labels: give --shots N (N >= 1) or all")
-    data = target_dataset(target)
+    data = target_dataset(target, layout)
     uris = list(dict.fromkeys(candidates)) if candidates else default_candidates(data)
     if not uris:
         raise UserError(f"no candidate fits {target} ({'text' if data.text else f'images, {data.shape[0]} channels'}): "
@@ -314,7 +318,8 @@ def rank_step(cfg, say=lambda message: None) -> dict:
     Bad input (an unknown target, no candidate) fails before the run starts."""
     from tl_core import tracking
 
-    resolved = resolve(cfg.target, cfg.candidates, cfg.shots)
+    resolved = resolve(cfg.target, cfg.candidates, cfg.shots,
+                       {"text_column": cfg.text_column, "label_column": cfg.label_column, "header": cfg.header})
     with tracking.run(f"rank {cfg.target}", params=cfg.model_dump(), tags={"tl.step": "rank"}) as active:
         result = rank(cfg.target, cfg.shots, cfg.seed, cfg.candidates, say, resolved)
         log_ranking(result)
