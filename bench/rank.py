@@ -146,6 +146,11 @@ def main() -> None:
     print(markdown(report))
 
 
+def spread(target: dict, kind: str) -> float:
+    means = [r[f"{kind}_mean"] for r in target["table"]]
+    return max(means) - min(means)
+
+
 def markdown(report: dict) -> str:
     lines = ["# tl rank: LogME and LEEP against the accuracy each candidate actually reaches", "",
              "`.venv/bin/python bench/rank.py` (recipe in the script's docstring). 6 small_cnn backbones pretrained on "
@@ -176,7 +181,11 @@ def markdown(report: dict) -> str:
                   f"{t['finetune_all_seconds']:.1f}s; ratio {100 * t['rank_share_of_finetune']:.1f} % "
                   f"(goal < 10 %: {ok(t['rank_share_of_finetune'] < 0.1)})",
                   f"- the probes of seed 0 read the features ranking cached: "
-                  f"{sum(r['probe_cache_hit'][0] for r in t['table'])} of {len(t['table'])} hits", ""]
+                  f"{sum(r['probe_cache_hit'][0] for r in t['table'])} of {len(t['table'])} hits",
+                  f"- fine-tuned means span {100 * spread(t, 'finetune'):.1f} points, against a mean seed std of "
+                  f"{100 * statistics.mean(r['finetune_std'] for r in t['table']):.1f}; probed means span "
+                  f"{100 * spread(t, 'probe'):.1f} points (seed std {100 * statistics.mean(r['probe_std'] for r in t['table']):.1f})",
+                  ""]
     lines += ["Pretraining seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["pretrain_seconds"].items())
               + f". Whole benchmark: {report['wall_s'] / 60:.1f} min.", "",
               "The LogME paper (You et al., ICML 2021) reports weighted tau of about 0.5-0.8 on its benchmarks."]
@@ -184,4 +193,9 @@ def markdown(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:] == ["--markdown"]:  # bench/rank.md again from bench/rank.json, nothing rerun
+        (HERE / "rank.md").write_text(markdown(json.loads((HERE / "rank.json").read_text())))
+    else:
+        main()
