@@ -2,9 +2,12 @@
 
 - Every plain Kubernetes object validates against the Kubernetes 1.30 OpenAPI schemas with
   unknown fields rejected (kubernetes-validate --strict).
-- KubeRay objects (RayCluster, RayJob) use only fields of the KubeRay v1 Go types
-  (ray-operator/apis/ray/v1/raycluster_types.go, rayjob_types.go), with the right types, and
-  every pod template inside them validates as a core/v1 PodTemplateSpec.
+- KubeRay objects (RayCluster, RayJob, RayService) use only fields of the KubeRay v1 Go types
+  (ray-operator/apis/ray/v1/raycluster_types.go, rayjob_types.go, rayservice_types.go), with the
+  right types, and every pod template inside them validates as a core/v1 PodTemplateSpec.
+- The RayService's serveConfigV2 is a valid Ray Serve config whose import path builds `tl serve`'s
+  application from its args (ServeConfig's fields), without starting Ray; its probes, ports,
+  Service and NetworkPolicy agree with each other and with the application.
 - Every pod runs non-root, without privilege escalation or capabilities, with a read-only
   root filesystem plus writable emptyDirs, and with CPU/memory requests and limits.
 - Secrets hold only placeholders; credentials reach pods only through secretKeyRef/secretRef.
@@ -106,6 +109,8 @@ def manifest_docs() -> list[Doc]:
 DOCS = manifest_docs()
 PLAIN = [d for d in DOCS if not d.obj.get("apiVersion", "").startswith("ray.io/")]
 KUBERAY = [d for d in DOCS if d.obj.get("apiVersion", "").startswith("ray.io/")]
+# Each overlay's serving/ (the RayService, applied on its own once a champion exists).
+SERVING_OVERLAYS = sorted(f"{p.parent.parent.name}/serving" for p in (K8S / "overlays").glob("*/serving/kustomization.yaml"))
 
 
 def docs_of(kind: str, docs: list[Doc] | None = None) -> list[Doc]:
@@ -257,7 +262,26 @@ RAY_JOB_SPEC = Struct(
         "suspend": BOOL,
     },
 )
-KUBERAY_SPECS = {"RayCluster": RAY_CLUSTER_SPEC, "RayJob": RAY_JOB_SPEC}
+# From ray-operator/apis/ray/v1/rayservice_types.go (KubeRay v1.x). The two thresholds are
+# deprecated and ignored since 1.1; upgradeStrategy's `type` is NewCluster or None (1.3+), and
+# NewClusterWithIncrementalUpgrade behind a feature gate in later releases.
+RAY_SERVICE_SPEC = Struct(
+    fields={
+        "rayClusterDeletionDelaySeconds": INT32,
+        "serviceUnhealthySecondThreshold": INT32,
+        "deploymentUnhealthySecondThreshold": INT32,
+        "serveService": SERVICE,
+        "upgradeStrategy": Struct(fields={
+            "type": Enum(frozenset({"NewCluster", "None", "NewClusterWithIncrementalUpgrade"})),
+            "clusterUpgradeOptions": OBJECT,
+        }),
+        "serveConfigV2": STRING,
+        "rayClusterConfig": RAY_CLUSTER_SPEC,
+        "excludeHeadPodFromServeSvc": BOOL,
+    },
+    required=frozenset({"rayClusterConfig"}),  # no omitempty on it in the Go type
+)
+KUBERAY_SPECS = {"RayCluster": RAY_CLUSTER_SPEC, "RayJob": RAY_JOB_SPEC, "RayService": RAY_SERVICE_SPEC}
 
 
 def wrap_core(kind: str, body: dict, key: str) -> dict:
@@ -351,6 +375,16 @@ def test_the_kuberay_checker_catches_mistakes():
     job["spec"]["shutdownAfterJobFinish"] = True
     errors = "\n".join(kuberay_errors(job))
     assert "submissionMode" in errors and "shutdownAfterJobFinish: unknown field" in errors
+    service = copy.deepcopy(docs_of("RayService")[0].obj)
+    service["spec"]["serveConfig"] = {}  # the v1alpha1 field, gone from v1
+    service["spec"]["upgradeStrategy"] = {"type": "RollingUpdate"}
+    service["spec"]["serveService"]["spec"]["ports"][0]["port"] = "http"
+    service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["probe"] = {}
+    errors = "\n".join(kuberay_errors(service))
+    for expected in ("spec.serveConfig: unknown field", "upgradeStrategy.type", "serveService", "probe"):
+        assert expected in errors
+    del service["spec"]["rayClusterConfig"]
+    assert "rayClusterConfig: required field missing" in "\n".join(kuberay_errors(service))
 
 
 def constraint_pin(package: str) -> str:
@@ -397,6 +431,194 @@ def test_rayjob_runs_tl_on_the_standing_cluster():
 
 
 # ---------------------------------------------------------------------------------------------
+# The serving RayService (k8s/serving): `tl serve`'s application, its probes, Service and policy
+# ---------------------------------------------------------------------------------------------
+
+
+def rayservice() -> dict:
+    (service,) = docs_of("RayService")
+    return service.obj
+
+
+def serve_config(obj: dict | None = None) -> dict:
+    return yaml.safe_load((obj or rayservice())["spec"]["serveConfigV2"])
+
+
+def unknown_keys(value: dict, model: Any, where: str) -> list[str]:
+    """Keys Serve's schema does not define (its schemas accept unknown keys, for newer configs)."""
+    return [f"{where}.{key}" for key in value if key not in model.model_fields]
+
+
+def serving_pods(obj: dict) -> dict[str, dict]:
+    """{"head": pod spec, <worker group name>: pod spec} of a RayService."""
+    cluster = obj["spec"]["rayClusterConfig"]
+    return {"head": cluster["headGroupSpec"]["template"]["spec"],
+            **{g["groupName"]: g["template"]["spec"] for g in cluster["workerGroupSpecs"]}}
+
+
+def named_port(container: dict, name: str) -> int:
+    (port,) = [p["containerPort"] for p in container.get("ports", []) if p["name"] == name]
+    return port
+
+
+# Importing Ray Serve warns about its own pydantic usage (not this project's): not a finding here.
+SERVE_IMPORT_WARNINGS = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@SERVE_IMPORT_WARNINGS
+def test_serve_config_is_a_serve_config_of_known_fields():
+    from ray.serve.schema import HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
+
+    config = serve_config()
+    parsed = ServeDeploySchema.model_validate(config)  # Serve's own validation of serveConfigV2
+    errors = unknown_keys(config, ServeDeploySchema, "serveConfigV2")
+    errors += unknown_keys(config["http_options"], HTTPOptionsSchema, "http_options")
+    for i, app in enumerate(config["applications"]):
+        errors += unknown_keys(app, ServeApplicationSchema, f"applications[{i}]")
+    assert errors == [], "fields Ray Serve does not know (it would ignore them silently)"
+    assert [a.name for a in parsed.applications] == ["tl-serve"]
+
+
+@SERVE_IMPORT_WARNINGS
+def test_the_import_path_builds_tl_serves_application_from_its_args(monkeypatch):
+    """What the Serve controller does with serveConfigV2, without a Ray cluster: import the
+    builder, call it with `args` as Serve does, and look at the application it returns."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray._common.utils import import_attr
+
+    from tl_core.config import ServeConfig
+    from tl_core.serving import APP_NAME, LOGGING, RELOADED, ModelServer, build_app
+
+    config = serve_config()
+    (app,) = config["applications"]
+    assert app["name"] == APP_NAME and app["route_prefix"] == "/", "the name and route `tl serve` deploys under"
+    assert config["logging_config"] == LOGGING, "the logging `tl serve` starts Serve with"
+    builder = import_attr(app["import_path"])
+    assert builder is build_app
+    args = app["args"]
+    assert set(args) <= set(ServeConfig.model_fields) - {"host", "port"}, "args are ServeConfig's fields"
+    settings = ServeConfig(**args)
+    # The replicas read the registry from the pods' environment: the ConfigMap's address.
+    uri = config_map("tl-env")["MLFLOW_TRACKING_URI"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    built = call_user_app_builder_with_args_if_necessary(builder, args)
+    deployment = built._bound_deployment
+    assert deployment.func_or_class is ModelServer.func_or_class
+    assert deployment.num_replicas == settings.replicas
+    assert deployment.user_config == {**settings.model_dump(include=set(RELOADED)), "tracking_uri": uri}
+    # Settings that would be ignored in args are refused, bad values name their field.
+    for ignored in ({"port": 9000}, {"host": "0.0.0.0"}):
+        with pytest.raises(ValueError, match="http_options"):
+            build_app({**args, **ignored})
+    with pytest.raises(Exception, match="poll_s"):
+        build_app({**args, "poll_s": 0})
+
+
+def test_rayservice_runs_the_project_image_with_the_registry_and_no_secret():
+    obj = rayservice()
+    cluster = obj["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == constraint_pin("ray")
+    assert obj["metadata"]["name"] == "tl-serve"
+    for where, pod in serving_pods(obj).items():
+        (c,) = pod["containers"]
+        assert c["image"].startswith(PROJECT_IMAGE + ":"), where
+        refs = [r.get("configMapRef", r.get("secretRef", {})).get("name") for r in c["envFrom"]]
+        assert refs == ["tl-env"], f"{where}: the registry's address, and no credentials"
+        assert not any("valueFrom" in e or CREDENTIAL_NAME.search(e["name"]) for e in c.get("env", [])), where
+    assert "MLFLOW_TRACKING_URI" in config_map("tl-env")
+    # No S3 keys needed: the MLflow server proxies the artifacts the replicas download.
+    (mlflow,) = [d for d in docs_of("Deployment") if d.name == "tl-mlflow"]
+    mlflow_args = mlflow.obj["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert any(a.startswith("--artifacts-destination=") for a in mlflow_args) and "--no-serve-artifacts" not in mlflow_args
+    # Nothing secret travels in the serve config either (the dashboard shows it).
+    text = obj["spec"]["serveConfigV2"]
+    assert not CREDENTIAL_NAME.search(text) and not re.search(r"://[^/\s]*:[^/\s]*@", text)
+
+
+def test_probes_ports_and_service_agree_with_the_application():
+    obj = rayservice()
+    config = serve_config(obj)
+    port = config["http_options"]["port"]
+    assert config["http_options"]["host"] == "0.0.0.0", "the kubelet and the Service reach the proxies by the pod IP"
+    assert config["proxy_location"] == "EveryNode"
+    pods = serving_pods(obj)
+    # KubeRay finds the Serve port by the name `serve` on the head (and uses it for the Service).
+    for where, pod in pods.items():
+        assert named_port(pod["containers"][0], "serve") == port, where
+    (svc_port,) = obj["spec"]["serveService"]["spec"]["ports"]
+    assert svc_port == {"name": "serve", "port": port}
+    assert obj["spec"]["serveService"]["metadata"]["name"] == "tl-serve"
+    assert "selector" not in obj["spec"]["serveService"]["spec"], "KubeRay sets (and overrides) the selector"
+    # The workers take traffic only while the application answers GET /healthz on their proxy.
+    assert obj["spec"]["excludeHeadPodFromServeSvc"] is True
+    head = pods.pop("head")["containers"][0]
+    assert pods, "no worker group"
+    for group, pod in pods.items():
+        c = pod["containers"][0]
+        assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "serve"}, group
+        assert c["livenessProbe"]["httpGet"]["path"] == "/api/healthz", f"{group}: liveness is Ray's own health"
+    # The head's readiness must not wait for the application: KubeRay deploys it only once the
+    # head is Ready.
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert head[probe]["httpGet"]["path"] == "/api/healthz"
+        assert head[probe]["httpGet"]["port"] == 52365, "Ray's dashboard agent (its default port)"
+    assert obj["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+
+@SERVE_IMPORT_WARNINGS
+@pytest.mark.parametrize("overlay", SERVING_OVERLAYS)
+def test_the_workers_hold_the_replicas_asked_for(overlay):
+    from tl_core.serving import ModelServer
+
+    (obj,) = [o for o in built(overlay) if o["kind"] == "RayService"]
+    replicas = serve_config(obj)["applications"][0]["args"]["replicas"]
+    per_replica = ModelServer.ray_actor_options["num_cpus"]
+    groups = obj["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    ray_cpus = sum(g["replicas"] * quantity(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+                   for g in groups)
+    assert ray_cpus >= replicas * per_replica, f"{overlay}: {replicas} replicas of {per_replica} CPU do not fit"
+    # A worker without a replica has no proxy (EveryNode: nodes with a replica) and is never Ready.
+    assert sum(g["replicas"] for g in groups) <= replicas, f"{overlay}: more workers than replicas"
+
+
+def test_the_local_serving_overlay_fits_beside_the_local_stack():
+    cpu = memory = 0.0
+    for obj in built("local/serving"):
+        for _, pod in pod_specs(obj):
+            for c in pod["containers"]:
+                assert gpus(c) == 0
+                cpu += quantity(c["resources"]["requests"]["cpu"])
+                memory += quantity(c["resources"]["limits"]["memory"])
+    assert cpu <= 1 and memory <= 6 * 2**30, (cpu, memory / 2**30)
+
+
+def test_the_serving_network_policy_admits_only_the_cluster_the_operator_and_clients():
+    (policy,) = [d for d in docs_of("NetworkPolicy") if d.path.parent == K8S / "serving"]
+    spec = policy.obj["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    selector = spec["podSelector"]["matchLabels"]
+    pods = [rayservice()["spec"]["rayClusterConfig"]["headGroupSpec"]["template"],
+            *[g["template"] for g in rayservice()["spec"]["rayClusterConfig"]["workerGroupSpecs"]]]
+    for template in pods:
+        assert selector.items() <= template["metadata"]["labels"].items(), "every serving pod is selected"
+    serve_port = serve_config()["http_options"]["port"]
+    admitted = {}
+    for rule in spec["ingress"]:
+        ports = tuple(sorted(p["port"] for p in rule.get("ports", []))) or "all"
+        for source in rule["from"]:
+            if "namespaceSelector" in source:
+                admitted[("namespace", source["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"])] = ports
+            else:
+                admitted[("pods", tuple(sorted(source["podSelector"].get("matchLabels", {}).items())))] = ports
+    assert admitted == {
+        ("pods", tuple(sorted(selector.items()))): "all",  # Ray between its own nodes
+        ("namespace", "kuberay-system"): (8265,),  # the operator, on the dashboard only
+        ("pods", ()): (serve_port,),  # clients in the namespace, on the HTTP port only
+    }
+    assert "--namespace kuberay-system" in (K8S / "README.md").read_text(), "the namespace the operator is in"
+
+
+# ---------------------------------------------------------------------------------------------
 # Pods: security context and resources, wherever a pod spec appears
 # ---------------------------------------------------------------------------------------------
 
@@ -412,6 +634,8 @@ def pod_specs(obj: dict) -> Iterator[tuple[str, dict]]:
         yield "spec", spec
     elif kind == "RayCluster":
         yield from ray_cluster_pod_specs(spec, "spec")
+    elif kind == "RayService":
+        yield from ray_cluster_pod_specs(spec["rayClusterConfig"], "spec.rayClusterConfig")
     elif kind == "RayJob":
         if "submitterPodTemplate" in spec:
             yield "spec.submitterPodTemplate", spec["submitterPodTemplate"]["spec"]
@@ -490,8 +714,9 @@ def test_pod_is_locked_down_and_sized(doc, where, pod):
 
 def test_every_workload_has_a_pod_checked():
     kinds = {d.kind for d, _, _ in POD_CASES}
-    assert {"Deployment", "StatefulSet", "Job", "CronJob", "RayCluster", "RayJob"} <= kinds
-    assert len(POD_CASES) >= 9  # 2 deployments, statefulset, job, cronjob, ray head + 2 groups, submitter
+    assert {"Deployment", "StatefulSet", "Job", "CronJob", "RayCluster", "RayJob", "RayService"} <= kinds
+    # 2 deployments, statefulset, job, cronjob, ray head + 2 groups, submitter, serving head + group
+    assert len(POD_CASES) >= 11
 
 
 def test_the_pod_checker_catches_mistakes():
@@ -550,7 +775,7 @@ def test_no_secret_is_applied_by_kustomize():
         assert "secretGenerator" not in k, f"{kfile}: generate no Secrets (they would carry the values)"
         for resource in k.get("resources", []):
             assert "secrets" not in Path(resource).parts, f"{kfile} lists {resource}"
-    for name in OVERLAYS:
+    for name in OVERLAYS + SERVING_OVERLAYS:
         assert not [o for o in built(name) if o["kind"] == "Secret"], f"overlay {name} creates a Secret"
 
 
@@ -657,12 +882,16 @@ def test_references_resolve():
 
 
 def pod_templates_with_labels() -> list[tuple[dict, dict]]:
-    """(labels, pod spec) of every workload's pod template."""
+    """(labels, pod spec) of every workload's pod template, the Ray clusters' groups included."""
     out = []
     for doc in DOCS:
         spec = doc.obj.get("spec", {})
         if doc.kind in ("Deployment", "StatefulSet"):
             out.append((spec["template"]["metadata"]["labels"], spec["template"]["spec"]))
+        elif doc.kind in ("RayCluster", "RayService"):
+            cluster = spec["rayClusterConfig"] if doc.kind == "RayService" else spec
+            for template in [cluster["headGroupSpec"]["template"], *[g["template"] for g in cluster["workerGroupSpecs"]]]:
+                out.append((template["metadata"]["labels"], template["spec"]))
     return out
 
 
@@ -680,8 +909,11 @@ def test_services_and_network_policies_select_pods_that_exist():
         selector = policy.obj["spec"]["podSelector"]["matchLabels"]
         assert any(selector.items() <= labels.items() for labels, _ in templates), policy.id
         for rule in policy.obj["spec"].get("ingress", []):
-            for source in rule.get("from", []):
-                sel = source["podSelector"]["matchLabels"]
+            assert rule.get("from"), f"{policy.id}: a rule without `from` admits everyone"
+            for source in rule["from"]:
+                if "namespaceSelector" in source:  # another namespace's pods (the KubeRay operator)
+                    continue
+                sel = source["podSelector"].get("matchLabels", {})  # {}: every pod of the namespace
                 assert any(sel.items() <= labels.items() for labels, _ in templates), f"{policy.id}: source"
     (sts,) = docs_of("StatefulSet")
     assert sts.obj["spec"]["serviceName"] in named("Service")
@@ -861,6 +1093,7 @@ def built(name: str) -> list[dict]:
 
 def test_overlays_exist():
     assert OVERLAYS == ["gpu", "local"]
+    assert SERVING_OVERLAYS == ["gpu/serving", "local/serving"]
 
 
 def test_kustomization_paths_exist():
@@ -890,7 +1123,7 @@ def test_base_builds_to_the_manifests():
     assert all(o["metadata"]["namespace"] == NAMESPACE for o in base if o["kind"] != "Namespace")
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", OVERLAYS + SERVING_OVERLAYS)
 def test_overlay_output_is_valid_and_locked_down(overlay):
     objs = built(overlay)
     for obj in objs:
@@ -901,7 +1134,7 @@ def test_overlay_output_is_valid_and_locked_down(overlay):
         for where, pod in pod_specs(obj):
             assert pod_problems(pod) == [], f"{overlay} {obj['kind']}/{obj['metadata']['name']} {where}"
             for c in pod["containers"]:
-                assert not c["image"].startswith(PROJECT_IMAGE + ":") or overlay == "gpu", (
+                assert not c["image"].startswith(PROJECT_IMAGE + ":") or overlay.split("/")[0] == "gpu", (
                     f"{overlay}: the placeholder image is still set")
 
 
@@ -954,7 +1187,7 @@ def test_local_overlay_is_small_and_needs_no_gpu():
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", OVERLAYS + SERVING_OVERLAYS)
 def test_kubectl_kustomize_agrees_with_this_build(overlay):
     result = subprocess.run(["kubectl", "kustomize", str(K8S / "overlays" / overlay)], check=False,
                             capture_output=True, text=True, timeout=60)
@@ -968,6 +1201,9 @@ def test_kubectl_kustomize_agrees_with_this_build(overlay):
             spec = o.get("spec", {})
             replicas = spec.get("replicas") if isinstance(spec, dict) else None
             groups = ray_groups([o]) if o["kind"] == "RayCluster" else {}
+            if o["kind"] == "RayService":
+                cluster = o["spec"]["rayClusterConfig"]
+                groups = {"head": cluster["headGroupSpec"], **{g["groupName"]: g for g in cluster["workerGroupSpecs"]}}
             resources = {n: g["template"]["spec"]["containers"][0]["resources"] for n, g in groups.items()}
             out[(o["kind"], o["metadata"]["name"])] = (o["metadata"].get("namespace"), images, replicas,
                                                        {n: g.get("replicas") for n, g in groups.items()}, resources)

@@ -375,8 +375,16 @@ def application(cfg: ServeConfig, tracking_uri: str | None = None):
 def build_app(args: dict):
     """The application builder of Serve's config files and KubeRay's RayService
     (`import_path: tl_core.serving:build_app`, `args:` ServeConfig's fields); the registry is the
-    replicas' MLFLOW_TRACKING_URI (the RayService's runtime_env)."""
-    return application(args if isinstance(args, ServeConfig) else validate(ServeConfig, dict(args)))
+    replicas' MLFLOW_TRACKING_URI (the pods' environment: k8s/serving/rayservice.yaml). The
+    address the proxies listen on is the config's `http_options`, not an argument: `host` or
+    `port` here would be ignored, so they are refused."""
+    if not isinstance(args, ServeConfig):
+        ignored = sorted({"host", "port"} & set(args))
+        if ignored:
+            raise ValueError(f"{' and '.join(ignored)} in the application's args would be ignored: set them "
+                             "under http_options of the Serve config (the proxies' address)")
+        args = validate(ServeConfig, dict(args))
+    return application(args)
 
 
 # -- tl serve ---------------------------------------------------------------------------------
