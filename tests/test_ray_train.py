@@ -62,9 +62,10 @@ def test_a_ray_run_started_again_resumes_from_its_latest_checkpoint(workdir, loc
     first = fit_on_ray(cfg, run_name="resume-test")
     more = fit_on_ray(cfg.model_copy(update={"epochs": 4}), run_name="resume-test")
     assert [h["epoch"] for h in more["history"]] == [0, 1, 2, 3]
-    assert more["history"][:2] == first["history"]  # epochs 0-1 were restored, not trained again
-    fresh = fit_on_ray(cfg.model_copy(update={"epochs": 4}), run_name="resume-test-fresh")
-    assert fresh["history"][0]["epoch_seconds"] != more["history"][0]["epoch_seconds"]
+    # Epochs 0-1 were restored, not trained again: their records (wall-clock epoch_seconds
+    # included) are the first run's, and the run says where it went on from.
+    assert more["history"][:2] == first["history"] and more["metrics"]["resumed_at_epoch"] == 2
+    assert "resumed_at_epoch" not in first["metrics"]
 
 
 def test_a_worker_killed_mid_fit_is_replaced_and_the_run_goes_on_from_its_checkpoint(workdir, local_ray):
@@ -100,9 +101,9 @@ def test_a_worker_killed_mid_fit_is_replaced_and_the_run_goes_on_from_its_checkp
     m = result["metrics"]
     assert [h["epoch"] for h in result["history"]] == list(range(30))
     assert 1 <= m["resumed_at_epoch"] <= 29  # went on from a checkpoint, not from the start
-    undisturbed = fit_on_ray(cfg, run_name="undisturbed-test")["metrics"]
-    assert "resumed_at_epoch" not in undisturbed
-    assert abs(m["test_accuracy"] - undisturbed["test_accuracy"]) <= 0.05, (m, undisturbed)
+    # As good as an undisturbed run: 30 epochs on every image reach 0.97-0.98 (no second run of
+    # 30 epochs to compare with: the suite's time).
+    assert m["test_accuracy"] >= 0.93, m
 
 
 def test_two_workers_stream_disjoint_shares_through_ray_data(workdir, local_ray, monkeypatch):
@@ -187,14 +188,23 @@ def test_ray_run_keeps_its_storage_on_s3(local_ray, s3_endpoint, monkeypatch):
     assert f"{result.checkpoint_uri[len('s3://tl-work/'):]}" in keys
 
 
+@pytest.fixture(scope="module")
+def digits_backbone(module_workdir):
+    """The digits, prepared, and a backbone pretrained on them (2 epochs, in this process): the
+    strategies below start from it."""
+    from tl_core.train import train
+
+    data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
+    return data, train(TrainConfig(data=data.path, epochs=2))
+
+
 @pytest.mark.parametrize("strategy", ["finetune-unfreeze", "multitask", "linear-probe"])
-def test_strategies_run_on_two_ray_workers(workdir, local_ray, strategy):
+def test_strategies_run_on_two_ray_workers(digits_backbone, local_ray, strategy):
     """Every strategy runs through the same core on Ray Train; schedules that unfreeze blocks
     mid-run keep the replicas identical (blocks wait with learning rate 0, not requires_grad)."""
     from tl_core.train import train
 
-    data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
-    backbone = train(TrainConfig(data=data.path, epochs=2))
+    data, backbone = digits_backbone
     options = {"finetune-unfreeze": {"strategy": "finetune", "head_warmup_epochs": 1, "unfreeze_every": 1},
                "multitask": {"strategy": "multitask", "source_data": data.path},
                "linear-probe": {"strategy": "linear-probe", "lr": 0.01}}[strategy]
@@ -223,9 +233,11 @@ def test_issue7_strategies_run_on_two_ray_workers(workdir, local_ray, strategy):
     assert ckpt["metrics"]["test_accuracy"] > 0.5  # chance: 0.10 (dann), 0.20 (5-way episodes)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_node_cluster():
-    """A head and a second node, one CPU each, stopped afterwards (only this cluster's processes)."""
+    """A head and a second node, one CPU each, stopped afterwards (only this cluster's processes).
+    One for the module (a start costs ~25 s on 2 cores): the node-lost test, which replaces the
+    second node, comes last."""
     with servers.ray_cluster(nodes=2, cpus_per_node=1) as address:
         yield address
 
