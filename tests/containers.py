@@ -149,6 +149,15 @@ def mlflow_manifest_command() -> tuple[list[str], list[str]]:
     return container["command"], container["args"]
 
 
+def manifest_plain_env() -> dict:
+    """The MLflow container's variables in k8s/base/mlflow.yaml that are set to a plain value and
+    need no substitution (not from a Secret or ConfigMap, no $(VAR))."""
+    docs = [d for d in yaml.safe_load_all((ROOT / "k8s" / "base" / "mlflow.yaml").read_text()) if d]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    return {e["name"]: e["value"] for e in env if "value" in e and "$(" not in e["value"]}
+
+
 def mlflow_backend_store_uri(user: str, password: str, port: int) -> str:
     """The manifest's MLFLOW_BACKEND_STORE_URI (its scheme names the driver) for a PostgreSQL on
     127.0.0.1:port, with the user and password Kubernetes would put in from the Secret."""
@@ -176,7 +185,8 @@ def mlflow_server(image: str, backend_store_uri: str, s3_endpoint: str, s3_env: 
     command, args = mlflow_manifest_command()
     port = free_port()
     args = [a for a in args if not a.startswith(("--host=", "--port="))] + ["--host=127.0.0.1", f"--port={port}"]
-    env = {"MLFLOW_BACKEND_STORE_URI": backend_store_uri, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, **s3_env}
+    env = {"MLFLOW_BACKEND_STORE_URI": backend_store_uri, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, **s3_env,
+           **manifest_plain_env()}
     started = time.monotonic()
     with running(f"tl-test-mlflow-{port}", *POD_LIKE, *(f"--env={k}={v}" for k, v in env.items()),
                  "--entrypoint", command[0], image, *command[1:], *args) as name:

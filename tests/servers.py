@@ -83,7 +83,8 @@ def moto_s3(log_dir: Path):
 def mlflow_server(log_dir: Path, s3_endpoint: str, bucket: str):
     """`mlflow server` on SQLite with artifacts proxied to s3://bucket/mlflow; yields its URL."""
     port = free_port()
-    env = {**os.environ, **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+    # No GenAI job runner (8 processes the registry does not use), as k8s/base/mlflow.yaml runs it.
+    env = {**os.environ, **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = open(log_dir / "mlflow-server.log", "wb")
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{log_dir / 'mlflow-server.db'}",

@@ -618,6 +618,19 @@ def test_the_serving_network_policy_admits_only_the_cluster_the_operator_and_cli
     assert "--namespace kuberay-system" in (K8S / "README.md").read_text(), "the namespace the operator is in"
 
 
+def test_readmes_say_how_to_serve_and_how_a_promotion_reaches_the_service():
+    steps = (K8S / "README.md").read_text()
+    for step in ("kubectl apply -k k8s/overlays/local/serving", "k8s/overlays/gpu/serving",
+                 "kubectl delete -k k8s/overlays/local/serving", "svc/tl-serve"):
+        assert step in steps, f"k8s/README.md does not cover: {step}"
+    readme = (ROOT / "README.md").read_text()
+    serving = readme[readme.index("## Serving"):readme.index("## Batch predictions")]
+    section = serving[serving.index("### On a cluster"):]
+    for point in ("kubectl apply -k k8s/overlays/local/serving", "tl promote", "tl rollback", "poll_s",
+                  "MLFLOW_TRACKING_URI", "import_path:", "readiness"):
+        assert point in section, f"README, Serving / On a cluster does not say: {point}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Pods: security context and resources, wherever a pod spec appears
 # ---------------------------------------------------------------------------------------------
@@ -812,6 +825,13 @@ def test_mlflow_backend_password_stays_out_of_the_command_line():
     assert env["MLFLOW_BACKEND_STORE_URI"]["value"].startswith("postgresql+psycopg2://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@")
     names = list(env)
     assert names.index("POSTGRES_PASSWORD") < names.index("MLFLOW_BACKEND_STORE_URI"), "$(VAR) only sees earlier vars"
+
+
+def test_mlflow_runs_without_the_genai_job_runner():
+    """MLflow 3's server would start 8 more processes for GenAI jobs tl never submits."""
+    (mlflow,) = [d for d in docs_of("Deployment") if d.name == "tl-mlflow"]
+    env = {e["name"]: e for e in mlflow.obj["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"]["value"] == "false"
 
 
 def test_mlflow_allows_the_service_names_clients_use():
