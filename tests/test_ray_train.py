@@ -101,8 +101,8 @@ def test_a_worker_killed_mid_fit_is_replaced_and_the_run_goes_on_from_its_checkp
     m = result["metrics"]
     assert [h["epoch"] for h in result["history"]] == list(range(30))
     assert 1 <= m["resumed_at_epoch"] <= 29  # went on from a checkpoint, not from the start
-    # As good as an undisturbed run: 30 epochs on every image reach 0.97-0.98 (no second run of
-    # 30 epochs to compare with: the suite's time).
+    # As good as an undisturbed run: the same 30 epochs on every image reach 0.99 in one process
+    # (seeds 0 and 1, measured); no second 30-epoch Ray run to compare with (the suite's time).
     assert m["test_accuracy"] >= 0.93, m
 
 
