@@ -55,6 +55,7 @@ def per_file(junit: Path) -> tuple[dict, dict, list]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clone", action="store_true", help="time a fresh clone set up by scripts/setup.sh, as CI")
+    parser.add_argument("--keep-junit", type=Path, help="also copy pytest's JUnit XML (every test's time) here")
     args = parser.parse_args()
 
     repo, setup_seconds = REPO, None
@@ -72,6 +73,8 @@ def main() -> int:
         junit = Path(tmp) / "junit.xml"
         wall, rc = run_suite(repo, junit)
         files, counts, slowest = per_file(junit)
+        if args.keep_junit:
+            shutil.copy(junit, args.keep_junit)
     load_after = os.getloadavg()[0]
 
     result = {"commit": commit, "clone": args.clone, "setup_seconds": setup_seconds, "wall_seconds": round(wall, 1),
