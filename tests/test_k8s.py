@@ -110,7 +110,8 @@ DOCS = manifest_docs()
 PLAIN = [d for d in DOCS if not d.obj.get("apiVersion", "").startswith("ray.io/")]
 KUBERAY = [d for d in DOCS if d.obj.get("apiVersion", "").startswith("ray.io/")]
 # Each overlay's serving/ (the RayService, applied on its own once a champion exists).
-SERVING_OVERLAYS = sorted(f"{p.parent.parent.name}/serving" for p in (K8S / "overlays").glob("*/serving/kustomization.yaml"))
+SERVING_OVERLAYS = sorted(f"{p.parent.parent.name}/serving"
+                          for p in (K8S / "overlays").glob("*/serving/kustomization.yaml"))
 
 
 def docs_of(kind: str, docs: list[Doc] | None = None) -> list[Doc]:
@@ -529,7 +530,8 @@ def test_rayservice_runs_the_project_image_with_the_registry_and_no_secret():
     # No S3 keys needed: the MLflow server proxies the artifacts the replicas download.
     (mlflow,) = [d for d in docs_of("Deployment") if d.name == "tl-mlflow"]
     mlflow_args = mlflow.obj["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert any(a.startswith("--artifacts-destination=") for a in mlflow_args) and "--no-serve-artifacts" not in mlflow_args
+    assert any(a.startswith("--artifacts-destination=") for a in mlflow_args)
+    assert "--no-serve-artifacts" not in mlflow_args
     # Nothing secret travels in the serve config either (the dashboard shows it).
     text = obj["spec"]["serveConfigV2"]
     assert not CREDENTIAL_NAME.search(text) and not re.search(r"://[^/\s]*:[^/\s]*@", text)
@@ -553,15 +555,18 @@ def test_probes_ports_and_service_agree_with_the_application():
     assert obj["spec"]["excludeHeadPodFromServeSvc"] is True
     head = pods.pop("head")["containers"][0]
     assert pods, "no worker group"
+    from ray._private.ray_constants import DEFAULT_DASHBOARD_AGENT_LISTEN_PORT as agent_port
+
+    # The agent of the image's Ray: the raylet (and the GCS on the head).
+    ray_health = {"path": "/api/healthz", "port": agent_port}
     for group, pod in pods.items():
         c = pod["containers"][0]
         assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "serve"}, group
-        assert c["livenessProbe"]["httpGet"]["path"] == "/api/healthz", f"{group}: liveness is Ray's own health"
+        assert c["livenessProbe"]["httpGet"] == ray_health, f"{group}: liveness is Ray's own health"
     # The head's readiness must not wait for the application: KubeRay deploys it only once the
     # head is Ready.
     for probe in ("readinessProbe", "livenessProbe"):
-        assert head[probe]["httpGet"]["path"] == "/api/healthz"
-        assert head[probe]["httpGet"]["port"] == 52365, "Ray's dashboard agent (its default port)"
+        assert head[probe]["httpGet"] == ray_health, probe
     assert obj["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
 
 
@@ -607,7 +612,8 @@ def test_the_serving_network_policy_admits_only_the_cluster_the_operator_and_cli
         ports = tuple(sorted(p["port"] for p in rule.get("ports", []))) or "all"
         for source in rule["from"]:
             if "namespaceSelector" in source:
-                admitted[("namespace", source["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"])] = ports
+                namespace = source["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                admitted[("namespace", namespace)] = ports
             else:
                 admitted[("pods", tuple(sorted(source["podSelector"].get("matchLabels", {}).items())))] = ports
     assert admitted == {
