@@ -495,8 +495,10 @@ class RankConfig(StepConfig):
 class ServeConfig(StepConfig):
     """`tl serve NAME`: the model an alias of NAME points to, served over HTTP as a Ray Serve
     application (tl_core/serving.py). The settings marked "reloaded" are the deployment's
-    user_config: changed on a running application (`serve deploy`, a RayService's serveConfigV2),
-    every replica applies them in `reconfigure` without a restart."""
+    user_config: changed on a running application through the deployment's `user_config` (a Serve
+    config file or a RayService's serveConfigV2, `deployments: [{name: model, user_config:
+    ...}]`), every replica applies them in `reconfigure` without a restart. Changed in the
+    application's `args` instead, they are part of Serve's code version: the replicas are replaced."""
 
     name: str = Field(..., pattern=r"^[^/:]+$", description="registered model name: serves models:/NAME@ALIAS and "
                                                             "follows the alias when it moves (reloaded)")
