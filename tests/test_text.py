@@ -164,13 +164,13 @@ def test_setfit_and_distill_train_on_text(agnews):
 
     common = dict(data=agnews.path, shots=8, eval_every=0, checkpoint_every=0)
     setfit = train(TrainConfig(**common, strategy="setfit", backbone="packaged:minilm-l6", lr=1e-2,
-                               backbone_lr_mult=0.002, epochs=8, batch_size=16))
+                               backbone_lr_mult=0.002, epochs=4, batch_size=16))
     assert setfit.checkpoint["metrics"]["test_accuracy"] > 0.6  # 4 classes: chance 0.25
     key = "backbone.7.layer.output.dense.weight"  # the last transformer layer: the pairs moved the encoder
     assert not torch.equal(setfit.checkpoint["model"][key], load_checkpoint("packaged:minilm-l6")["model"][key])
 
     student = train(TrainConfig(**common, strategy="distill", teacher=setfit.checkpoint_uri, model="text_cnn",
-                                use_unlabeled=True, lr=3e-3, epochs=40, batch_size=32))
+                                use_unlabeled=True, lr=3e-3, epochs=15, batch_size=32))
     metrics = student.checkpoint["metrics"]
     assert student.checkpoint["model_spec"]["name"] == "text_cnn"
     assert metrics["train_images"] == 32 and metrics["test_accuracy"] > 0.25
