@@ -16,7 +16,7 @@ import typer
 
 from tl_core import cli_pipeline, cli_registry, cli_tune  # noqa: F401  (their commands join `app`)
 from tl_core import cli_predict  # noqa: F401  (tl predict, tl monitor)
-from tl_core.cli_app import AS_JSON, StrategiesInHelp, app, console, execute, with_settings
+from tl_core.cli_app import AS_JSON, StrategiesInHelp, app, console, execute, table_console, with_settings
 from tl_core import cli_serve  # noqa: F401,E402  (tl serve)
 from tl_core import cli_rank  # noqa: F401,E402  (tl rank)
 
@@ -133,7 +133,6 @@ def evaluate(
 
 
 def show_table(summary: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{summary['source']['path']} -> {summary['target']['path']}", title_style="dim")
@@ -151,9 +150,7 @@ def show_table(summary: dict) -> None:
             flag = f"chose {chosen}" + (f"; {flag}" if flag else "")
         table.add_row(row["strategy"], f"{100 * row['test_accuracy']:.1f} ± {100 * row['test_accuracy_std']:.1f}",
                       gain, won, f"{row['train_seconds']:.1f}", flag)
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=110)  # piped or logged: do not squeeze the table to 80 columns
+    console = table_console(110)
     console.print(table)
     pretrain = summary["pretrain"]
     source = ("no source training" if pretrain["metrics"] is None

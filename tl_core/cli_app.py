@@ -35,6 +35,15 @@ def console():
     return Console(stderr=True)
 
 
+def table_console(width: int):
+    """Stdout for a result table: `width` columns when piped or logged (rich would squeeze the
+    table to 80), the terminal's own width otherwise."""
+    from rich.console import Console
+
+    out = Console()
+    return out if out.is_terminal else Console(width=width)
+
+
 def _quiet_libraries() -> None:
     import os
 

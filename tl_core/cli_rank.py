@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from tl_core.cli_app import AS_JSON, app, console, execute, with_settings
+from tl_core.cli_app import AS_JSON, app, console, execute, table_console, with_settings
 
 
 def show_ranking(s: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"candidates for {s['target']} ({s['shots'] or 'all'} shots per class, seed {s['seed']})",
@@ -19,9 +18,7 @@ def show_ranking(s: dict) -> None:
         leep = "—" if row["leep"] is None else f"{row['leep']:.3f}"
         table.add_row(str(row["rank"]), row["candidate"], f"{row['logme']:.4f}", leep, f"{row['seconds']:.1f}",
                       "features cached" if row["feature_cache_hit"] else "")
-    out = Console()
-    if not out.is_terminal:
-        out = Console(width=140)
+    out = table_console(140)
     out.print(table)
     for row in s["skipped"]:
         out.print(f"skipped {row['candidate']}: {row['skipped']}", highlight=False)
