@@ -1,6 +1,5 @@
 """The KFP pipeline: its compiled DAG, whole local runs with kfp.local's SubprocessRunner (no
-mocks: real steps, real training, MLflow on the test's SQLite store), a training step on a Ray
-cluster the test starts, and submit/schedule against a small fake KFP REST server on 127.0.0.1
+mocks: real steps, real training, MLflow on the test's SQLite store), and submit/schedule against a small fake KFP REST server on 127.0.0.1
 that implements the endpoints kfp.Client calls (there is no KFP server here)."""
 
 from __future__ import annotations
@@ -256,39 +255,10 @@ def test_zero_label_adaptation_runs_end_to_end(first_run):
     assert result["arguments"]["shots"] == 0 and result["decision"] == "promoted"
     assert "scratch_accuracy" not in result["steps"]["transfer-2"]["metrics"]  # no labels: no scratch baseline
     # The same adaptation through tl run: its baseline is the source model as it is.
-    run = tl_json("run", *FAST, "--shots", "0", "--strategies", "mcc,dann", "--seeds", "0")
-    assert run["baseline"] == "source-only" and [r["strategy"] for r in run["table"]] == ["source-only", "mcc", "dann"]
+    # (mcc alone: dann at 0 labels is test_domain_adaptation's; one training less for the suite's time)
+    run = tl_json("run", *FAST, "--shots", "0", "--strategies", "mcc", "--seeds", "0")
+    assert run["baseline"] == "source-only" and [r["strategy"] for r in run["table"]] == ["source-only", "mcc"]
     assert run["pretrain"]["checkpoint"] == first_run["steps"]["pretrain"]["checkpoint"]["uri"]
-
-
-# -- a training step on a Ray cluster ------------------------------------------------------------
-
-
-@pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:You may be attemping:RuntimeWarning")  # kfp.local on our image's name
-def test_the_training_step_runs_on_the_ray_cluster_in_ray_address(work, monkeypatch):
-    import torch
-    from kfp import dsl, local
-
-    from components import artifacts
-    from components.prepare import prepare
-    from components.pretrain import pretrain
-
-    @dsl.pipeline(name="pretrain-on-ray")
-    def on_ray():
-        data = prepare(uri="sklearn:digits")
-        pretrain(data=data.outputs["dataset"], model="small_cnn", pretrain_epochs=1, pretrain_lr=1e-3, batch_size=64,
-                 augment=0, workers=2)
-
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(work / "kfp-ray"),
-               workspace_root=str(work / "kfp-ray" / "workspace"))
-    with servers.ray_cluster(nodes=2, cpus_per_node=1) as address:
-        monkeypatch.setenv("RAY_ADDRESS", address)  # the steps are subprocesses: they inherit it
-        task = on_ray()
-    del task
-    pointer = next((work / "kfp-ray").glob("pretrain-on-ray-*/pretrain/checkpoint"))
-    ckpt = torch.load(artifacts.uri(SimpleNamespace(path=pointer)), weights_only=True)
-    assert ckpt["metrics"]["workers"] == 2 and ckpt["metrics"]["replica_spread"] == 0.0
 
 
 # -- a KFP endpoint: submit and schedule against a fake KFP REST API ----------------------------

@@ -1,4 +1,5 @@
-"""The same training core on Ray Train: 2 gloo workers in one process's Ray, and a 2-node cluster via RAY_ADDRESS."""
+"""The same training core on Ray Train: 2 gloo workers in one process's Ray, and a 2-node cluster via
+RAY_ADDRESS (tl transfer, and a KFP step run by kfp.local)."""
 
 from __future__ import annotations
 
@@ -260,6 +261,35 @@ def test_transfer_runs_on_a_cluster_named_by_ray_address(workdir, two_node_clust
     status = subprocess.run([str(servers.BIN / "ray"), "status", f"--address={two_node_cluster}"],
                             env=env, capture_output=True, text=True, timeout=60)
     assert status.stdout.count("node_") >= 2, status.stdout
+
+
+@pytest.mark.filterwarnings("ignore:You may be attemping:RuntimeWarning")  # kfp.local on our image's name
+def test_a_pipeline_step_trains_on_the_cluster_in_ray_address(workdir, two_node_cluster, monkeypatch):
+    """kfp.local's steps are subprocesses: they inherit RAY_ADDRESS, and the pretrain step's 2
+    workers run on the cluster's 2 nodes (one CPU each). (Here, not in test_pipeline, to share the
+    module's cluster: a start costs ~25 s.)"""
+    from types import SimpleNamespace
+
+    from kfp import dsl, local
+
+    from components import artifacts
+    from components.prepare import prepare as prepare_step
+    from components.pretrain import pretrain
+
+    @dsl.pipeline(name="pretrain-on-ray")
+    def on_ray():
+        data = prepare_step(uri="sklearn:digits")
+        pretrain(data=data.outputs["dataset"], model="small_cnn", pretrain_epochs=1, pretrain_lr=1e-3, batch_size=64,
+                 augment=0, workers=2)
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp-ray"),
+               workspace_root=str(workdir / "kfp-ray" / "workspace"))
+    monkeypatch.setenv("RAY_ADDRESS", two_node_cluster)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    on_ray()
+    pointer = next((workdir / "kfp-ray").glob("pretrain-on-ray-*/pretrain/checkpoint"))
+    ckpt = torch.load(artifacts.uri(SimpleNamespace(path=pointer)), weights_only=True)
+    assert ckpt["metrics"]["workers"] == 2 and ckpt["metrics"]["replica_spread"] == 0.0
 
 
 @pytest.mark.slow
