@@ -38,8 +38,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tl_core from this checkout, also where it is not pip-installed
-BACKBONE = "packaged:efficientnet-lite0"
-MODEL = BACKBONE.split(":", 1)[1]
+from bench.imagenet_transfer import BACKBONE, MODEL, reference_loop  # noqa: E402  (the same reference loop)
 
 
 # -- the photos, made small enough to carry ---------------------------------------------------
@@ -133,65 +132,6 @@ def run_fit(cfg, device: str) -> dict:
             "train_loss_last": ckpt["history"][-1]["train_loss"],
             "max_memory_allocated_mb": cuda_peak_mb(device), "peak_rss_mb": metrics["peak_rss_mb"],
             "layer_output_dtypes": dtypes}
-
-
-def reference_loop(photos: Path, epochs: int, device: str, bf16: bool, workers: int, image_size: int, seed: int) -> dict:
-    """A plain torchvision-style fine-tuning loop over the train photos (all labels), no tl_core
-    in the loop: ImageFolder-style dataset, DataLoader, the same timm network from the same packaged
-    weights, the same optimizer groups and batch. Seconds an epoch (the first left out)."""
-    import torch
-    from PIL import Image
-    from torchvision import transforms
-
-    from tl_core.models.efficientnet import INPUT, timm_network
-    from tl_core.recipes import default_recipe
-
-    settings = default_recipe(MODEL, "finetune")
-    root = photos / "train"
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    samples = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir()) if f.is_file()]
-    tf = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
-                             transforms.ToTensor(), transforms.Normalize(INPUT["mean"], INPUT["std"])])
-
-    class Photos(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(samples)
-
-        def __getitem__(self, i):
-            with Image.open(samples[i][0]) as img:
-                return tf(img.convert("RGB")), samples[i][1]
-
-    torch.manual_seed(seed)
-    net = timm_network(packaged=True)
-    net.reset_classifier(len(classes))
-    net = net.to(device)
-    head = list(net.get_classifier().parameters())
-    body = [p for n, p in net.named_parameters() if not n.startswith("classifier.")]
-    optimizer = torch.optim.Adam([{"params": body, "lr": settings["lr"] * settings["backbone_lr_mult"]},
-                                  {"params": head, "lr": settings["lr"]}])
-    loader = torch.utils.data.DataLoader(Photos(), batch_size=settings["batch_size"], shuffle=True, num_workers=workers,
-                                         pin_memory=device == "cuda", persistent_workers=workers > 0,
-                                         multiprocessing_context="fork" if workers else None)  # Photos is a local class
-    cuda_peak_reset(device)
-    times, losses = [], []
-    net.train()
-    for _ in range(epochs):
-        started, total = time.perf_counter(), 0.0
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-                loss = torch.nn.functional.cross_entropy(net(x), y)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(y)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-        losses.append(total / len(samples))
-    return {"device": device, "bf16": bf16, "num_workers": workers, "epochs": epochs, "photos": len(samples),
-            "epoch_seconds": times, "seconds_per_epoch": statistics.mean(times[1:] or times), "train_loss": losses,
-            "max_memory_allocated_mb": cuda_peak_mb(device)}
 
 
 # -- the check ------------------------------------------------------------------------------------
@@ -328,7 +268,7 @@ def check(args) -> None:
     # the plain torchvision loop over the same photos and network, same device
     size = args.image_size or 224
     for bf16, workers in ([(False, 0), (True, 0), (False, args.reference_workers)] if gpu else [(False, 0)]):
-        ref = attempt(result, f"reference bf16={bf16} workers={workers}", reference_loop, Path(args.photos),
+        ref = attempt(result, f"reference bf16={bf16} workers={workers}", reference_loop, args.photos,
                       args.reference_epochs, device, bf16, workers, size, photo_seeds[0])
         if ref is None:
             continue

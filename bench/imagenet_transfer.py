@@ -94,9 +94,12 @@ def recipe(strategy: str) -> dict:
     return default_recipe(MODEL, strategy)
 
 
-def reference_loop(data_dir: str, epochs: int) -> dict:
-    """A plain torchvision-style fine-tuning loop over the train photos (all labels): no tl_core
-    in the loop. Seconds per epoch (the first one left out, as for finetune)."""
+def reference_loop(data_dir: str, epochs: int, device: str = "cpu", bf16: bool = False, workers: int = 0,
+                   image_size: int = 224, seed: int = 0) -> dict:
+    """A plain torchvision-style fine-tuning loop over the train photos (all labels), no tl_core
+    in the loop: an ImageFolder-style dataset, a DataLoader, the same timm network from the same
+    packaged weights, the same optimizer groups and batch as tl's finetune recipe. Seconds an
+    epoch (the first one left out, as for finetune). bench/gpu_check.py runs it on a GPU too."""
     import torch
     from PIL import Image
     from torchvision import transforms
@@ -107,8 +110,8 @@ def reference_loop(data_dir: str, epochs: int) -> dict:
     root = Path(data_dir) / "train" if (Path(data_dir) / "train").is_dir() else Path(data_dir)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     samples = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir()) if f.is_file()]
-    tf = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-                             transforms.Normalize(INPUT["mean"], INPUT["std"])])
+    tf = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(), transforms.Normalize(INPUT["mean"], INPUT["std"])])
 
     class Photos(torch.utils.data.Dataset):
         def __len__(self):
@@ -118,25 +121,38 @@ def reference_loop(data_dir: str, epochs: int) -> dict:
             with Image.open(samples[i][0]) as img:
                 return tf(img.convert("RGB")), samples[i][1]
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     net = timm_network(packaged=True)
     net.reset_classifier(len(classes))
+    net = net.to(device)
     head = list(net.get_classifier().parameters())
     body = [p for n, p in net.named_parameters() if not n.startswith("classifier.")]
     optimizer = torch.optim.Adam([{"params": body, "lr": settings["lr"] * settings["backbone_lr_mult"]},
                                   {"params": head, "lr": settings["lr"]}])
-    loader = torch.utils.data.DataLoader(Photos(), batch_size=settings["batch_size"], shuffle=True, num_workers=0)
-    times = []
+    loader = torch.utils.data.DataLoader(Photos(), batch_size=settings["batch_size"], shuffle=True, num_workers=workers,
+                                         pin_memory=device == "cuda", persistent_workers=workers > 0,
+                                         multiprocessing_context="fork" if workers else None)  # Photos is a local class
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
     net.train()
     for _ in range(epochs):
-        started = time.perf_counter()
+        started, total = time.perf_counter(), 0.0
         for x, y in loader:
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(net(x), y).backward()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                loss = torch.nn.functional.cross_entropy(net(x), y)
+            loss.backward()
             optimizer.step()
+            total += loss.item() * len(y)  # a sync a step, as tl's loop has
+        if device == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
-    return {"epochs": epochs, "seconds_per_epoch": statistics.mean(times[1:] or times), "epoch_seconds": times,
-            "photos": len(samples)}
+        losses.append(total / len(samples))
+    return {"device": device, "bf16": bf16, "num_workers": workers, "epochs": epochs, "photos": len(samples),
+            "epoch_seconds": times, "seconds_per_epoch": statistics.mean(times[1:] or times), "train_loss": losses,
+            "max_memory_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}
 
 
 def table(rows: list[dict], strategies: list[str]) -> list[str]:
