@@ -93,8 +93,21 @@ def test_a_worker_killed_mid_fit_is_replaced_and_the_run_goes_on_from_its_checkp
     while len(list(run_dir.glob("checkpoint_*"))) < 2 and run.is_alive() and time.monotonic() < deadline:
         time.sleep(0.1)  # epochs reported with their checkpoints
     time.sleep(1)  # and taken in by the controller
-    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout.splitlines()
-    workers = [int(line.split()[0]) for line in ps if "RayTrainWorker" in line]
+    # This test's workers only: the local Ray is this process's child, its workers the raylet's.
+    # (The suite runs two files at once: another file's Ray Train workers were counted here once,
+    # and the test failed with 4.)
+    ps = [line.split(maxsplit=2) for line in subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="],
+                                                            capture_output=True, text=True).stdout.splitlines()]
+    parent = {int(pid): int(ppid) for pid, ppid, *_ in ps}
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            pid = parent.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    workers = [int(pid) for pid, _, *args in ps if args and "RayTrainWorker" in args[0] and ours(int(pid))]
     assert run.is_alive() and len(workers) == 2, ps
     os.kill(workers[1], signal.SIGKILL)
     run.join(timeout=300)
