@@ -1,6 +1,7 @@
 """The KFP pipeline: its compiled DAG, whole local runs with kfp.local's SubprocessRunner (no
-mocks: real steps, real training, MLflow on the test's SQLite store), and submit/schedule against a small fake KFP REST server on 127.0.0.1
-that implements the endpoints kfp.Client calls (there is no KFP server here)."""
+mocks: real steps, real training, MLflow on the test's SQLite store), and submit/schedule against
+a small fake KFP REST server on 127.0.0.1 that implements the endpoints kfp.Client calls (there is
+no KFP server here). A step on a Ray cluster: test_ray_train, on its module's cluster."""
 
 from __future__ import annotations
 
