@@ -135,6 +135,18 @@ def run_fit(cfg, device: str) -> dict:
 
 
 # -- the check ------------------------------------------------------------------------------------
+def fit_case(result: dict, kind: str, label: str, cfg, device: str, out: Path) -> None:
+    """One `fit` run into result[kind] (a failure goes under result["errors"]), printed and saved."""
+    row = attempt(result, label, run_fit, cfg, device)
+    if row is None:
+        return
+    result[kind].append(row)
+    print(f"{label}: {pct(row['test_accuracy'])} %, {row['seconds_per_epoch']:.3f} s/epoch "
+          f"{[round(s, 2) for s in row['epoch_seconds']]}, dtypes {row['layer_output_dtypes']}, "
+          f"cuda peak {row['max_memory_allocated_mb']} MB", flush=True)
+    save(result, out)
+
+
 def environment() -> dict:
     import torch
 
@@ -234,14 +246,7 @@ def check(args) -> None:
         for seed in seeds:
             cfg = TrainConfig(data=digits.path, strategy="scratch", shots=None, epochs=args.digits_epochs, augment=1,
                               seed=seed, amp=amp, eval_every=0, checkpoint_every=0, use_gpu=device == "cuda")
-            row = attempt(result, f"digits {device} amp={amp} seed {seed}", run_fit, cfg, device)
-            if row is None:
-                continue
-            result["digits"].append(row)
-            print(f"digits {device} amp={amp} seed {seed}: {pct(row['test_accuracy'])} %, "
-                  f"{row['seconds_per_epoch']:.3f} s/epoch, dtypes {row['layer_output_dtypes']}, "
-                  f"cuda peak {row['max_memory_allocated_mb']} MB", flush=True)
-            save(result, out)
+            fit_case(result, "digits", f"digits {device} amp={amp} seed {seed}", cfg, device, out)
 
     # (b) the packaged ImageNet backbone fine-tuned on the photos, on the GPU (else the CPU), amp off and on
     device = gpu or "cpu"
@@ -256,14 +261,7 @@ def check(args) -> None:
         for seed in photo_seeds:
             cfg = TrainConfig(data=photos.path, strategy="finetune", backbone=BACKBONE, shots=None, seed=seed, augment=1,
                               amp=amp, eval_every=0, use_gpu=device == "cuda", **recipe)
-            row = attempt(result, f"photos {device} amp={amp} seed {seed}", run_fit, cfg, device)
-            if row is None:
-                continue
-            result["photos"].append(row)
-            print(f"photos {device} amp={amp} seed {seed}: {pct(row['test_accuracy'])} %, "
-                  f"{row['seconds_per_epoch']:.2f} s/epoch {[round(s, 2) for s in row['epoch_seconds']]}, "
-                  f"dtypes {row['layer_output_dtypes']}, cuda peak {row['max_memory_allocated_mb']} MB", flush=True)
-            save(result, out)
+            fit_case(result, "photos", f"photos {device} amp={amp} seed {seed}", cfg, device, out)
 
     # the plain torchvision loop over the same photos and network, same device
     size = args.image_size or 224
