@@ -18,7 +18,8 @@ labelled images per class. Per target:
 - fine-tuned accuracy: `finetune` with the small CNN's recipe (backbone at 0.3x, Adam 1e-3, shift
   augmentation 1 px, 100 epochs), seeds 0-2;
 - weighted Kendall tau (scipy.stats.weightedtau, hyperbolic weights) between LogME and the mean
-  fine-tuned (and probed) accuracy; the same for LEEP over the candidates that have a source head;
+  fine-tuned (and probed) accuracy; the same for H-score, and for LEEP and NCE over the candidates
+  that have a source head (all four from the one ranking's features);
 - top-1 gap: best candidate's fine-tuned accuracy minus the top-ranked one's;
 - ranking seconds (all candidates) against fine-tuning seconds (all candidates, one seed).
 Test accuracy on each target's test split; ranking reads only the training shots. Data: ../shared/data.
@@ -104,7 +105,8 @@ def main() -> None:
         ranking = rank(target.path, shots=SHOTS, seed=0, candidates=list(backbones.values()))
         print(f"{target_name}: ranked {len(ranking['table'])} candidates in {ranking['seconds']:.1f}s", flush=True)
         rows = {names[r["candidate"]]: {"candidate": names[r["candidate"]], "logme": r["logme"], "leep": r["leep"],
-                                         "rank": r["rank"], "rank_seconds": r["seconds"], "probe": [], "finetune": [],
+                                         "nce": r["nce"], "hscore": r["hscore"], "rank": r["rank"],
+                                         "rank_seconds": r["seconds"], "probe": [], "finetune": [],
                                          "finetune_seconds": [], "probe_seconds": [], "probe_cache_hit": []}
                 for r in ranking["table"]}
         for seed in SEEDS:
@@ -123,17 +125,15 @@ def main() -> None:
             for kind in ("probe", "finetune"):
                 r[f"{kind}_mean"] = statistics.mean(r[kind])
                 r[f"{kind}_std"] = statistics.pstdev(r[kind])
-        logme_scores = [r["logme"] for r in table]
         headed = [r for r in table if r["leep"] is not None]
+        taus = {f"tau_{score}_{kind}": weightedtau([r[score] for r in rs], [r[f"{kind}_mean"] for r in rs]).statistic
+                for score, rs in (("logme", table), ("hscore", table), ("leep", headed), ("nce", headed))
+                for kind in ("finetune", "probe")}
         best_ft = max(r["finetune_mean"] for r in table)
         best_probe = max(r["probe_mean"] for r in table)
         finetune_all_s = sum(statistics.mean(r["finetune_seconds"]) for r in table)
         report["targets"][target_name] = {
-            "target": target.path, "table": table,
-            "tau_logme_finetune": weightedtau(logme_scores, [r["finetune_mean"] for r in table]).statistic,
-            "tau_logme_probe": weightedtau(logme_scores, [r["probe_mean"] for r in table]).statistic,
-            "tau_leep_finetune": weightedtau([r["leep"] for r in headed], [r["finetune_mean"] for r in headed]).statistic,
-            "tau_leep_probe": weightedtau([r["leep"] for r in headed], [r["probe_mean"] for r in headed]).statistic,
+            "target": target.path, "table": table, **taus,
             "leep_candidates": [r["candidate"] for r in headed],
             "top1_gap_finetune": best_ft - table[0]["finetune_mean"],
             "top1_gap_probe": best_probe - table[0]["probe_mean"],
@@ -151,8 +151,13 @@ def spread(target: dict, kind: str) -> float:
     return max(means) - min(means)
 
 
+def tau(target: dict, name: str) -> str:
+    value = target.get(f"tau_{name}")  # absent from a rank.json written before NCE and H-score
+    return "—" if value is None else f"{value:.2f}"
+
+
 def markdown(report: dict) -> str:
-    lines = ["# tl rank: LogME and LEEP against the accuracy each candidate actually reaches", "",
+    lines = ["# tl rank: LogME, LEEP, NCE and H-score against the accuracy each candidate actually reaches", "",
              "`.venv/bin/python bench/rank.py` (recipe in the script's docstring). 6 small_cnn backbones pretrained on "
              f"different sources, ranked by LogME on {report['shots']} labelled images per class of each target "
              "(seed 0's shots, cold feature cache), then each probed and fine-tuned on the same number of labels, "
@@ -160,11 +165,12 @@ def markdown(report: dict) -> str:
              ""]
     for name, t in report["targets"].items():
         lines += [f"## {name}", "",
-                  "| rank | candidate | LogME | LEEP | probe % | finetune % | rank s | finetune s (1 seed) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| rank | candidate | LogME | LEEP | NCE | H-score | probe % | finetune % | rank s | finetune s (1 seed) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in t["table"]:
-            leep = "—" if r["leep"] is None else f"{r['leep']:.3f}"
-            lines.append(f"| {r['rank']} | {r['candidate']} | {r['logme']:.4f} | {leep} | "
+            leep, nce = ("—" if r.get(k) is None else f"{r[k]:.3f}" for k in ("leep", "nce"))
+            hscore = "—" if r.get("hscore") is None else f"{r['hscore']:.2f}"
+            lines.append(f"| {r['rank']} | {r['candidate']} | {r['logme']:.4f} | {leep} | {nce} | {hscore} | "
                          f"{100 * r['probe_mean']:.1f} ± {100 * r['probe_std']:.1f} | "
                          f"{100 * r['finetune_mean']:.1f} ± {100 * r['finetune_std']:.1f} | {r['rank_seconds']:.2f} | "
                          f"{statistics.mean(r['finetune_seconds']):.1f} |")
@@ -173,7 +179,10 @@ def markdown(report: dict) -> str:
                   f"- weighted Kendall tau, LogME vs fine-tuned accuracy: **{t['tau_logme_finetune']:.2f}** "
                   f"(goal >= 0.6: {ok(t['tau_logme_finetune'] >= 0.6)}); vs probed accuracy: {t['tau_logme_probe']:.2f}",
                   f"- LEEP over the {len(t['leep_candidates'])} candidates with a source head: tau "
-                  f"{t['tau_leep_finetune']:.2f} vs fine-tuned, {t['tau_leep_probe']:.2f} vs probed",
+                  f"{t['tau_leep_finetune']:.2f} vs fine-tuned, {t['tau_leep_probe']:.2f} vs probed; NCE over the same: "
+                  f"tau {tau(t, 'nce_finetune')} vs fine-tuned, {tau(t, 'nce_probe')} vs probed",
+                  f"- H-score over all {len(t['table'])} candidates: tau {tau(t, 'hscore_finetune')} vs fine-tuned, "
+                  f"{tau(t, 'hscore_probe')} vs probed",
                   f"- top-ranked ({t['table'][0]['candidate']}) vs best fine-tuned: {100 * t['top1_gap_finetune']:.1f} "
                   f"points behind (goal <= 1: {ok(t['top1_gap_finetune'] <= 0.01)}); probed: "
                   f"{100 * t['top1_gap_probe']:.1f} points",

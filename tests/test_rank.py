@@ -1,6 +1,6 @@
-"""`tl rank` (issue 30): LogME against a direct evidence computation, LEEP against its definition
-written out, ranking that reads only the target's labelled training shots (never the test split)
-through linear-probe's feature cache, and the command's table, MLflow run and errors."""
+"""`tl rank` (issue 30): LogME against a direct evidence computation, LEEP, NCE and H-score against
+their definitions written out, ranking that reads only the target's labelled training shots (never
+the test split) through linear-probe's feature cache, and the command's table, MLflow run and errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import tl_error, tl_json
-from tl_core.rank import leep, logme, logme_class
+from tl_core.rank import h_score, leep, logme, logme_class, nce
 
 
 def direct_evidence(f: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:
@@ -65,6 +65,49 @@ def test_leep_is_its_definition_written_out():
         total += math.log(expected)
     assert leep(theta, y) == pytest.approx(total / 25, abs=1e-12)
     assert leep(np.eye(3)[y], y) == pytest.approx(0.0, abs=1e-12)  # a head that names the labels: log 1
+
+
+def test_nce_is_the_conditional_entropy_counted_out():
+    rng = np.random.default_rng(2)
+    theta = rng.dirichlet(np.ones(5), size=40)  # a source head over 5 source classes
+    y = rng.integers(0, 3, 40) * 7  # target labels need not be 0..K-1
+    z = [max(range(5), key=lambda k: theta[i, k]) for i in range(40)]
+    total = 0.0
+    for yv in set(y.tolist()):
+        for zv in set(z):
+            n_yz = sum(1 for i in range(40) if y[i] == yv and z[i] == zv)
+            n_z = sum(1 for i in range(40) if z[i] == zv)
+            if n_yz:
+                total += n_yz / 40 * math.log(n_yz / n_z)
+    assert nce(theta, y) == pytest.approx(total, abs=1e-12)
+    # Source labels that determine the target labels (several source classes per target class): NCE 0.
+    source = rng.integers(0, 6, 40)
+    assert nce(np.eye(6)[source] * 0.8 + 0.02, source // 2) == pytest.approx(0.0, abs=1e-12)
+    assert nce(np.eye(6)[source], rng.permutation(source // 2)) < -0.1
+
+
+def test_h_score_is_its_definition_with_explicit_class_means_and_pinv():
+    from sklearn.covariance import ledoit_wolf
+
+    rng = np.random.default_rng(3)
+    for n, d in ((60, 5), (30, 40)):  # more examples than features, and fewer
+        y = rng.integers(0, 4, n)
+        f = rng.normal(size=(n, d)) + y[:, None] * rng.normal(size=d)
+        centred = f - f.mean(0)
+        shrunk, _ = ledoit_wolf(centred, assume_centered=True)  # (1 - s) cov + s tr(cov)/d I, computed apart
+        class_mean = {c: centred[y == c].mean(0) for c in set(y.tolist())}
+        between = sum(np.outer(class_mean[c], class_mean[c]) for c in y) / n
+        assert h_score(f, y) == pytest.approx(np.trace(np.linalg.pinv(shrunk) @ between), rel=1e-9)
+    # Why the shrinkage: with N <= D the paper's plain (pseudo-)inverse scores any features classes - 1.
+    plain = np.trace(np.linalg.pinv(centred.T @ centred / n) @ between)
+    assert plain == pytest.approx(len(set(y.tolist())) - 1, rel=1e-6)
+
+
+def test_h_score_prefers_features_that_separate_the_classes():
+    rng = np.random.default_rng(4)
+    labels = np.repeat(np.arange(10), 10)
+    informative = rng.normal(size=(100, 32)) * 0.3 + np.eye(10)[labels] @ rng.normal(size=(10, 32))
+    assert h_score(informative, labels) > h_score(informative, rng.permutation(labels)) + 1
 
 
 # -- ranking real candidates on real data ---------------------------------------------------------
@@ -122,6 +165,8 @@ def test_ranking_reads_only_the_training_shots_and_the_probe_reuses_its_features
     assert [r["rank"] for r in result["table"]] == [1, 2]
     by_uri = {r["candidate"]: r for r in result["table"]}
     assert by_uri[bare]["leep"] is None and by_uri[headed]["leep"] < 0  # LEEP only through a source head
+    assert by_uri[bare]["nce"] is None and by_uri[headed]["nce"] <= 0  # NCE too
+    assert all(r["hscore"] > 0 for r in result["table"])  # H-score from the features, for every candidate
     assert result["best"] == result["table"][0]["candidate"]
     assert result["table"][0]["logme"] >= result["table"][1]["logme"]
 
@@ -151,6 +196,9 @@ def test_tl_rank_prints_logs_and_refuses_bad_input(digits, module_workdir):
     tracking.setup()
     logged = mlflow.get_run(summary["run_id"]).data
     assert logged.metrics["rank_1.logme"] == pytest.approx(summary["table"][0]["logme"])
+    for row in summary["table"]:  # every score of the table beside LogME, where it has one
+        for score in ("leep", "nce", "hscore"):
+            assert logged.metrics.get(f"rank_{row['rank']}.{score}") == pytest.approx(row[score])
     assert logged.tags["tl.rank_best"] == summary["best"]
 
     assert "unknown data scheme 'nope'" in tl_error("rank", "--target", "nope:x", "--candidates", bare)

@@ -12,12 +12,12 @@ def show_ranking(s: dict) -> None:
 
     table = Table(title=f"candidates for {s['target']} ({s['shots'] or 'all'} shots per class, seed {s['seed']})",
                   title_style="dim")
-    for col in ("rank", "candidate", "LogME", "LEEP", "seconds", ""):
+    for col in ("rank", "candidate", "LogME", "LEEP", "NCE", "H-score", "seconds", ""):
         table.add_column(col, justify="left" if col in ("candidate", "") else "right", no_wrap=col != "candidate")
     for row in s["table"]:
-        leep = "—" if row["leep"] is None else f"{row['leep']:.3f}"
-        table.add_row(str(row["rank"]), row["candidate"], f"{row['logme']:.4f}", leep, f"{row['seconds']:.1f}",
-                      "features cached" if row["feature_cache_hit"] else "")
+        leep, nce = ("—" if row[k] is None else f"{row[k]:.3f}" for k in ("leep", "nce"))
+        table.add_row(str(row["rank"]), row["candidate"], f"{row['logme']:.4f}", leep, nce, f"{row['hscore']:.2f}",
+                      f"{row['seconds']:.1f}", "features cached" if row["feature_cache_hit"] else "")
     out = table_console(140)
     out.print(table)
     for row in s["skipped"]:
@@ -29,8 +29,8 @@ def show_ranking(s: dict) -> None:
 @with_settings("RankConfig")
 def rank(settings: dict, config: Optional[str], as_json: bool = AS_JSON):
     """Rank candidate source models for a target before training: LogME on the features of the target's labelled
-    training shots (LEEP too where a candidate has its source classifier), highest first. The features are
-    cached as linear-probe caches them, so probing the winner afterwards does not extract them again."""
+    training shots, highest first; H-score beside it, and LEEP and NCE where a candidate has its source classifier.
+    The features are cached as linear-probe caches them, so probing the winner afterwards does not extract them again."""
 
     def work():
         from tl_core.config import RankConfig, load_config

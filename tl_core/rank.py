@@ -16,6 +16,16 @@ never read. On those features:
   own source head (softmax of its classifier on the same features); only for candidates trained
   by tl on labels (a checkpoint with its data's classes). A packaged encoder or a bare backbone
   has no source head: its LEEP is None.
+- NCE (Tran et al., "Transferability and Hardness of Supervised Classification Tasks", ICCV
+  2019): the negative conditional entropy -H(Y | Z) of the target labels Y given the source
+  head's argmax labels Z, from their empirical joint over the shots; like LEEP, only through a
+  source head (None otherwise).
+- H-score (Bao et al., "An Information-Theoretic Approach to Transferability in Task Transfer
+  Learning", ICIP 2019): tr(cov(f)^-1 cov(E[f | y])) on the same features, with cov(f) shrunk
+  towards a multiple of the identity (Ledoit-Wolf) so that it means something on few shots;
+  for every candidate.
+Both come from the features and source probabilities LogME and LEEP read (no second pass); they
+are reported beside them, and LogME alone orders the ranking.
 
 Candidates by default: every version in the MLflow registry whose architecture reads the
 target's kind of input (images with the target's channels, or text), the packaged backbones
@@ -122,6 +132,68 @@ def leep(source_probs, labels) -> float:
     conditional = joint / np.maximum(joint.sum(0, keepdims=True), 1e-300)  # P(y | z)
     expected = (theta * conditional[y]).sum(1)  # sum_z P(y_i | z) theta(x_i)_z
     return float(np.mean(np.log(np.maximum(expected, 1e-300))))
+
+
+def nce(source_probs, labels) -> float:
+    """NCE (Tran et al., ICCV 2019): with z_i the source head's most probable class for x_i and
+    P(y, z) the empirical joint of (y_i, z_i) over the N examples, NCE = -H(Y | Z) =
+    sum_{y,z} P(y, z) log P(y | z). At most 0 (0 when the source labels determine the target labels);
+    higher is better. Ties in the argmax go to the first class (np.argmax)."""
+    theta = np.asarray(source_probs, dtype=np.float64)
+    y = np.asarray(labels).astype(np.int64)
+    if theta.ndim != 2 or len(theta) != len(y) or len(y) < 1:
+        raise UserError(f"NCE needs N x Z source probabilities and N labels; got {theta.shape} and {y.shape}")
+    _, y = np.unique(y, return_inverse=True)
+    _, z = np.unique(theta.argmax(1), return_inverse=True)  # only the source classes some example gets
+    joint = np.zeros((y.max() + 1, z.max() + 1))
+    np.add.at(joint, (y, z), 1.0)
+    joint /= len(y)
+    seen = joint > 0
+    conditional = joint / joint.sum(0, keepdims=True)  # P(y | z); every z here has P(z) > 0
+    return float((joint[seen] * np.log(conditional[seen])).sum())
+
+
+def ledoit_wolf_shrinkage(centred: np.ndarray) -> float:
+    """Ledoit and Wolf's (2004) coefficient s in (1 - s) S + s tr(S)/D I for the covariance
+    S = X^T X / N of the centred rows X (N x D): the s that minimises the estimated Frobenius risk,
+    in [0, 1]."""
+    n, d = centred.shape
+    cov = centred.T @ centred / n
+    mu = np.trace(cov) / d
+    delta = ((cov - mu * np.eye(d)) ** 2).sum() / d  # how far S is from the scaled identity
+    x2 = centred**2
+    beta = ((x2.T @ x2).sum() / n - (cov**2).sum()) / (n * d)  # the estimated variance of S
+    if delta <= 0:
+        return 1.0
+    return float(min(max(beta, 0.0), delta) / delta)
+
+
+def h_score(features, labels) -> float:
+    """H-score (Bao et al., ICIP 2019): tr(cov(f)^-1 cov(E[f | y])), with cov(E[f | y]) the
+    covariance of each example's class mean (the features centred, covariances normalised by N).
+    Higher is better; with the exact inverse at most the number of classes - 1 (not so once shrunk).
+
+    Where it departs from the paper: cov(f) is shrunk to (1 - s) cov(f) + s tr(cov(f))/D I with
+    Ledoit and Wolf's s (as Ibrahim et al., "Newer is not always better", 2022, do for H-score),
+    then pseudo-inverted. Few shots need it: with N <= D (10 shots x 10 classes = 100 rows, 128
+    features) the plain (pseudo-)inverse gives exactly classes - 1 for any features in general
+    position, so every candidate would tie. The shrinkage has its own bias: features of pure noise
+    score about (classes - 1) D / N, more than classes - 1 when D > N. Features are taken as the
+    backbone gives them, in float64."""
+    f = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels).astype(np.int64)
+    if f.ndim != 2 or len(f) != len(y) or len(f) < 2:
+        raise UserError(f"H-score needs N x D features and N labels, N >= 2; got {f.shape} and {y.shape}")
+    f = f - f.mean(0)
+    n, d = f.shape
+    _, y = np.unique(y, return_inverse=True)
+    means = np.zeros((y.max() + 1, d))
+    np.add.at(means, y, f)
+    means /= np.bincount(y)[:, None]
+    g = means[y]  # E[f | y_i], already centred
+    s = ledoit_wolf_shrinkage(f)
+    cov = (1 - s) * (f.T @ f / n) + s * np.trace(f.T @ f / n) / d * np.eye(d)
+    return float(np.trace(np.linalg.pinv(cov, hermitian=True) @ (g.T @ g / n)))
 
 
 # -- the candidates -------------------------------------------------------------------------------
@@ -273,11 +345,11 @@ def score_candidate(uri: str, data, shots, seed: int) -> dict:
         return {"candidate": uri, "skipped": problem}
     features, y, hit, head = training_features(ckpt, uri, data, shots, seed)
     row = {"candidate": uri, "architecture": ckpt["model_spec"]["name"], "feature_dim": int(features.shape[1]),
-           "examples": int(len(y)), "logme": logme(features.numpy(), y.numpy()), "leep": None,
-           "feature_cache_hit": hit}
+           "examples": int(len(y)), "logme": logme(features.numpy(), y.numpy()), "leep": None, "nce": None,
+           "hscore": h_score(features.numpy(), y.numpy()), "feature_cache_hit": hit}
     if head is not None:
-        probs = torch.softmax(features.float() @ head[0].T + head[1], dim=1)
-        row["leep"] = leep(probs.double().numpy(), y.numpy())
+        probs = torch.softmax(features.float() @ head[0].T + head[1], dim=1).double().numpy()
+        row["leep"], row["nce"] = leep(probs, y.numpy()), nce(probs, y.numpy())
     row["seconds"] = time.perf_counter() - started
     return row
 
@@ -314,8 +386,8 @@ def rank(target: str, shots=10, seed: int = 0, candidates: list[str] | None = No
 
 
 def rank_step(cfg, say=lambda message: None) -> dict:
-    """`tl rank` as an MLflow run: the table logged as metrics (rank_<i>.logme, .leep) and ranking.json.
-    Bad input (an unknown target, no candidate) fails before the run starts."""
+    """`tl rank` as an MLflow run: the table logged as metrics (rank_<i>.logme, .leep, .nce, .hscore)
+    and ranking.json. Bad input (an unknown target, no candidate) fails before the run starts."""
     from tl_core import tracking
 
     resolved = resolve(cfg.target, cfg.candidates, cfg.shots,
@@ -335,8 +407,9 @@ def log_ranking(result: dict) -> None:
     metrics = {}
     for row in result["table"]:
         metrics[f"rank_{row['rank']}.logme"] = row["logme"]
-        if row["leep"] is not None:
-            metrics[f"rank_{row['rank']}.leep"] = row["leep"]
+        for score in ("leep", "nce", "hscore"):  # leep and nce: None without a source head
+            if row[score] is not None:
+                metrics[f"rank_{row['rank']}.{score}"] = row[score]
         metrics[f"rank_{row['rank']}.seconds"] = row["seconds"]
     metrics["rank_seconds"] = result["seconds"]
     tracking.log_metrics(metrics)
