@@ -10,6 +10,8 @@ source and pretrain steps pass the encoder on, as `tl run` does.
       search_space set:   tune -> release(tuned config)
       search_space "":           release(base config)
     release: transfer -> evaluate -> register -> [accuracy >= min_accuracy] promote
+    backbone "auto": the transfer step ranks the candidates (tl rank: the registry's versions, the
+             packaged backbones, the pretrainings, this run's among them) and trains from the first
 
 `release` is a pipeline used as a component, so the HPO branch and the plain one share one
 definition (kfp.local cannot pass an artifact out of an If/Else through dsl.OneOf, and the two
@@ -87,10 +89,11 @@ def arguments(cfg: PipelineConfig) -> dict:
 
 @dsl.pipeline(name="tl-release", description="transfer -> evaluate -> register -> promote if the gate passes")
 def release(data: dsl.Input[dsl.Dataset], backbone: dsl.Input[dsl.Model], source: dsl.Input[dsl.Dataset], tuned: str,
-            strategy: str, shots: int, epochs: int, lr: float, batch_size: int, augment: int, workers: int,
-            min_accuracy: float, min_delta: float, model_name: str):
+            backbone_choice: str, strategy: str, shots: int, epochs: int, lr: float, batch_size: int, augment: int,
+            workers: int, min_accuracy: float, min_delta: float, model_name: str):
     trained = _step(transfer(data=data, backbone=backbone, source=source, strategy=strategy, tuned=tuned, shots=shots,
-                             epochs=epochs, lr=lr, batch_size=batch_size, augment=augment, workers=workers))
+                             epochs=epochs, lr=lr, batch_size=batch_size, augment=augment, workers=workers,
+                             backbone_choice=backbone_choice))
     checkpoint = trained.outputs["checkpoint"]
     scored = _step(evaluate(model=checkpoint, data=data))
     # Every candidate that was evaluated is registered (the registry is the audit log), and
@@ -123,7 +126,8 @@ def retrain(cfg: PipelineConfig):
     common = dict(data=target_data.outputs["dataset"], backbone=backbone.outputs["checkpoint"],
                   source=source_data.outputs["dataset"], strategy=cfg.strategy,
                   **{name: getattr(cfg, name) for name in TRANSFER})
-    release_args = dict(min_accuracy=cfg.min_accuracy, min_delta=cfg.min_delta, model_name=cfg.model_name)
+    release_args = dict(min_accuracy=cfg.min_accuracy, min_delta=cfg.min_delta, model_name=cfg.model_name,
+                        backbone_choice=cfg.backbone)
     with dsl.If(cfg.search_space != "", name="hpo"):
         best = _step(tune(**common, search_space=cfg.search_space, num_samples=cfg.num_samples))
         release(**common, **release_args, tuned=best.outputs["Output"])
@@ -136,7 +140,7 @@ def _pipeline_signature() -> inspect.Signature:
     defaults = arguments(PipelineConfig())
     params = []
     for name, field in PipelineConfig.model_fields.items():
-        kind = {"shots": int}.get(name) or next(
+        kind = {"shots": int, "backbone": str}.get(name) or next(
             k for k in (bool, int, float, str) if k in (field.annotation, *getattr(field.annotation, "__args__", ())))
         params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=kind,
                                         default=defaults[name]))

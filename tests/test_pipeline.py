@@ -125,9 +125,11 @@ def test_compiled_pipeline_has_the_expected_dag(tmp_path):
 
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert {k: v["defaultValue"] for k, v in params.items() if "defaultValue" in v} == arguments(PipelineConfig())
-    # A setting whose default is None (the text layout's column names) is "" (KFP takes no None).
-    assert {k for k, v in PipelineConfig().model_dump().items() if v is None} == {"text_column", "label_column"}
+    # A setting whose default is None (the text layout's column names, the backbone) is "" (KFP takes no None).
+    assert {k for k, v in PipelineConfig().model_dump().items() if v is None} == {"text_column", "label_column",
+                                                                                  "backbone"}
     assert params["text_column"]["defaultValue"] == params["label_column"]["defaultValue"] == ""
+    assert params["backbone"]["defaultValue"] == ""  # "auto": the transfer step ranks the candidates (test_rank)
     assert set(params) == set(PipelineConfig.model_fields), "every setting is a pipeline parameter"
 
     # Every step: the one image, no pip install at start, the cluster's settings from ConfigMaps and

@@ -5,6 +5,7 @@ the test split) through linear-probe's feature cache, and the command's table, M
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,3 +283,47 @@ def test_registered_versions_that_read_images_are_candidates(digits, module_work
     result = rank(data.path, shots=3, seed=0)
     assert [r["candidate"] for r in result["table"]] == ["models:/rank-digits/1"]
     assert result["table"][0]["leep"] is not None  # the registered classifier's head is its source head
+
+
+def test_the_pipelines_transfer_step_ranks_its_own_pretrained_source_among_the_candidates(digits, module_workdir):
+    """`tl pipeline run --backbone auto`: the transfer step (the component's function, in this
+    process, as kfp.local runs it) ranks the default candidates and the run's pretrained source,
+    trains from the first, and keeps the ranking in its output and its MLflow run."""
+    import json
+    import shutil
+    from types import SimpleNamespace
+
+    import mlflow
+
+    from components.transfer import transfer
+    from tl_core import tracking
+    from tl_core.config import PipelineConfig
+
+    data, bare, headed = digits
+    pretrained = module_workdir / "pipeline-pretrain.pt"  # not under TL_WORKDIR/models: a candidate only as the step's input
+    shutil.copy(bare, pretrained)
+
+    def given(name: str, uri: str):
+        path = module_workdir / f"{name}.json"
+        path.write_text(json.dumps({"uri": uri, "summary": {}}))
+        return SimpleNamespace(path=str(path))
+
+    checkpoint = SimpleNamespace(path=str(module_workdir / "checkpoint-out.json"), metadata={})
+    logged = {}
+    transfer.python_func(data=given("data", data.path), backbone=given("backbone", str(pretrained)),
+                         source=given("source", data.path), strategy="linear-probe", shots=3, epochs=5, lr=0.01,
+                         batch_size=64, augment=0, workers=1, tuned="{}", backbone_choice="auto", checkpoint=checkpoint,
+                         metrics=SimpleNamespace(log_metric=logged.__setitem__))
+    summary = json.loads(Path(checkpoint.path).read_text())["summary"]
+    ranking = summary["rank"]
+    assert str(pretrained) in [r["candidate"] for r in ranking["table"]]
+    tracking.setup()
+    run = mlflow.get_run(summary["run_id"]).data
+    assert run.params["backbone"] == ranking["best"] and run.tags["tl.backbone_auto"] == "true"
+    assert logged["accuracy"] == summary["metrics"]["accuracy"]
+
+    # Ranking needs labels, and chooses the backbone after a search would have tuned the pretrained one.
+    assert "shots 0" in tl_error("pipeline", "run", "--local", "--backbone", "auto", "--shots", "0", "--strategy", "mcc")
+    assert "drop one of them" in tl_error("pipeline", "run", "--local", "--backbone", "auto", "--strategy", "finetune",
+                                          "--search-space", '{"lr": {"choice": [0.01]}}')
+    assert PipelineConfig(backbone="auto").backbone == "auto"

@@ -440,6 +440,11 @@ class PipelineConfig(SearchSettings):
     min_accuracy: float = Field(0.5, ge=0, le=1, description="promotion floor on the target's test accuracy")
     min_delta: float = Field(0.0, ge=0, description="promotion: beat the champion by at least this much accuracy")
     model_name: str = Field("tl-transfer", pattern=r"^[^/:]+$", description="registered model name")
+    # The source pretraining still runs: its checkpoint is one candidate beside the registry's versions,
+    # the packaged backbones and the work directory's pretrainings (tl_core/rank.py).
+    backbone: Literal["auto"] | None = Field(None, description="auto: the transfer step trains from the candidate "
+                                             "tl rank puts first on the target's shots (this run's pretrained "
+                                             "source among them); the ranking is logged with the run")
     # The loop: the first step measures drift of the target's data now (the newest snapshot) from the
     # champion's training data (tl_core/monitor.py); without drift the run trains nothing.
     force_retrain: bool = Field(False, description="retrain, gate and promote even when the monitor finds no drift "
@@ -466,6 +471,16 @@ class PipelineConfig(SearchSettings):
         if self.strategy == AUTO and self.search_space:
             raise ValueError("--search-space tunes one strategy's settings, and auto chooses the strategy itself: "
                              "name a strategy (--strategy finetune) or drop --search-space")
+        return self
+
+    @model_validator(mode="after")
+    def _ranking_needs_labels_and_no_search(self) -> "PipelineConfig":
+        if self.backbone == AUTO and self.shots == 0:
+            raise ValueError("--backbone auto ranks the candidates on the target's labels, and shots 0 gives none: "
+                             "give --shots N (N >= 1), or drop --backbone auto")
+        if self.backbone == AUTO and self.search_space:
+            raise ValueError("--search-space tunes a transfer of the pretrained source, and --backbone auto chooses "
+                             "the backbone after the search: drop one of them")
         return self
 
     @model_validator(mode="after")

@@ -354,12 +354,13 @@ def score_candidate(uri: str, data, shots, seed: int) -> dict:
     return row
 
 
-def resolve(target: str, candidates: list[str] | None, shots, layout: dict | None = None):
-    """The target's prepared dataset and the candidates' URIs, or one error line: before any run starts."""
+def resolve(target: str, candidates: list[str] | None, shots, layout: dict | None = None, also=()):
+    """The target's prepared dataset and the candidates' URIs (`candidates`, else the default ones
+    and `also`), or one error line: before any run starts."""
     if shots == 0:
         raise UserError("ranking needs labels: give --shots N (N >= 1) or all")
     data = target_dataset(target, layout)
-    uris = list(dict.fromkeys(candidates)) if candidates else default_candidates(data)
+    uris = list(dict.fromkeys(candidates or [*default_candidates(data), *also]))
     if not uris:
         raise UserError(f"no candidate fits {target} ({'text' if data.text else f'images, {data.shape[0]} channels'}): "
                         "register a model, pretrain one (tl pretrain), or pass --candidates URI,URI")
@@ -367,10 +368,10 @@ def resolve(target: str, candidates: list[str] | None, shots, layout: dict | Non
 
 
 def rank(target: str, shots=10, seed: int = 0, candidates: list[str] | None = None,
-         say=lambda message: None, resolved=None) -> dict:
+         say=lambda message: None, resolved=None, also=()) -> dict:
     """Score every candidate on the target's labelled training shots; rank by LogME."""
     started = time.perf_counter()
-    data, uris = resolved or resolve(target, candidates, shots)
+    data, uris = resolved or resolve(target, candidates, shots, also=also)
     rows, skipped = [], []
     for uri in uris:
         say(f"scoring {uri}")
@@ -417,15 +418,16 @@ def log_ranking(result: dict) -> None:
     mlflow.set_tag("tl.rank_best", result["best"])
 
 
-def with_ranked_backbone(cfg, transfer) -> dict:
-    """`--backbone auto`: rank the default candidates on the run's own shots and seed, run
-    `transfer` with the first, and record the ranking with its MLflow run (ranking.json, the
-    rank_<i> metrics, tags tl.backbone_auto and tl.rank_best) and in its summary (`rank`)."""
+def with_ranked_backbone(cfg, transfer, also=()) -> dict:
+    """`--backbone auto`: rank the default candidates (and `also`: the pipeline's own pretrained
+    source) on the run's own shots and seed, run `transfer` with the first, and record the ranking
+    with its MLflow run (ranking.json, the rank_<i> metrics, tags tl.backbone_auto and
+    tl.rank_best) and in its summary (`rank`)."""
     import mlflow
 
     from tl_core import tracking
 
-    ranking = rank(cfg.data, cfg.shots, cfg.seed)
+    ranking = rank(cfg.data, cfg.shots, cfg.seed, also=also)
     summary = transfer(cfg.model_copy(update={"backbone": ranking["best"]}))
     tracking.setup()
     with mlflow.start_run(run_id=summary["run_id"]):  # the finished transfer run, reopened to add the ranking
