@@ -52,50 +52,24 @@ def per_file(junit: Path) -> tuple[dict, dict, list]:
     return dict(sorted(seconds.items(), key=lambda kv: -kv[1])), dict(counts), slowest
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clone", action="store_true", help="time a fresh clone set up by scripts/setup.sh, as CI")
-    parser.add_argument("--keep-junit", type=Path, help="also copy pytest's JUnit XML (every test's time) here")
-    args = parser.parse_args()
-
-    repo, setup_seconds = REPO, None
-    if args.clone:
-        repo = REPO.parent / "suite-time-clone"  # beside this one: ../shared must be its sibling too
-        shutil.rmtree(repo, ignore_errors=True)
-        subprocess.run(["git", "clone", "-q", str(REPO), str(repo)], check=True)
-        started = time.monotonic()
-        subprocess.run(["bash", "scripts/setup.sh"], cwd=repo, check=True)
-        setup_seconds = time.monotonic() - started
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
-
-    load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        junit = Path(tmp) / "junit.xml"
-        wall, rc = run_suite(repo, junit)
-        files, counts, slowest = per_file(junit)
-        if args.keep_junit:
-            shutil.copy(junit, args.keep_junit)
-    load_after = os.getloadavg()[0]
-
-    result = {"commit": commit, "clone": args.clone, "setup_seconds": setup_seconds, "wall_seconds": round(wall, 1),
-              "goal_seconds": GOAL_SECONDS, "within_goal": wall <= GOAL_SECONDS, "pytest_exit": rc, "outcomes": counts,
-              "cores": os.cpu_count(), "load_1min_before_after": [round(load_before, 2), round(load_after, 2)],
-              "seconds_by_file": {k: round(v, 1) for k, v in files.items()},
-              "slowest_tests": {name: round(v, 1) for name, v in slowest}}
-    (HERE / "suite_time.json").write_text(json.dumps(result, indent=2) + "\n")
-
+def report(result: dict) -> str:
+    """bench/suite_time.md from the figures in bench/suite_time.json."""
+    wall, files, history = result["wall_seconds"], result["seconds_by_file"], result.get("history", [])
+    load_before, load_after = result["load_1min_before_after"]
     lines = [
         "# The test suite's time",
         "",
-        "From `.venv/bin/python bench/suite_time.py" + (" --clone`" if args.clone else "`") + f" at {commit}, on "
-        f"{os.cpu_count()} cores (1-minute load {load_before:.1f} before, {load_after:.1f} after: above 2, other jobs shared the cores).",
+        "From `.venv/bin/python bench/suite_time.py" + (" --clone`" if result["clone"] else "`") + f" at "
+        f"{result['commit']}, on {result['cores']} cores (1-minute load {load_before:.1f} before the run; "
+        f"{load_after:.1f} after, the run's own).",
         "",
         f"- **Wall time: {wall / 60:.1f} min** ({wall:.0f} s; goal {GOAL_SECONDS // 60} min: "
-        f"{'met' if wall <= GOAL_SECONDS else 'NOT met'}); pytest exit {rc}; "
-        + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ".",
+        f"{'met' if wall <= GOAL_SECONDS else 'NOT met'}); pytest exit {result['pytest_exit']}; "
+        + ", ".join(f"{n} {k}" for k, n in sorted(result["outcomes"].items())) + ".",
     ]
-    if setup_seconds is not None:
-        lines.append(f"- Set-up of the fresh clone (`bash scripts/setup.sh`): {setup_seconds:.0f} s, not counted above.")
+    if result["setup_seconds"] is not None:
+        lines.append(f"- Set-up of the fresh clone (`bash scripts/setup.sh`): {result['setup_seconds']:.0f} s, "
+                     "not counted above.")
     lines += [
         "- Two pytest-xdist workers, `--dist loadfile` (pyproject's addopts): a file's tests share its module",
         "  fixtures (a Ray runtime, a moto, an MLflow server) on one worker.",
@@ -109,11 +83,69 @@ def main() -> int:
         "",
         "| test | seconds |",
         "|---|---|",
-        *(f"| {name} | {seconds:.0f} |" for name, seconds in slowest),
+        *(f"| {name} | {seconds:.0f} |" for name, seconds in result["slowest_tests"].items()),
+        "",
+        "Earlier runs (newest first; not all on the same machine, or as quiet: compare a file's seconds",
+        "across runs before crediting a change with them):",
+        "",
+        "| commit | wall min | serial sum s | 1-minute load before | outcomes |",
+        "|---|---|---|---|---|",
+        *(f"| {h['commit']} | {h['wall_seconds'] / 60:.1f} | {h['serial_seconds']} | {h['load_1min_before']} | "
+          + ", ".join(f"{n} {k}" for k, n in sorted(h["outcomes"].items())) + " |" for h in history),
         "",
     ]
-    (HERE / "suite_time.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def measure(clone: bool, keep_junit: Path | None) -> dict:
+    repo, setup_seconds = REPO, None
+    if clone:
+        repo = REPO.parent / "suite-time-clone"  # beside this one: ../shared must be its sibling too
+        shutil.rmtree(repo, ignore_errors=True)
+        subprocess.run(["git", "clone", "-q", str(REPO), str(repo)], check=True)
+        started = time.monotonic()
+        subprocess.run(["bash", "scripts/setup.sh"], cwd=repo, check=True)
+        setup_seconds = time.monotonic() - started
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        junit = Path(tmp) / "junit.xml"
+        wall, rc = run_suite(repo, junit)
+        files, counts, slowest = per_file(junit)
+        if keep_junit:
+            shutil.copy(junit, keep_junit)
+    load_after = os.getloadavg()[0]
+
+    # Earlier runs stay in the file: machines differ (and so do their loads), so one figure alone says little.
+    earlier = json.loads((HERE / "suite_time.json").read_text()) if (HERE / "suite_time.json").is_file() else {}
+    history = earlier.pop("history", [])
+    if earlier:
+        history = [{"commit": earlier["commit"], "wall_seconds": earlier["wall_seconds"],
+                    "serial_seconds": round(sum(earlier["seconds_by_file"].values())),
+                    "load_1min_before": earlier["load_1min_before_after"][0], "outcomes": earlier["outcomes"]}, *history]
+    return {"commit": commit, "clone": clone, "setup_seconds": setup_seconds, "wall_seconds": round(wall, 1),
+            "goal_seconds": GOAL_SECONDS, "within_goal": wall <= GOAL_SECONDS, "pytest_exit": rc, "outcomes": counts,
+            "cores": os.cpu_count(), "load_1min_before_after": [round(load_before, 2), round(load_after, 2)],
+            "seconds_by_file": {k: round(v, 1) for k, v in files.items()},
+            "slowest_tests": {name: round(v, 1) for name, v in slowest}, "history": history}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clone", action="store_true", help="time a fresh clone set up by scripts/setup.sh, as CI")
+    parser.add_argument("--keep-junit", type=Path, help="also copy pytest's JUnit XML (every test's time) here")
+    parser.add_argument("--report", action="store_true", help="only write suite_time.md again from suite_time.json")
+    args = parser.parse_args()
+
+    if args.report:
+        result = json.loads((HERE / "suite_time.json").read_text())
+    else:
+        result = measure(args.clone, args.keep_junit)
+        (HERE / "suite_time.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = report(result)
+    (HERE / "suite_time.md").write_text(text)
+    print(text)
     return 0
 
 
