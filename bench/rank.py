@@ -73,6 +73,7 @@ def random_backbone(folder: str) -> str:
 
 
 def main() -> None:
+    load_at_start = os.getloadavg()[0]  # the seconds below are only comparable on a quiet machine
     import torch
 
     torch.set_num_threads(1)
@@ -98,7 +99,8 @@ def main() -> None:
               f"{100 * r.checkpoint['metrics'].get('test_accuracy', float('nan')):.1f}", flush=True)
     names = {uri: name for name, uri in backbones.items()}
 
-    report = {"shots": SHOTS, "seeds": SEEDS, "pretrain_seconds": pretrain_seconds, "targets": {}}
+    report = {"shots": SHOTS, "seeds": SEEDS, "pretrain_seconds": pretrain_seconds, "targets": {},
+              "machine": f"{os.cpu_count()} CPU cores, 1-minute load {load_at_start:.1f} at the start"}
     for target_name, target_uri in TARGETS.items():
         target, _ = prepare(PrepareConfig(uri=target_uri, image_size=SIZE, channels=1))
         shutil.rmtree(Path(workdir(), "cache", "features"), ignore_errors=True)  # a cold ranking
@@ -161,7 +163,7 @@ def markdown(report: dict) -> str:
              "`.venv/bin/python bench/rank.py` (recipe in the script's docstring). 6 small_cnn backbones pretrained on "
              f"different sources, ranked by LogME on {report['shots']} labelled images per class of each target "
              "(seed 0's shots, cold feature cache), then each probed and fine-tuned on the same number of labels, "
-             "seeds 0-2; test accuracy % on the target's test split, mean ± std. 2 CPU cores, shared with other jobs.",
+             f"seeds 0-2; test accuracy % on the target's test split, mean ± std. {report.get('machine', '2 CPU cores')}.",
              ""]
     for name, t in report["targets"].items():
         lines += [f"## {name}", "",
