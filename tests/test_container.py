@@ -184,3 +184,62 @@ def test_a_ray_head_and_a_worker_in_two_containers_form_a_cluster_that_runs_a_2_
     m = torch.load(summary["checkpoint"], weights_only=True)["metrics"]
     assert m["workers"] == 2 and m["replica_spread"] == 0.0
     assert summary["metrics"]["accuracy"] > 0.3  # 3 epochs on 100 images: well above chance (0.1)
+
+
+@pytest.mark.timeout(900)
+def test_the_rayservice_serve_config_deploys_on_a_cluster_of_the_image_and_serves_the_champion(image, tmp_path):
+    """k8s/serving/rayservice.yaml's serveConfigV2, deployed as KubeRay deploys it (to the head's
+    dashboard: `serve deploy`) on a Ray head and a Ray worker of the image: the champion registered
+    in the store the containers share answers GET /healthz and POST /predict with its class and
+    version. The test's copy of the config changes what two containers on one host network need:
+    one proxy (the head's) on a free port of 127.0.0.1, and the registry's address given to the
+    replicas through the application's runtime_env, as a pod gets it from the ConfigMap tl-env."""
+    import yaml
+
+    from tests.serve_tools import Client, b64, png_bytes
+    from tl_core.data import load_prepared
+
+    manifest = yaml.safe_load((ROOT / "k8s" / "serving" / "rayservice.yaml").read_text())
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    assert app["import_path"] == "tl_core.serving:build_app"
+    shared = shared_folder(tmp_path)
+    work = shared / "work"
+    port = servers.free_port()
+    serve_config["proxy_location"] = "HeadOnly"
+    serve_config["http_options"] = {"host": "127.0.0.1", "port": port}
+    app["runtime_env"] = {"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}}
+    (shared / "serve.yaml").write_text(yaml.safe_dump(serve_config))
+
+    with containers.ray_cluster(image, shared) as cluster:
+        head = cluster["head"]
+
+        def tl_in_head(*args: str) -> dict:  # as a job on the head would run it, the store on the shared volume
+            done = docker("exec", *cluster["env"], "-e", f"TL_WORKDIR={work}", head, "tl", *args, "--json",
+                          timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+            return json.loads(done.stdout.strip().splitlines()[-1])
+
+        data = tl_in_head("prepare", "sklearn:digits")["path"]
+        trained = tl_in_head("transfer", "--data", data, "--strategy", "scratch", "--shots", "10", "--epochs", "3",
+                             "--no-baseline")
+        name = app["args"]["name"]
+        version = tl_in_head("register", "--checkpoint", trained["checkpoint"], "--name", name, "--data", data)["version"]
+        tl_in_head("promote", "--model", name, "--data", data, "--version", str(version), "--min-gain-over-scratch", "-1")
+
+        deployed = docker("exec", *cluster["env"], head, "serve", "deploy", str(shared / "serve.yaml"),
+                          f"--address=http://127.0.0.1:{cluster['dashboard_port']}", timeout=120)
+        assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-3000:]
+        containers.wait_for(lambda: containers.http_ok(f"http://127.0.0.1:{port}/healthz"), 300,
+                            "the RayService's application answering /healthz")
+        c = Client(f"http://127.0.0.1:{port}")
+        status, health = c.request("GET", "/healthz")
+        assert status == 200 and json.loads(health) == {"status": "ok", "model": name, "version": version}
+        prepared = load_prepared(data)
+        x, y = prepared.split("test")
+        right = 0
+        for image_, label in zip(x[:20], y[:20]):
+            status, answer = c.post_json("/predict", {"image": b64(png_bytes(image_))})
+            assert status == 200 and answer["model"] == name and answer["version"] == version, answer
+            right += answer["class"] == prepared.classes[label]
+        assert right >= 10  # 3 epochs on 100 images: well above chance (2 of 20)
