@@ -88,6 +88,7 @@ def measure(row: str, seed: int, settings: dict) -> dict:
     from tl_core.train import train
 
     cfg = TrainConfig(strategy="auto", seed=seed, **settings)
+    load = os.getloadavg()[0]  # seconds measured beside other jobs are inflated: kept with them
     started = time.perf_counter()
     result = auto_step(cfg, say=lambda line: print(f"  {row} seed {seed}: {line}", flush=True))
     auto_wall = time.perf_counter() - started
@@ -101,7 +102,7 @@ def measure(row: str, seed: int, settings: dict) -> dict:
     return {"row": row, "seed": seed, "auto_accuracy": result["metrics"]["accuracy"], "choice": record["choice"],
             "reason": record["reason"], "fallback": record["fallback"], "candidates": record["candidates"],
             "auto_seconds": record["choose_seconds"] + singles.get(record["choice"], {}).get("train_seconds", 0.0),
-            "auto_wall_seconds": auto_wall, "scratch_accuracy": result.get("scratch_accuracy"),
+            "auto_wall_seconds": auto_wall, "scratch_accuracy": result.get("scratch_accuracy"), "load_1min": load,
             "singles": singles, "test_best": test_best,
             "picked_test_best": singles[record["choice"]]["accuracy"] >= singles[test_best]["accuracy"]}
 
@@ -171,7 +172,8 @@ def report(results: list[dict]) -> str:
                           for n in names)
         lines.append(f"- {row}: {cells}")
     lines += ["", "Auto's reasons:", ""]
-    lines += [f"- {r['row']} seed {r['seed']}: {r['choice']}: {r['reason']}" for r in results]
+    lines += [f"- {r['row']} seed {r['seed']}: {r['choice']}: {r['reason']}"
+              + (f" (1-minute load {r['load_1min']:.1f} at its start)" if "load_1min" in r else "") for r in results]
     return "\n".join(lines) + "\n"
 
 
