@@ -99,10 +99,18 @@ def main() -> None:
 
     rows = benchmark("omniglot", omniglot, [(5, 1), (5, 5), (20, 1), (20, 5)], FINETUNE_EPOCHS["omniglot"])
     rows += benchmark("digits", digits, [(5, 1), (5, 5)], FINETUNE_EPOCHS["digits"])
-    report = {"splits": splits, "rows": rows, "published_omniglot": PUBLISHED, "wall_s": time.perf_counter() - started}
+    report = {"splits": splits, "rows": rows, "published_omniglot": PUBLISHED, "wall_s": time.perf_counter() - started,
+              "load_1_5_15min": os.getloadavg()}  # above 2 on 2 cores: other jobs shared them
     (HERE / "few_shot.json").write_text(json.dumps(report, indent=2))
     (HERE / "few_shot.md").write_text(markdown(report))
     print(markdown(report))
+
+
+def machine_load(report: dict) -> str:
+    """The load the run recorded at its end (runs before it was recorded: shared with other jobs)."""
+    if "load_1_5_15min" not in report:
+        return " shared with other jobs"
+    return ", load at the end " + ", ".join(f"{v:.1f}" for v in report["load_1_5_15min"]) + " (1, 5, 15 min)"
 
 
 def markdown(report: dict) -> str:
@@ -131,8 +139,8 @@ def markdown(report: dict) -> str:
               "| method | " + " | ".join(settings(rows, "digits")) + " |", "|---|" + "---|" * len(settings(rows, "digits"))]
     for method in METHODS:
         lines.append(f"| {method} | " + " | ".join(cell("digits", s, method) for s in settings(rows, "digits")) + " |")
-    lines += ["", "Training seconds per model (2 CPU cores shared with other jobs; episodic-finetune trains once per "
-              "dataset):", "", "| data | setting | protonet | maml | episodic-finetune |", "|---|---|---|---|---|"]
+    lines += ["", f"Training seconds per model (2 CPU cores{machine_load(report)}; episodic-finetune trains once "
+              "per dataset):", "", "| data | setting | protonet | maml | episodic-finetune |", "|---|---|---|---|---|"]
     for data in ("omniglot", "digits"):
         for s in settings(rows, data):
             secs = [next(r for r in rows if r["data"] == data and r["setting"] == s and r["method"] == m)["train_seconds"]

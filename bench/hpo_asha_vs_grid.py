@@ -119,7 +119,8 @@ def main() -> None:
                   "val_per_class": 10, "seeds": SEEDS, "epochs_per_trial": EPOCHS, "grid_points": 24,
                   "asha": ASHA, "concurrency": 2, "cpus_per_trial": 1, "pretrain_seconds": round(pretrain_seconds, 1),
                   "backbone": "small_cnn, 10 epochs on MNIST-test, augment 2, batch 128",
-                  "total_seconds": round(time.perf_counter() - started, 1)},
+                  "total_seconds": round(time.perf_counter() - started, 1),
+                  "load_1_5_15min": os.getloadavg()},  # above 2 on 2 cores: other jobs shared them
         "spaces": spaces,
     }
     (HERE / "hpo_asha_vs_grid.json").write_text(json.dumps(report, indent=2))
@@ -177,8 +178,10 @@ def markdown(r: dict) -> str:
          "search chooses on 10 validation images per class (100 images: one image is one point), and the tables give "
          "the USPS test accuracy (2007 images) of the config it chose. Three draws of the shots and validation images "
          "(seeds 0-2). ASHA: grace period 4, reduction factor 3 (rungs at 4, 12, 36 epochs), over the grid's points. "
-         "Optuna: TPE, 8 trials of 40 epochs. Two trials at a time on 2 CPUs (a machine shared with other jobs, so "
-         f"wall times are rough); {r['setup']['total_seconds'] / 60:.1f} min in all. `bench/hpo_asha_vs_grid.py` "
+         "Optuna: TPE, 8 trials of 40 epochs. Two trials at a time on 2 CPUs ("
+         + (f"1-minute load {r['setup']['load_1_5_15min'][0]:.1f} at the end" if "load_1_5_15min" in r["setup"]
+            else "a machine shared with other jobs, so wall times are rough")
+         + f"); {r['setup']['total_seconds'] / 60:.1f} min in all. `bench/hpo_asha_vs_grid.py` "
          "writes this file."),
         "",
         (f"Goal: ASHA within {GOAL_POINTS} point of the grid's best validation accuracy with at most "

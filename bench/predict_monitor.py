@@ -244,7 +244,8 @@ def write_markdown(results: dict) -> None:
     lines = ["# tl predict and tl monitor", "",
              "From `.venv/bin/python bench/predict_monitor.py` (its docstring says what each figure is). "
              f"Model: {model.get('checkpoint', '?')}, test accuracy {model.get('test_accuracy', '?')}. "
-             "2 CPU cores, shared with other jobs (load: 1, 5, 15 min averages).", "",
+             "2 CPU cores; the machine's load (1, 5, 15 min averages) beside each figure: above 2, other jobs shared "
+             "the cores.", "",
              "## tl predict against a plain in-process loop", "",
              "images/s of `tl predict`: in its actors (rows over the seconds spent scoring them: checking, decoding, "
              "the model), over the Ray Data run (from the dataset's start to the last part: the actor's start, a "
