@@ -86,3 +86,16 @@ def test_one_label_a_class_falls_back_to_the_stated_rule(digits):
     choice = choose(cfg.model_copy(update={"shots": 1}), say=lambda line: None)
     assert choice.strategy == FALLBACK and choice.folds == 0 and choice.search is None
     assert "fewer than 2 labels" in choice.reason and choice.config.shots == 1
+
+
+def test_a_tie_goes_to_the_score_on_more_folds_then_to_the_preference_order():
+    from tl_core.auto import best_candidate
+
+    def scores(**candidates):
+        return {s.replace("_", "-"): {"val_accuracy": v, "folds_run": n} for s, (v, n) in candidates.items()}
+
+    # hymenoptera at 5 shots, seed 1: finetune 4 held-out photos all right, the probe 10 of 10 over 5 folds
+    assert best_candidate(scores(finetune=(1.0, 1), linear_probe=(1.0, 5), scratch=(0.5, 1))) == "linear-probe"
+    assert best_candidate(scores(finetune=(0.95, 1), linear_probe=(0.94, 5))) == "finetune"  # no tie: the score
+    assert best_candidate(scores(scratch=(0.9, 1), finetune=(0.9, 1), zero_shot=(None, 0))) == "finetune"
+    assert best_candidate(scores(setfit=(0.75, 1), finetune=(0.75, 1), linear_probe=(0.7, 5))) == "finetune"

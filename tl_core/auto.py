@@ -15,9 +15,11 @@ one. `auto` tries the candidates and keeps the one that validates best, where va
                  Its score is its mean validation accuracy over the folds it ran.
     search       one Ray Tune search through the same `run_search` as `tl tune`: each (candidate,
                  fold) a trial, so a cluster trains them in parallel; every trial is an MLflow run.
-    choice       the highest score; a tie (frequent: a fold of 10 images scores in steps of 0.1) goes
-                 to the earlier in PREFERENCE, the transfers first and scratch last, the order the
-                 benches rank them in at few labels (a tie says the labels cannot tell them apart).
+    choice       the highest score. A tie (frequent: a fold of 10 images scores in steps of 0.1) goes
+                 first to the score that rests on more validation labels (k folds against one held-out
+                 fold: 4 photos that all score 1.000 say less than 10 that do), then to the earlier in
+                 PREFERENCE, the transfers first and scratch last, the order the benches rank them in at
+                 few labels (a tie says the labels cannot tell them apart).
     refit        the winner trains again on all the labels, measured against scratch.
 
 Budget: the held-out fold of a network-training candidate costs about (k-1)/k of one full run,
@@ -162,12 +164,22 @@ def choose(cfg: TrainConfig, recipes: dict[str, dict] | None = None, say=print) 
     ranked = [s for s in names if candidates[s]["val_accuracy"] is not None]
     if not ranked:
         raise UserError(f"auto: no candidate finished its validation (search {summary['name']}); see its trials in MLflow")
-    best = max(ranked, key=lambda s: (candidates[s]["val_accuracy"], -PREFERENCE.index(s)))
+    best = best_candidate(candidates)
     others = ", ".join(f"{s} {candidates[s]['val_accuracy']:.3f}" for s in ranked if s != best)
     reason = (f"highest validation accuracy on the labels: {best} {candidates[best]['val_accuracy']:.3f} "
               f"({candidates[best]['validation']}) against {others or 'no other candidate'}")
+    tied = [s for s in ranked if s != best and candidates[s]["val_accuracy"] == candidates[best]["val_accuracy"]]
+    if tied:
+        reason += (f"; tied with {', '.join(tied)}: a tie goes to the score on more folds, then to the order "
+                   f"{', '.join(PREFERENCE)}")
     say(f"auto: chose {best}: {reason}")
     return Choice(best, configs[best], reason, k, candidates, summary, time.perf_counter() - started)
+
+
+def best_candidate(candidates: dict[str, dict]) -> str:
+    """The highest validation accuracy; a tie goes to the score on more folds, then to PREFERENCE."""
+    scored = [s for s, c in candidates.items() if c["val_accuracy"] is not None]
+    return max(scored, key=lambda s: (candidates[s]["val_accuracy"], candidates[s]["folds_run"], -PREFERENCE.index(s)))
 
 
 def recipe_for(cfg: TrainConfig, recipes: dict[str, dict] | None, strategy: str) -> dict:
