@@ -17,6 +17,8 @@ core `tl transfer` runs, with the recipe `tl run` gives the model (tl_core/recip
 - finetune: every layer from the packaged weights, Adam lr 1e-3, the backbone at x0.1,
   RandomResizedCrop + flip, batch 16, 10 epochs;
 - scratch: the same network from random init, same labels, crops and budget.
+- auto: `--strategy auto` (tl_core/auto.py) on the same labels at 5 and 10 shots: linear-probe,
+  finetune and scratch validated on folds of the labels (never the test split), the winner refitted.
 
 And the training loop's speed: the seconds an epoch of finetune takes (with all labels: 245
 photos, decoded and cropped every epoch) against a plain torchvision-style loop on the same
@@ -86,6 +88,21 @@ def transfer(data_path: str, strategy: str, shots, seed: int, **override) -> dic
     return {"accuracy": metrics["test_accuracy"], "seconds": metrics["train_seconds"], "reused": result.reused,
             "epochs": len(epochs), "seconds_per_epoch": statistics.mean(epochs[1:] or epochs) if epochs else None,
             "feature_cache_hit": metrics.get("feature_cache_hit")}
+
+
+def auto(data_path: str, shots, seed: int) -> dict:
+    """`--strategy auto` (tl_core/auto.py) on the same labels: its candidates validated on folds of
+    them, the winner refitted (the single run of the same recipe, reused where trained above). Its
+    seconds: the choosing (the search's wall time) + the refit's training, as bench/auto.py counts."""
+    from tl_core.auto import auto_step
+    from tl_core.config import TrainConfig
+
+    cfg = TrainConfig(data=data_path, strategy="auto", backbone=BACKBONE, shots=shots, seed=seed, augment=1,
+                      eval_every=0, checkpoint_every=0)
+    result = auto_step(cfg, baseline=False, say=lambda line: print(f"  shots {shots_name(shots)} seed {seed}: {line}",
+                                                                    flush=True))
+    return {"accuracy": result["metrics"]["accuracy"], "seconds": result["train_seconds"], "reused": False,
+            "choice": result["auto"]["choice"], "reason": result["auto"]["reason"]}
 
 
 def recipe(strategy: str) -> dict:
@@ -167,7 +184,8 @@ def table(rows: list[dict], strategies: list[str]) -> list[str]:
             accs = [r["accuracy"] for r in runs]
             gains = [r["accuracy"] - scratch[r["seed"]] for r in runs if r["seed"] in scratch]
             vs = f"{100 * statistics.mean(gains):+.1f}" if gains and strategy != "scratch" else "—"
-            lines.append(f"| {shots_name(shots)} | {strategy} | {', '.join(f'{100 * a:.1f}' for a in accs)} | "
+            label = strategy + (f" ({', '.join(r['choice'] for r in runs)})" if strategy == "auto" else "")
+            lines.append(f"| {shots_name(shots)} | {label} | {', '.join(f'{100 * a:.1f}' for a in accs)} | "
                          f"{100 * statistics.mean(accs):.1f} | {vs} | {statistics.mean(r['seconds'] for r in runs):.1f} |")
     return lines
 
@@ -175,10 +193,12 @@ def table(rows: list[dict], strategies: list[str]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(PHOTOS), help="an ImageFolder: DIR/{train,val}/<class>/ or DIR/<class>/")
-    parser.add_argument("--strategies", default="linear-probe,sklearn-lr,finetune,scratch")
+    parser.add_argument("--strategies", default="linear-probe,sklearn-lr,finetune,scratch,auto")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--finetune-seeds", default=None, help="seeds of finetune and scratch (default: --seeds)")
     parser.add_argument("--finetune-shots", default="5,10,all", help="shot counts of finetune and scratch")
+    parser.add_argument("--auto-shots", default="5,10", help="shot counts of auto (listed in --strategies), which "
+                        "trains finetune and scratch on a fold of the labels and refits: ~2.5x a finetune run")
     parser.add_argument("--all-seeds", default=None, help="seeds of finetune and scratch with all labels (default: "
                         "--finetune-seeds)")
     parser.add_argument("--speed-epochs", type=int, default=3, help="epochs of the speed comparison: finetune with all "
@@ -193,6 +213,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     trained_seeds = [int(s) for s in (args.finetune_seeds or args.seeds).split(",")]
     trained_shots = [None if s == "all" else int(s) for s in args.finetune_shots.split(",")]
+    auto_shots = [None if s == "all" else int(s) for s in args.auto_shots.split(",")]
     started = time.perf_counter()
     data, _ = prepare(PrepareConfig(uri=f"imagefolder:{args.data}"))
     prepare_seconds = time.perf_counter() - started
@@ -200,12 +221,12 @@ def main() -> None:
     for shots in SHOTS:
         for strategy in strategies:
             cheap = strategy in ("linear-probe", "sklearn-lr")  # on cached features
-            if not cheap and shots not in trained_shots:
+            if not cheap and shots not in (auto_shots if strategy == "auto" else trained_shots):
                 continue
             all_seeds = [int(x) for x in args.all_seeds.split(",")] if args.all_seeds and shots is None else None
             for seed in seeds if cheap else (all_seeds or trained_seeds):
-                run = sklearn_lr(data.path, shots, seed) if strategy == "sklearn-lr" else transfer(
-                    data.path, strategy, shots, seed)
+                run = (sklearn_lr(data.path, shots, seed) if strategy == "sklearn-lr" else
+                       auto(data.path, shots, seed) if strategy == "auto" else transfer(data.path, strategy, shots, seed))
                 rows.append({"shots": shots, "strategy": strategy, "seed": seed, **run})
                 print(f"shots {shots_name(shots)} {strategy} seed {seed}: {100 * run['accuracy']:.1f} % "
                       f"in {run['seconds']:.1f} s", flush=True)
