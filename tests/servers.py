@@ -110,30 +110,61 @@ def make_bucket(endpoint: str, bucket: str) -> None:
 ADD_RAY_NODE: dict = {}  # address of a running ray_cluster -> a function that joins one more node to it
 
 
-def lose_ray_node(address: str) -> list[int]:
-    """SIGKILL the node of the ray_cluster at `address` that joined last (not the head): its raylet
-    and every process the raylet started (its Ray workers), as when a machine is preempted.
-    Returns the pids killed (none when the cluster has no second node)."""
+def wait_for_registered_checkpoint(run_dir: Path, running, seconds: float = 300) -> bool:
+    """Wait until Ray Train's controller has taken in a checkpoint of the run stored at `run_dir`:
+    its checkpoint manager writes `checkpoint_manager_snapshot.json` there after registering one.
+    A checkpoint folder alone is not enough: workers write it before the controller hears of it,
+    and a failure in between restarts the run from epoch 0 (CI failed so, twice, with a fixed
+    one-second wait). `running()` says whether the run is still going. True once one is taken in."""
+    import json
+
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + seconds
+    while running() and time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError, ValueError):  # not yet written, or mid-write
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def lose_ray_node(address: str, hosting: str = "RayTrainWorker") -> list[int]:
+    """SIGKILL a node of the ray_cluster at `address` (not its head) that runs a process whose
+    command line contains `hosting` (a Ray Train worker, by default): its raylet and every process
+    under it, as when a machine is preempted. Which node Ray places work on is its choice (two
+    half-CPU workers may share one): kill the last-joined node instead, and a run could lose none
+    of its workers (CI saw that: nothing to resume). Returns the pids killed (none when no node
+    but the head runs such a process)."""
     gcs_port = address.rsplit(":", 1)[1]  # a cluster's raylets name its GCS, at the host's own IP
     ps = [line.split(maxsplit=2) for line in subprocess.run(
         ["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout.splitlines()]  # -ww: whole lines
-    raylets = sorted(int(pid) for pid, _, args in ps
-                     if args.split()[0].endswith("/raylet") and "--gcs-address=" in args and f":{gcs_port} " in args + " ")
-    if len(raylets) < 2:
-        return []
-    node = raylets[-1]
-    pids = [node] + [int(pid) for pid, ppid, _ in ps if int(ppid) == node]
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return pids
+    args = {int(pid): rest[0] if rest else "" for pid, _, *rest in ps}
+    children: dict[int, list[int]] = {}
+    for pid, ppid, *_ in ps:
+        children.setdefault(int(ppid), []).append(int(pid))
+
+    def under(pid: int) -> list[int]:
+        return [pid] + [p for child in children.get(pid, []) for p in under(child)]
+
+    raylets = sorted(pid for pid, line in args.items()
+                     if line.split()[:1] and line.split()[0].endswith("/raylet") and "--gcs-address=" in line
+                     and f":{gcs_port} " in line + " ")
+    for node in raylets[1:]:  # the first raylet started is the head's
+        pids = under(node)
+        if any(hosting in args[pid] for pid in pids):
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            return pids
+    return []
 
 
 @contextlib.contextmanager
-def ray_cluster(nodes: int = 2, cpus_per_node: int = 1):
-    """`ray start --head` plus `nodes - 1` nodes joined with `ray start --address`; yields the
-    address. It has a temp dir of its own, and only the processes of that cluster are stopped
-    afterwards (`ray stop` would also end every other Ray on the machine)."""
+def ray_cluster(nodes: int = 2, cpus_per_node: int = 1, head_cpus: int | None = None):
+    """`ray start --head` (`head_cpus`, by default `cpus_per_node`) plus `nodes - 1` nodes joined
+    with `ray start --address`; yields the address. It has a temp dir of its own, and only the
+    processes of that cluster are stopped afterwards (`ray stop` would also end every other Ray on
+    the machine)."""
     import shutil
     import tempfile
 
@@ -142,16 +173,17 @@ def ray_cluster(nodes: int = 2, cpus_per_node: int = 1):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     ray = str(BIN / "ray")
-    common = [f"--num-cpus={cpus_per_node}", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    common = ["--disable-usage-stats", f"--temp-dir={temp_dir}"]
     address = f"127.0.0.1:{port}"
 
     def add_node() -> None:  # also a node that replaces a lost one, as KubeRay does
-        subprocess.run([ray, "start", f"--address={address}", *common], check=True, env=env, capture_output=True,
-                       timeout=120)
+        subprocess.run([ray, "start", f"--address={address}", f"--num-cpus={cpus_per_node}", *common],
+                       check=True, env=env, capture_output=True, timeout=120)
 
     try:
-        subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
-                       check=True, env=env, capture_output=True, timeout=120)
+        head_cpus = cpus_per_node if head_cpus is None else head_cpus
+        subprocess.run([ray, "start", "--head", f"--port={port}", f"--num-cpus={head_cpus}",
+                        "--include-dashboard=false", *common], check=True, env=env, capture_output=True, timeout=120)
         for _ in range(nodes - 1):
             add_node()
         ADD_RAY_NODE[address] = add_node

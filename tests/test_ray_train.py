@@ -59,24 +59,20 @@ def test_a_worker_killed_mid_fit_is_replaced_and_the_run_goes_on_from_its_checkp
     undisturbed one does."""
     import signal
     import threading
-    import time
     from pathlib import Path
 
     from tl_core.train.ray_runner import fit_on_ray
 
     data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
-    # Every image, 30 epochs: long enough that the run is still going a second after its second
-    # checkpoint (CI at 3b43480 killed a 10-epoch run of 20 shots, 0.04 s an epoch, before Ray's
-    # controller had taken in any checkpoint: the new worker group started afresh).
+    # Every image, 30 epochs: long enough that the run is still going once Ray's controller has
+    # taken in a checkpoint (CI at 3b43480 killed a 10-epoch run of 20 shots, 0.04 s an epoch,
+    # before it had: the new worker group started afresh).
     cfg = TrainConfig(data=data.path, shots=None, epochs=30, workers=2, runner="ray", lr=3e-3)
     result = {}
     run = threading.Thread(target=lambda: result.update(fit_on_ray(cfg, run_name="killed-test")))
     run.start()
     run_dir = Path(workdir, "ray", "killed-test")
-    deadline = time.monotonic() + 300
-    while len(list(run_dir.glob("checkpoint_*"))) < 2 and run.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.1)  # epochs reported with their checkpoints
-    time.sleep(1)  # and taken in by the controller
+    assert servers.wait_for_registered_checkpoint(run_dir, run.is_alive), "no checkpoint taken in before the run ended"
     # This test's workers only: the local Ray is this process's child, its workers the raylet's.
     # (The suite runs two files at once: another file's Ray Train workers were counted here once,
     # and the test failed with 4.)
@@ -231,18 +227,19 @@ def test_domain_adaptation_runs_on_two_ray_workers(workdir, local_ray):
 
 
 @pytest.fixture(scope="module")
-def two_node_cluster():
-    """A head and a second node, one CPU each, stopped afterwards (only this cluster's processes).
-    One for the module (a start costs ~25 s on 2 cores): the node-lost test, which replaces the
-    second node, comes last."""
-    with servers.ray_cluster(nodes=2, cpus_per_node=1) as address:
+def two_worker_cluster():
+    """A head with no CPUs and two worker nodes of one CPU each, as k8s/base/raycluster.yaml lays
+    a cluster out (work never lands on the head, so losing a worker node can always hit a run's
+    workers); stopped afterwards (only this cluster's processes). One for the module (a start
+    costs ~25 s on 2 cores): the node-lost test, which replaces a node, comes last."""
+    with servers.ray_cluster(nodes=3, cpus_per_node=1, head_cpus=0) as address:
         yield address
 
 
 @pytest.mark.filterwarnings("ignore:You may be attemping:RuntimeWarning")  # kfp.local on our image's name
-def test_a_pipeline_step_trains_on_the_cluster_in_ray_address(workdir, two_node_cluster, monkeypatch):
+def test_a_pipeline_step_trains_on_the_cluster_in_ray_address(workdir, two_worker_cluster, monkeypatch):
     """kfp.local's steps are subprocesses: they inherit RAY_ADDRESS, and the pretrain step's 2
-    workers run on the cluster's 2 nodes (one CPU each). (Here, not in test_pipeline, to share the
+    workers run on the cluster's 2 worker nodes (one CPU each). (Here, not in test_pipeline, to share the
     module's cluster: a start costs ~25 s.)"""
     from types import SimpleNamespace
 
@@ -260,7 +257,7 @@ def test_a_pipeline_step_trains_on_the_cluster_in_ray_address(workdir, two_node_
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp-ray"),
                workspace_root=str(workdir / "kfp-ray" / "workspace"))
-    monkeypatch.setenv("RAY_ADDRESS", two_node_cluster)
+    monkeypatch.setenv("RAY_ADDRESS", two_worker_cluster)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     on_ray()
     pointer = next((workdir / "kfp-ray").glob("pretrain-on-ray-*/pretrain/checkpoint"))
@@ -269,33 +266,25 @@ def test_a_pipeline_step_trains_on_the_cluster_in_ray_address(workdir, two_node_
 
 
 @pytest.mark.slow
-def test_a_streamed_transfer_on_a_cluster_loses_a_node_and_goes_on_from_its_checkpoint(workdir, two_node_cluster):
-    """`tl transfer` on the 2-node cluster named by RAY_ADDRESS, streaming (--in-memory-mb 0): its
-    two workers are placed one per 1-CPU node, each gets half the labelled images. After two
-    epochs the second node is lost (its raylet and its Ray Train worker SIGKILLed); a new node
-    joins, as KubeRay replaces a pod; the run goes on from a checkpoint, its stream re-read."""
+def test_a_streamed_transfer_on_a_cluster_loses_a_node_and_goes_on_from_its_checkpoint(workdir, two_worker_cluster):
+    """`tl transfer` on the cluster named by RAY_ADDRESS, streaming (--in-memory-mb 0): its two
+    workers (half a CPU each: the other CPU is left to Ray Data) each get half the labelled
+    images. Once Ray Train has taken in a checkpoint, a node running a worker is lost (its raylet
+    and everything under it SIGKILLed); a new node joins, as KubeRay replaces a pod; the run goes
+    on from that checkpoint, its stream re-read."""
     import time
 
     data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
-    env = {**os.environ, "RAY_ADDRESS": two_node_cluster, "RAY_AUTH_MODE": "disabled", "TL_WORKDIR": str(workdir)}
+    env = {**os.environ, "RAY_ADDRESS": two_worker_cluster, "RAY_AUTH_MODE": "disabled", "TL_WORKDIR": str(workdir)}
     command = [servers.BIN / "tl", "transfer", "--data", data.path, "--strategy", "scratch", "--shots", "20",
                "--epochs", "30", "--workers", "2", "--lr", "3e-3", "--in-memory-mb", "0", "--no-baseline",
                "--output", workdir / "models" / "node-lost", "--json"]
     with servers.started(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
-        deadline = time.monotonic() + 300
-        while len(list((workdir / "ray" / "node-lost").glob("checkpoint_*"))) < 2 and run.poll() is None \
-                and time.monotonic() < deadline:
-            time.sleep(0.1)
-        # Both nodes took part: the run's two workers were placed one per 1-CPU node.
-        status = subprocess.run([str(servers.BIN / "ray"), "status", f"--address={two_node_cluster}"],
-                                env=env, capture_output=True, text=True, timeout=60)
-        assert status.stdout.count("node_") >= 2, status.stdout
-        # and taken in by Ray's controller (as in the killed-worker test): without this wait, 2 of 3
-        # streamed runs here went on from epoch 0, not from a checkpoint; with it, 3 of 3 resumed.
-        time.sleep(1)
-        assert run.poll() is None and servers.lose_ray_node(two_node_cluster), "no second node to lose mid-fit"
+        assert servers.wait_for_registered_checkpoint(workdir / "ray" / "node-lost", lambda: run.poll() is None), \
+            "no checkpoint taken in by Ray Train's controller before the run ended"
+        assert run.poll() is None and servers.lose_ray_node(two_worker_cluster), "no worker node runs the run's workers"
         time.sleep(3)
-        servers.ADD_RAY_NODE[two_node_cluster]()
+        servers.ADD_RAY_NODE[two_worker_cluster]()
         out, err = run.communicate(timeout=600)
     assert run.returncode == 0, err[-3000:]
     summary = json.loads(out.strip().splitlines()[-1])
