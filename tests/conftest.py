@@ -8,31 +8,19 @@ import pytest
 
 from tests import servers
 
-# Two pytest-xdist workers share the cores (pyproject's addopts), and so do the `tl` processes and
-# Ray workers they start, which inherit this. PyTorch's default, a thread a core with OpenMP's
-# threads spinning while they wait, made a small CNN beside one busy process 2x slower (9.9 s
-# against 4.8 s with PASSIVE, bench/omp_wait.md): threads that sleep while they wait, as in the image.
-# Read when torch loads OpenMP, so set before any test imports torch.
+# Two pytest-xdist workers share the 2 cores (pyproject's addopts), and keep them busy (the suite
+# is CPU-bound: a third worker was no faster), and so do the `tl` processes, kfp.local steps and
+# Ray workers they start, which inherit this. One torch thread each: PyTorch's default, a thread a
+# core with OpenMP's threads spinning while they wait, made a small CNN beside one busy process
+# 2.4x slower; one thread was the fastest both beside it and alone (4.1 s and 3.3 s against 4.8 s
+# and 3.5 s for two threads that sleep while they wait, bench/omp_wait.md). PASSIVE stays for
+# whatever sets more threads itself. Read when torch loads OpenMP: set before any test imports torch.
 if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-SUITE_PROFILE = ROOT / "bench" / "suite_time.json"  # each test file's seconds, as bench/suite_time.py last measured
-
-
-def pytest_collection_modifyitems(config, items):
-    """The longest files first. pytest-xdist's `loadfile` hands a free worker the next file in
-    collection order, whole: a long file handed out last leaves the other worker idle at the end
-    (xdist's own order, by test count, hands out test_transfer_gains, 2 tests and 97 s, last).
-    Longest first evens the two workers out: simulated on the profile of 11ea354, the busier
-    worker's 1182 s became 1137 s, half the 2274 s of all files. A file not measured yet goes last; the
-    sort is stable, so a file's tests stay together and in order (its module fixtures rely on it)."""
-    try:
-        seconds = json.loads(SUITE_PROFILE.read_text())["seconds_by_file"]
-    except (OSError, ValueError, KeyError):
-        return
-    items.sort(key=lambda item: -seconds.get(item.path.stem, 0.0))
 
 
 # -- the `tl` CLI in this process (tests import these: `from tests.conftest import tl, tl_json, tl_error`) --
