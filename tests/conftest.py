@@ -8,15 +8,14 @@ import pytest
 
 from tests import servers
 
-# Two pytest-xdist workers share the 2 cores (pyproject's addopts), and keep them busy (the suite
-# is CPU-bound: a third worker was no faster), and so do the `tl` processes, kfp.local steps and
-# Ray workers they start, which inherit this. One torch thread each: PyTorch's default, a thread a
-# core with OpenMP's threads spinning while they wait, made a small CNN beside one busy process
-# 2.4x slower; one thread was the fastest both beside it and alone (4.1 s and 3.3 s against 4.8 s
-# and 3.5 s for two threads that sleep while they wait, bench/omp_wait.md). PASSIVE stays for
-# whatever sets more threads itself. Read when torch loads OpenMP: set before any test imports torch.
+# Two pytest-xdist workers share the cores (pyproject's addopts), and so do the `tl` processes and
+# Ray workers they start, which inherit this. PyTorch's default, a thread a core with OpenMP's
+# threads spinning while they wait, made a small CNN beside one busy process 2x slower (9.9 s
+# against 4.8 s with PASSIVE, bench/omp_wait.md): threads that sleep while they wait, as in the image.
+# (One thread a process, faster in that bench, made the whole suite no faster: 20.5 min at
+# 2a3199f, and moved test_zero_shot's accuracy under its floor.)
+# Read when torch loads OpenMP, so set before any test imports torch.
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
