@@ -156,7 +156,7 @@ def main() -> None:
     if args.report:
         (HERE / "serving.md").write_text(report(json.loads((HERE / "serving.json").read_text())))
         return
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     root = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     print(f"working in {root}", flush=True)
     with servers.moto_s3(root) as s3:
@@ -182,8 +182,9 @@ def main() -> None:
             refused = tl_server.output().count("REFUSED")
     result = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(),
-        "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, load average before "
-                   f"{os.getloadavg()[0]:.1f}", "seconds_per_window": args.seconds, "rounds": args.rounds,
+        "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, 1-minute load average "
+                   f"{load_before:.1f} before the bench and {os.getloadavg()[0]:.1f} at its end (its own)",
+        "seconds_per_window": args.seconds, "rounds": args.rounds,
         "versions": order, "windows": rows, "switches": switch_rows, "switch_load": switch_total,
         "processes_left_behind": left, "refusals_logged": refused,
         "bench_seconds": round(time.perf_counter() - started),
