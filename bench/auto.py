@@ -10,7 +10,7 @@ Tune, the winner refitted on all labels) and each candidate alone on all the lab
 same recipe (the model's defaults, tl_core/recipes.py), all scored on the test split, which
 auto never reads while choosing. No flag beyond data, model and shots: the defaults are what is
 measured. Rows measured before are kept in auto.json (a rerun measures only what is missing;
---fresh: everything again).
+--fresh: the rows given, or every row, again).
 
 Rows (the issue's goals beside them in auto.md):
 - usps-1, usps-10, usps-all: MNIST-test -> USPS 16x16, small_cnn pretrained on MNIST-test (10
@@ -183,7 +183,9 @@ def main() -> None:
     rows = args.get("--rows", ",".join(ROWS)).split(",")
     seeds = [int(s) for s in args.get("--seeds", "0,1,2").split(",")]
     output = HERE / "auto.json"
-    kept = [] if "--fresh" in args or not output.is_file() else json.loads(output.read_text())["results"]
+    kept = json.loads(output.read_text())["results"] if output.is_file() else []
+    if "--fresh" in args:  # the rows asked for measured again; the others kept
+        kept = [r for r in kept if r["row"] not in rows]
     done = {(r["row"], r["seed"]) for r in kept}
     root = Path(os.environ["TL_WORKDIR"])
     results = list(kept)
