@@ -96,7 +96,7 @@ class RaySession:
     def report(self, metrics: dict, checkpoint: dict | None = None) -> None:
         import ray.train
 
-        report_to_ray(ray.train.report, metrics, checkpoint)
+        report_to_ray(ray.train.report, ray.train.Checkpoint, metrics, checkpoint)
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
@@ -118,13 +118,12 @@ def read_ray_checkpoint(ckpt) -> dict | None:
     return ckpt
 
 
-def report_to_ray(report, metrics: dict, checkpoint: dict | None) -> None:
-    """`report` is ray.train.report or ray.tune.report; a checkpoint dict travels as a folder."""
-    import ray.train
-
+def report_to_ray(report, checkpoint_type, metrics: dict, checkpoint: dict | None) -> None:
+    """`report` and `checkpoint_type`: ray.train's report and Checkpoint, or ray.tune's (Ray
+    warns, once a trial, when Tune is handed Train's); a checkpoint dict travels as a folder."""
     if checkpoint is None:
         report(metrics)
         return
     with tempfile.TemporaryDirectory() as folder:
         save_checkpoint(checkpoint, os.path.join(folder, CHECKPOINT_FILE))
-        report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))  # copied to storage here
+        report(metrics, checkpoint=checkpoint_type.from_directory(folder))  # copied to storage here

@@ -34,7 +34,7 @@ class TuneSession(LocalSession):
     def report(self, metrics: dict, checkpoint: dict | None = None) -> None:
         from ray import tune
 
-        report_to_ray(tune.report, metrics, checkpoint)
+        report_to_ray(tune.report, tune.Checkpoint, metrics, checkpoint)
 
 
 def run_trial(config: dict, cpus: float, workdir: str, storage_path: str, storage_filesystem=None) -> None:
