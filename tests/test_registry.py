@@ -328,6 +328,9 @@ def test_tracking_server_down(models, monkeypatch):
         line = tl_error(*args)
         assert time.monotonic() - started < 30, args
         assert "cannot reach the MLflow tracking store" in line and str(port) in line
+        # The default retries (tracking._bounded_retries: about 15 s of backoff) are timed once,
+        # above; the other commands need only their error line, so they try once.
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
 
 def test_the_gate_never_promotes_a_negative_transfer_and_says_why(models, tmp_path):

@@ -51,7 +51,7 @@ def test_embedded_default_best_strategy_beats_scratch_on_every_seed(workdir):
 
 def test_mnist_to_usps_at_10_shots_transfer_beats_scratch(workdir, shared_data):
     summary = tl_run(workdir, "--source", f"idx:{shared_data}/mnist-test", "--target",
-                     f"npz:{shared_data}/usps/usps_16x16.npz", "--shots", "10", "--pretrain-epochs", "4")
+                     f"npz:{shared_data}/usps/usps_16x16.npz", "--shots", "10", "--pretrain-epochs", "2")
     rows = {row["strategy"]: row for row in summary["table"]}
     best = rows[summary["best_strategy"]]
     assert best["test_accuracy"] > rows["scratch"]["test_accuracy"] + 0.02, summary["table"]
