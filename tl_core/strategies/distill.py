@@ -13,6 +13,13 @@ Texts are never augmented, so a text's soft labels are the same every epoch: the
 logits of each text are kept (a few floats, keyed by a digest of its bytes) and the teacher, a
 22 M parameter encoder where the student is a small CNN, reads each text once instead of once
 an epoch. Images are shifted anew each batch, so the teacher sees each batch.
+
+The two networks may read images normalised differently: a small_cnn student reads the
+dataset's own mean and std, an EfficientNet teacher [-1, 1] (`tl_core.models.INPUT_STATS`). The
+batches come normalised for the student, so the teacher reads them through `Renormalise`, into
+the statistics its checkpoint was trained with. (Fed the student's, a linear probe of the packaged
+EfficientNet on hymenoptera, 10 shots a class, seed 0, scored 90.2 % of the 153 val photos where
+it scores 92.8 %: the soft labels it teaches would be those of a worse teacher.)
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from torch import nn
 from tl_core.checkpoints import load_checkpoint, load_state
 from tl_core.data.prepare import UNLABELED
 from tl_core.errors import UserError
-from tl_core.models import build_from_spec
+from tl_core.models import INPUT_STATS, build_from_spec
 from tl_core.strategies._registry import register_strategy
 from tl_core.strategies.base import Strategy
 
@@ -39,6 +46,20 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Ten
     labelled = y >= 0
     hard = F.cross_entropy(student[labelled], y[labelled]) if labelled.any() else student.sum() * 0.0
     return alpha * soft + (1 - alpha) * hard
+
+
+class Renormalise(nn.Module):
+    """Images normalised by one {"mean", "std"} (per channel) -> the same images normalised by another."""
+
+    def __init__(self, given: dict, wanted: dict):
+        super().__init__()
+        given_std, wanted_std = torch.tensor(given["std"]), torch.tensor(wanted["std"])
+        shift = (torch.tensor(given["mean"]) - torch.tensor(wanted["mean"])) / wanted_std
+        self.register_buffer("scale", (given_std / wanted_std).view(1, -1, 1, 1))
+        self.register_buffer("shift", shift.view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
 
 
 @register_strategy
@@ -65,8 +86,15 @@ class Distill(Strategy):
             )
         self.teacher = build_from_spec(spec)
         load_state(self.teacher, self.teacher_ckpt["model"], self.cfg.teacher, part="teacher")
+        model, student_spec = super().build_model(num_classes, shape, backbone)
+        trained_on = self.teacher_ckpt["data"]
+        if trained_on.get("stored") != "text":  # images: from the student's normalisation into the teacher's
+            from tl_core.data import load_manifest
+
+            student = INPUT_STATS.get(student_spec["name"]) or load_manifest(self.cfg.data)
+            self.teacher = nn.Sequential(Renormalise(student, trained_on), self.teacher)
         self.teacher.eval().requires_grad_(False)
-        return super().build_model(num_classes, shape, backbone)
+        return model, student_spec
 
     def train_set(self, model, x, y, unlabeled):
         if unlabeled is None or not len(unlabeled):
