@@ -101,7 +101,8 @@ def auto(data_path: str, shots, seed: int) -> dict:
                       eval_every=0, checkpoint_every=0)
     result = auto_step(cfg, baseline=False, say=lambda line: print(f"  shots {shots_name(shots)} seed {seed}: {line}",
                                                                     flush=True))
-    return {"accuracy": result["metrics"]["accuracy"], "seconds": result["train_seconds"], "reused": False,
+    return {"accuracy": result["metrics"]["accuracy"], "seconds": result["train_seconds"],
+            "reused": result["reused"],  # the refit's (a search asked again resumes, and reuses its trials, by name)
             "choice": result["auto"]["choice"], "reason": result["auto"]["reason"]}
 
 
