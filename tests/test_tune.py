@@ -201,6 +201,28 @@ def kill_tl_tune_midway(cfg: SearchConfig, config: Path, epochs: int, on_first_t
     return folder
 
 
+def settle(folder: Path, quiet: float = 2.0, limit: float = 60.0) -> None:
+    """Wait until nothing writes in `folder` for `quiet` seconds: a killed search's trial processes
+    are Ray workers, which can outlive the SIGKILL of `tl tune` by a moment and still write."""
+    def snapshot() -> dict:
+        files = {}
+        for path in folder.rglob("*"):
+            try:
+                files[str(path)] = (path.stat().st_size, path.stat().st_mtime_ns)
+            except FileNotFoundError:  # deleted while listed (an old checkpoint): still moving
+                files[str(path)] = None
+        return files
+
+    deadline, before = time.time() + limit, snapshot()
+    while time.time() < deadline:
+        time.sleep(quiet)
+        now = snapshot()
+        if now == before:
+            return
+        before = now
+    raise AssertionError(f"{folder} was still being written {limit:.0f} s after the kill")
+
+
 def trial_reports(folder: Path) -> dict[str, int]:
     """trial folder -> epochs it has reported."""
     return {p.parent.name: len(p.read_text().splitlines()) for p in folder.glob("trial-*/result.json")}
@@ -240,6 +262,7 @@ def test_a_search_whose_driver_is_killed_resumes_without_rerunning_finished_tria
 
     folder = kill_tl_tune_midway(cfg, write_yaml(tmp_path / "search.yaml", cfg.model_dump(mode="json", exclude_none=True)),
                                  spec["epochs"], keep_the_early_state)
+    settle(folder)
     killed = trial_reports(folder)
     (finished,) = [trial for trial, done in killed.items() if done == spec["epochs"]]
     (unfinished,) = [trial for trial, done in killed.items() if done < spec["epochs"]]
@@ -257,6 +280,9 @@ def test_a_search_whose_driver_is_killed_resumes_without_rerunning_finished_tria
     as_killed = tmp_path / "as-killed"
     shutil.copytree(folder, as_killed)
     for how in RESUMES:
+        # The last resume's Ray goes first: its trial processes must not write into the folder
+        # while it is put back (CI once saw rmtree fail on a trial folder that filled up again).
+        ray.shutdown()  # and Ray keeps a search's files in a per-session staging folder: a new one each time
         shutil.rmtree(folder)
         shutil.copytree(as_killed, folder)
         if how == "checkpoint-gone":
@@ -269,7 +295,6 @@ def test_a_search_whose_driver_is_killed_resumes_without_rerunning_finished_tria
                     current.unlink()
                 shutil.copy(state, folder / state.name)
 
-        ray.shutdown()  # Ray keeps a search's files in a per-session staging folder: a new one each time
         init_ray()
         s = run_search(cfg.model_copy(update={"resume": True}))
         assert s["resumed"] and s["trials_completed"] == 2 and s["best_params"] == {"lr": GOOD_LR}, (how, s["trials"])
