@@ -16,8 +16,8 @@ mean held-out accuracy, ties to the lower held-out log-loss). Where some class h
 labels there is nothing to cross-validate on: then C is DEFAULT_C, scikit-learn's default. From
 ONE_FOLD_FROM labels on, C is scored on one held-out fold of the k, not all k: a fifth of 1,000
 labels or more measures each C's accuracy to a couple of points, and all k folds cost k times as
-much (25 s against 5 s on USPS's 7,291 training images, where the probe's other work takes
-seconds; issue 27 asks a probe on cached features for <= 10 s).
+much (choosing and fitting on USPS's 7,291 training images: 25 s with 5 folds, 7 s with one,
+where the probe's other work takes seconds; issue 27 asks a cached probe for <= 10 s).
 """
 
 from __future__ import annotations
