@@ -89,10 +89,12 @@ class Distill(Strategy):
         model, student_spec = super().build_model(num_classes, shape, backbone)
         trained_on = self.teacher_ckpt["data"]
         if trained_on.get("stored") != "text":  # images: from the student's normalisation into the teacher's
-            from tl_core.data import load_manifest
+            from tl_core.data import load_prepared
 
-            student = INPUT_STATS.get(student_spec["name"]) or load_manifest(self.cfg.data)
-            self.teacher = nn.Sequential(Renormalise(student, trained_on), self.teacher)
+            # the student's statistics by the training loop's own rule (`normalised_as`)
+            student = load_prepared(self.cfg.data).normalised_as(INPUT_STATS.get(student_spec["name"])).manifest
+            if (student["mean"], student["std"]) != (trained_on["mean"], trained_on["std"]):
+                self.teacher = nn.Sequential(Renormalise(student, trained_on), self.teacher)
         self.teacher.eval().requires_grad_(False)
         return model, student_spec
 
