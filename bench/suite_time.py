@@ -31,11 +31,30 @@ REPO = HERE.parent
 GOAL_SECONDS = 20 * 60
 
 
-def run_suite(repo: Path, junit: Path) -> tuple[float, int]:
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat (Linux)."""
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    busy = user + nice + system + irq + softirq + steal
+    return busy, busy + idle + iowait
+
+
+def run_suite(repo: Path, junit: Path) -> tuple[float, int, float]:
+    """(wall seconds, pytest's exit code, the share of the machine's CPU time that was busy during the
+    run): near 1, the cores had no idle time that more parallel workers could fill."""
+    busy_before, total_before = cpu_ticks()
     started = time.monotonic()
     proc = subprocess.run([str(repo / ".venv" / "bin" / "python"), "-m", "pytest", "-q", f"--junitxml={junit}"],
                           cwd=repo, env={**os.environ, "CI": "true"})
-    return time.monotonic() - started, proc.returncode
+    busy_after, total_after = cpu_ticks()
+    return time.monotonic() - started, proc.returncode, (busy_after - busy_before) / max(total_after - total_before, 1)
+
+
+def xdist_workers(repo: Path) -> str:
+    """The `-n` of pyproject's pytest addopts: how many workers the README's command starts."""
+    import tomllib
+
+    addopts = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["addopts"].split()
+    return addopts[addopts.index("-n") + 1] if "-n" in addopts else "1"
 
 
 SLOWEST = 25  # tests listed one by one: where cutting time pays
@@ -70,8 +89,11 @@ def report(result: dict) -> str:
     if result["setup_seconds"] is not None:
         lines.append(f"- Set-up of the fresh clone (`bash scripts/setup.sh`): {result['setup_seconds']:.0f} s, "
                      "not counted above.")
+    if "cpu_busy_share" in result:
+        lines.append(f"- The CPUs were busy {result['cpu_busy_share']:.0%} of the run's time (all cores, /proc/stat).")
     lines += [
-        "- Two pytest-xdist workers, `--dist loadfile` (pyproject's addopts): a file's tests share its module",
+        f"- {result.get('xdist_workers', '2')} pytest-xdist workers, `--dist loadfile` (pyproject's addopts): a file's "
+        "tests share its module",
         "  fixtures (a Ray runtime, a moto, an MLflow server) on one worker.",
         "",
         "| test file | summed test seconds |",
@@ -111,7 +133,7 @@ def measure(clone: bool, keep_junit: Path | None) -> dict:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         junit = Path(tmp) / "junit.xml"
-        wall, rc = run_suite(repo, junit)
+        wall, rc, busy = run_suite(repo, junit)
         files, counts, slowest = per_file(junit)
         if keep_junit:
             shutil.copy(junit, keep_junit)
@@ -126,7 +148,8 @@ def measure(clone: bool, keep_junit: Path | None) -> dict:
                     "load_1min_before": earlier["load_1min_before_after"][0], "outcomes": earlier["outcomes"]}, *history]
     return {"commit": commit, "clone": clone, "setup_seconds": setup_seconds, "wall_seconds": round(wall, 1),
             "goal_seconds": GOAL_SECONDS, "within_goal": wall <= GOAL_SECONDS, "pytest_exit": rc, "outcomes": counts,
-            "cores": os.cpu_count(), "load_1min_before_after": [round(load_before, 2), round(load_after, 2)],
+            "cores": os.cpu_count(), "xdist_workers": xdist_workers(repo),
+            "cpu_busy_share": round(busy, 3), "load_1min_before_after": [round(load_before, 2), round(load_after, 2)],
             "seconds_by_file": {k: round(v, 1) for k, v in files.items()},
             "slowest_tests": {name: round(v, 1) for name, v in slowest}, "history": history}
 
