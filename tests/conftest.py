@@ -8,7 +8,7 @@ import pytest
 
 from tests import servers
 
-# Two pytest-xdist workers share the cores (pyproject's addopts), and so do the `tl` processes and
+# The pytest-xdist workers share the cores (pyproject's addopts), and so do the `tl` processes and
 # Ray workers they start, which inherit this. PyTorch's default, a thread a core with OpenMP's
 # threads spinning while they wait, made a small CNN beside one busy process 2x slower (9.9 s
 # against 4.8 s with PASSIVE, bench/omp_wait.md): threads that sleep while they wait, as in the image.
