@@ -80,12 +80,17 @@ def test_auto_chooses_on_folds_of_the_labels_never_the_test_split_and_refits_on_
 
 
 def test_one_label_a_class_falls_back_to_the_stated_rule(digits):
-    from tl_core.auto import FALLBACK, choose
+    from tl_core.auto import choose
 
-    _, cfg = digits
-    choice = choose(cfg.model_copy(update={"shots": 1}), say=lambda line: None)
-    assert choice.strategy == FALLBACK and choice.folds == 0 and choice.search is None
+    _, cfg = digits  # its backbone was trained on the target's own classes: its head fits them
+    one = cfg.model_copy(update={"shots": 1})
+    choice = choose(one, say=lambda line: None)
+    assert choice.strategy == "finetune" and "own head" in choice.reason
+    assert choice.folds == 0 and choice.search is None
     assert "fewer than 2 labels" in choice.reason and choice.config.shots == 1
+    # A head that is not to start from the source's: the solved probe.
+    plain = choose(one.model_copy(update={"head_init": "random"}), say=lambda line: None)
+    assert plain.strategy == "linear-probe" and "C=1" in plain.reason and plain.folds == 0
 
 
 def test_a_tie_goes_to_the_score_on_more_folds_then_to_the_preference_order():

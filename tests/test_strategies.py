@@ -3,6 +3,8 @@ fine-tuning schedules; negative transfer flagged on a constructed case."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -155,3 +157,39 @@ def test_strategies_that_score_other_tasks_skip_scratch_and_are_refused_where_a_
     digits, _ = prepare(PrepareConfig(uri="sklearn:digits"))
     unlabeled = transfer_step(TrainConfig(data=digits.path, strategy="mcc", source_data=digits.path, shots=0, epochs=1))
     assert "baseline" not in unlabeled and unlabeled["metrics"]["accuracy"] > 0.5
+
+
+def test_head_init_source_starts_from_the_backbones_own_head_matched_by_class_name(workdir):
+    """--head-init source: the new head is the backbone's trained head, its rows picked by class
+    name; the solved probe is pulled towards it; `auto` takes it for finetune only
+    (bench/source_head.md); a backbone whose head knows other classes is refused, naming both."""
+    from tl_core.errors import UserError
+    from tl_core.strategies import create_strategy
+
+    source, _ = prepare(PrepareConfig(uri="sklearn:digits", image_size=8))  # all ten digits
+    target, _ = prepare(PrepareConfig(uri="sklearn:digits", classes=["9", "3", "7"], image_size=8))
+    backbone = train(TrainConfig(data=source.path, epochs=2))
+    rows = [source.classes.index(c) for c in target.classes]
+    weight, bias = backbone.checkpoint["model"]["head.weight"][rows], backbone.checkpoint["model"]["head.bias"][rows]
+
+    cfg = TrainConfig(data=target.path, strategy="finetune", backbone=backbone.checkpoint_uri, shots=5, epochs=5,
+                      head_init="source")
+    strategy = create_strategy(cfg)
+    model, _ = strategy.build_model(len(target.classes), target.shape, backbone.checkpoint)
+    assert torch.equal(model.head.weight, weight) and torch.equal(model.head.bias, bias)
+    assert torch.equal(strategy.head_start, weight)  # what head_prior pulls towards
+    # auto: finetune starts from the source's head where it fits, the solved probe does not (bench/source_head.md)
+    for name, from_source in (("finetune", True), ("linear-probe", False)):
+        auto, _ = create_strategy(cfg.model_copy(update={"head_init": "auto", "strategy": name})).build_model(
+            len(target.classes), target.shape, backbone.checkpoint)
+        assert torch.equal(auto.head.weight, weight) == from_source, name
+
+    # C -> 0: the solved head is the source's (the bias is not penalised); C large: the labels' own.
+    pulled = train(cfg.model_copy(update={"strategy": "linear-probe", "head_c": 1e-4})).checkpoint["model"]
+    free = train(cfg.model_copy(update={"strategy": "linear-probe", "head_c": 100.0})).checkpoint["model"]
+    assert (pulled["head.weight"] - weight).abs().max() < 0.05 < (free["head.weight"] - weight).abs().max()
+
+    other, _ = prepare(PrepareConfig(uri="sklearn:digits", classes=["0", "1"], image_size=8))
+    narrow = train(TrainConfig(data=other.path, epochs=1))
+    with pytest.raises(UserError, match=rf"--head-init source: .*{re.escape(str(target.classes))}.*\['0', '1'\]"):
+        train(cfg.model_copy(update={"backbone": narrow.checkpoint_uri}))

@@ -141,7 +141,7 @@ def strategy_option(default, description: str, strategies: tuple[str, ...], **co
 AUTO = "auto"  # --strategy auto: chosen among strategies by validation on the labels (tl_core/auto.py)
 FEW_SHOT = ("protonet", "maml", "episodic-finetune")
 FINETUNES = ("finetune", "setfit")  # setfit is finetune with a pair loss: the same schedule of blocks and LRs
-HEAD_FROM_DESCRIPTIONS = ("linear-probe", *FINETUNES)
+HEAD_INIT = ("linear-probe", *FINETUNES)  # a new head that --head-init may start (source, descriptions)
 HEAD_SOLVED = ("linear-probe", "setfit")  # a linear head on fixed features: solved, not trained (strategies/logistic.py)
 # What a tl run recipe may not change: what makes its runs comparable (the same data, labels and
 # seeds) and what tl run wires itself (the backbone, the source, distill's teacher).
@@ -178,13 +178,14 @@ class TrainConfig(StepConfig):
                                           FINETUNES, ge=0)
     l2sp_alpha: float = strategy_option(0.0, "L2-SP: pull the backbone towards its pretrained weights", ("finetune",), ge=0)
     l2sp_beta: float = strategy_option(0.0, "L2-SP: L2 on the new head", ("finetune",), ge=0)
-    head_init: Literal["auto", "random", "descriptions"] = strategy_option(
-        "auto", "descriptions: the new head starts as the zero-shot classifier, each class's weights its description's "
-        "embedding (from --attributes, else the data's descriptions.yaml, else the class names); auto: descriptions "
-        "where the data has a descriptions file or is text whose class names are words (not digits or ids), else "
-        "random", HEAD_FROM_DESCRIPTIONS)
-    head_prior: float = strategy_option(0.05, "with --head-init descriptions: pull the head towards its start, "
-                                        "head_prior/2 * ||W - W_start||^2", HEAD_FROM_DESCRIPTIONS, ge=0)
+    head_init: Literal["auto", "random", "source", "descriptions"] = strategy_option(
+        "auto", "source: the new head starts as the backbone's own head, where it was trained on labels of the "
+        "target's classes (matched by name); descriptions: as the zero-shot classifier, each class's weights its "
+        "description's embedding (from --attributes, else the data's descriptions.yaml, else the class names); auto: "
+        "finetune from the source's head where it fits; else descriptions where the data has a descriptions file or "
+        "is text whose class names are words (not digits or ids); else random (bench/source_head.md)", HEAD_INIT)
+    head_prior: float = strategy_option(0.05, "with --head-init source or descriptions: pull the head towards its "
+                                        "start, head_prior/2 * ||W - W_start||^2", HEAD_INIT, ge=0)
     head_solver: Literal["optimum", "epochs"] = strategy_option(
         "optimum", "optimum: the linear head on the frozen features solved to the optimum of L2-regularised logistic "
         "regression (L-BFGS; C by k-fold cross-validation on the labels; no lr or epochs; setfit: refitted so at the "
@@ -216,7 +217,7 @@ class TrainConfig(StepConfig):
                                              "class name's printed glyph), `descriptions:` (text, a sentence per "
                                              "class; default: the class names), or `attributes:` signatures "
                                              "(direct attribute prediction, e.g. seven_segment.yaml)",
-                                             ("zero-shot", *HEAD_FROM_DESCRIPTIONS))
+                                             ("zero-shot", *HEAD_INIT))
     unseen_classes: list[ClassName] = strategy_option([], "classes never seen with labels (by descriptions: "
                                                       "default every class)", ("zero-shot",))
     # Where and how it runs.

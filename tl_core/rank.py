@@ -301,6 +301,7 @@ def training_features(ckpt: dict, uri: str, data, shots, seed: int):
     from tl_core.data import sample_shots
     from tl_core.models import INPUT_STATS
     from tl_core.strategies import create_strategy
+    from tl_core.strategies.base import has_source_head
     from tl_core.strategies.linear_probe import FEATURE_BATCH, cached_features, images_key
     from tl_core.train.loop import streams
 
@@ -321,18 +322,6 @@ def training_features(ckpt: dict, uri: str, data, shots, seed: int):
     if has_source_head(ckpt):
         head = (ckpt["model"]["head.weight"].float(), ckpt["model"]["head.bias"].float())
     return features.double(), y, hit, head
-
-
-def has_source_head(ckpt: dict) -> bool:
-    """Whether the checkpoint's head is a classifier trained on its source's labels: a tl training
-    on labels (not a bare backbone, a packaged encoder, or simclr with --shots 0, whose head stays
-    at random init), of a strategy that classifies its dataset's classes."""
-    from tl_core.strategies import STRATEGIES
-
-    config = ckpt.get("config") or {}
-    strategy = STRATEGIES.get(config.get("strategy", "scratch"))
-    return ("data" in ckpt and "head.weight" in ckpt["model"] and config.get("shots", None) != 0
-            and (strategy is None or strategy.classifies_dataset_classes))
 
 
 def score_candidate(uri: str, data, shots, seed: int) -> dict:

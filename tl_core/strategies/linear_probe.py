@@ -9,8 +9,8 @@ features are cached never runs the backbone.
 The head on the cached features is a convex problem: by default (`--head-solver optimum`) it is
 solved to its optimum, L2-regularised logistic regression with C chosen by k-fold
 cross-validation on the labels (strategies/logistic.py), and the loop trains no epochs. With
-`--head-init descriptions` the penalty pulls towards the zero-shot head of the class descriptions
-instead of towards zero. `--head-solver epochs` trains the head by `--optimizer` as any model.
+`--head-init descriptions` (or `source`) the penalty pulls towards the zero-shot head of the class
+descriptions (or the backbone's own head) instead of towards zero. `--head-solver epochs` trains the head by `--optimizer` as any model.
 
 Features are computed, written and read a chunk at a time (one file per chunk, a `done` marker
 last), so a split larger than memory never is in memory as images. A new backbone or new data
@@ -130,8 +130,8 @@ class LinearProbe(Strategy):
         return cached_features(model, storage.sha256_bytes(identity.encode()), chunks)
 
     def solve(self, model: Classifier, features: torch.Tensor, y: torch.Tensor) -> None:
-        """With --head-solver optimum: the head solved on the features, towards the descriptions'
-        head where it started from them (`head_start`), else towards zero."""
+        """With --head-solver optimum: the head solved on the features, towards the head it started
+        as (`head_start`: the descriptions' or the source's), else towards zero."""
         if self.cfg.head_solver != "optimum" or not len(y):
             return
         self.solved = choose_and_fit(features, y, model.head.out_features, self.cfg.head_c, self.head_start,

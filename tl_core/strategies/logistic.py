@@ -7,9 +7,9 @@ learning rate, epochs or batch size to get wrong. We minimise, as scikit-learn's
     J(W, b) = mean_i CE(W x_i + b, y_i) + ||W - W0||^2 / (2 C n)
 
 with full-batch L-BFGS in float64 until the gradient vanishes (SciPy's L-BFGS-B, as scikit-learn). W0 is zero (a plain L2 penalty),
-or the zero-shot head of the class descriptions (`--head-init descriptions`): the penalty then
-pulls the head towards the descriptions, and C weighs them against the labels (C -> 0: the
-zero-shot classifier; C -> inf: the labels alone). The bias is not penalised.
+or the head the run started from (`--head-init descriptions`: the zero-shot head of the class
+descriptions; `source`: the backbone's own): the penalty then pulls towards it, and C weighs it
+against the labels (C -> 0: that head; C -> inf: the labels alone). The bias is not penalised.
 
 C is chosen by stratified k-fold cross-validation on the labelled training set only (the best
 mean held-out accuracy, ties to the lower held-out log-loss). Where some class has fewer than two

@@ -147,15 +147,15 @@ def is_word(name: str) -> bool:
 
 def head_from_descriptions(cfg, strategy: str, model_name: str) -> bool:
     """Whether the new head starts from the class descriptions: as --head-init says; with `auto`
-    (the default), for a strategy that can (HEAD_FROM_DESCRIPTIONS), where the data came with a
+    (the default), for a strategy that can (HEAD_INIT), where the data came with a
     descriptions file (sentences, or glyphs for images), or is text whose class names are words.
     Never on a photo network (it reads no glyphs) nor by attribute signatures."""
-    from tl_core.config import HEAD_FROM_DESCRIPTIONS
+    from tl_core.config import HEAD_INIT
     from tl_core.models import INPUT_STATS
 
     if cfg.head_init != "auto":
         return cfg.head_init == "descriptions"
-    if strategy not in HEAD_FROM_DESCRIPTIONS:
+    if strategy not in HEAD_INIT:
         return False
     manifest = load_manifest(cfg.data)
     text = manifest["stored"] == "text"
