@@ -93,14 +93,19 @@ def test_one_label_a_class_falls_back_to_the_stated_rule(digits):
     assert plain.strategy == "linear-probe" and "C=1" in plain.reason and plain.folds == 0
 
 
-def test_a_tie_goes_to_the_score_on_more_folds_then_to_the_preference_order():
+def test_a_tie_goes_to_fold_0_then_to_the_score_on_more_folds_then_to_the_preference_order():
     from tl_core.auto import best_candidate
 
     def scores(**candidates):
-        return {s.replace("_", "-"): {"val_accuracy": v, "folds_run": n} for s, (v, n) in candidates.items()}
+        """name=(mean validation accuracy, folds run[, fold 0's accuracy: by default the mean])"""
+        return {s.replace("_", "-"): {"val_accuracy": c[0], "folds_run": c[1], "fold0_accuracy": c[-1] if len(c) > 2 else c[0]}
+                for s, c in candidates.items()}
 
     # hymenoptera at 5 shots, seed 1: finetune 4 held-out photos all right, the probe 10 of 10 over 5 folds
     assert best_candidate(scores(finetune=(1.0, 1), linear_probe=(1.0, 5), scratch=(0.5, 1))) == "linear-probe"
+    # MNIST -> USPS at 10 shots, seed 0: a tie at 0.95, but on the fold both ran finetune 0.95, the probe 0.90
+    assert best_candidate(scores(finetune=(0.95, 1), linear_probe=(0.95, 5, 0.90), scratch=(0.9, 1))) == "finetune"
+    assert best_candidate(scores(finetune=(0.95, 1), linear_probe=(0.95, 5, 1.0))) == "linear-probe"
     assert best_candidate(scores(finetune=(0.95, 1), linear_probe=(0.94, 5))) == "finetune"  # no tie: the score
     assert best_candidate(scores(scratch=(0.9, 1), finetune=(0.9, 1), zero_shot=(None, 0))) == "finetune"
     assert best_candidate(scores(setfit=(0.75, 1), finetune=(0.75, 1), linear_probe=(0.7, 5))) == "finetune"
