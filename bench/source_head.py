@@ -37,31 +37,12 @@ def pairs() -> dict[str, tuple]:
                                       PrepareConfig(uri="sklearn:digits", image_size=8), {"augment": 1})}
 
 
-def source_head_as_is(backbone_uri: str, target) -> float:
-    """The pretrained classifier, head and all, on the target's test split."""
-    import torch
-
-    from tl_core.checkpoints import load_checkpoint
-    from tl_core.models import create_model
-
-    ckpt = load_checkpoint(backbone_uri)
-    spec = ckpt["model_spec"]
-    model = create_model(spec["name"], spec["num_classes"], spec["in_channels"], **spec.get("kwargs", {}))
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    right = total = 0
-    with torch.no_grad():
-        for x, y in target.rows("test").chunks():
-            right += int((model(target.normalise(x)).argmax(1).numpy() == y).sum())
-            total += len(y)
-    return right / total
-
-
 def main() -> None:
     os.environ.setdefault("TL_WORKDIR", "/tmp/tl-bench-source-head")
     from tl_core.auto import candidate_config, recipe_for
     from tl_core.config import TrainConfig
-    from tl_core.data import load_prepared, prepare
+    from tl_core.data import prepare
+    from tl_core.evaluate import evaluate_checkpoint
     from tl_core.train import train
 
     started = time.perf_counter()
@@ -70,7 +51,7 @@ def main() -> None:
         source, _ = prepare(source_cfg)
         target, _ = prepare(target_cfg)
         backbone = train(TrainConfig(data=source.path, epochs=10, eval_every=0, **pretrain)).checkpoint_uri
-        as_is[pair] = source_head_as_is(backbone, load_prepared(target.path))
+        as_is[pair] = evaluate_checkpoint(backbone, target.path).metrics["accuracy"]  # the source's classifier as it is
         for strategy in STRATEGIES:
             for shots in SHOTS:
                 for head in HEADS:

@@ -71,9 +71,9 @@ class Strategy:
         model = create_model(name, num_classes, in_channels, **kwargs)
         if self.needs_backbone:
             load_state(model.backbone, backbone_state(backbone), self.cfg.backbone, part="backbone")
-        start = head_start(self.cfg, self.name, name, backbone)
+        start, source = head_start(self.cfg, self.name, name, backbone)
         if start == "source":
-            model.head.weight.data, model.head.bias.data = source_head(backbone, load_manifest(self.cfg.data)["classes"])
+            model.head.weight.data, model.head.bias.data = source
             self.head_start = model.head.weight.detach().clone()
         elif start == "descriptions":
             from tl_core.strategies.zero_shot import description_head, refuse_glyphs_for
@@ -306,10 +306,10 @@ def source_head(ckpt: dict | None, classes: list[str]) -> tuple[torch.Tensor, to
     return weight[rows].float().clone(), ckpt["model"]["head.bias"][rows].float().clone()
 
 
-def head_start(cfg, strategy: str, model_name: str, backbone: dict | None) -> str:
+def head_start(cfg, strategy: str, model_name: str, backbone: dict | None) -> tuple[str, tuple | None]:
     """Where the new head starts, --head-init resolved: `source` (the backbone's own head, where it
-    was trained on the target's classes), `descriptions` (the zero-shot classifier of the class
-    descriptions) or `random`. `auto` (the default): for `finetune`, the source's head where it
+    was trained on the target's classes; returned with it, its (weight, bias)), `descriptions` (the
+    zero-shot classifier of the class descriptions) or `random`. `auto` (the default): for `finetune`, the source's head where it
     fits, else as for the others: the descriptions where the data has them
     (`head_from_descriptions`), else random.
 
@@ -323,11 +323,12 @@ def head_start(cfg, strategy: str, model_name: str, backbone: dict | None) -> st
 
     if cfg.head_init == "source" or (cfg.head_init == "auto" and strategy == "finetune"):
         classes = load_manifest(cfg.data)["classes"]
-        if source_head(backbone, classes) is not None:
-            return "source"
+        source = source_head(backbone, classes)
+        if source is not None:
+            return "source", source
         if cfg.head_init == "source":
             known = backbone.get("data", {}).get("classes") if backbone and has_source_head(backbone) else None
             raise UserError(f"--head-init source: the backbone's head was not trained on the target's classes {classes} "
                             f"(its own: {known or 'none, it has no trained head'}): pass --head-init random, or a "
                             "backbone trained on these classes")
-    return "descriptions" if head_from_descriptions(cfg, strategy, model_name) else "random"
+    return ("descriptions" if head_from_descriptions(cfg, strategy, model_name) else "random"), None
