@@ -5,6 +5,10 @@ from __future__ import annotations
 import copyreg
 import logging
 import os
+import signal
+from pathlib import Path
+
+from tl_core.errors import UserError
 
 # A local Ray's object store would claim 30 % of RAM by default; tl passes small objects only.
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
@@ -51,13 +55,63 @@ def init_ray() -> None:
         # on KubeRay; this process's own node is never drained. Off, a 2-worker fit on digits
         # took 21.6-24.1 s here instead of 25.1-27.9 s.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(
-            num_cpus=os.cpu_count(),
-            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            runtime_env={"env_vars": worker_env()},
-        )
+        start_local_ray(num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES, include_dashboard=False,
+                        logging_level=logging.WARNING, runtime_env={"env_vars": worker_env()})
+
+
+# Ray gives a local node's raylet 30 s to register with its GCS (a constant in ray/_private/node.py).
+# On 2 busy cores (three test workers each starting Ray, a training beside them) it once missed
+# that, and a whole test module errored. Starting again, after ending what the first try left,
+# has always worked; a machine where three tries miss gets one line that says so.
+LOCAL_START_ATTEMPTS = 3
+STARTUP_TIMEOUT = "timed out during startup"
+
+
+def start_local_ray(**options) -> None:
+    import ray
+
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        try:
+            ray.init(**options)
+            return
+        except Exception as e:  # Ray raises a bare Exception for this
+            if STARTUP_TIMEOUT not in str(e):
+                raise
+            end_leftover_ray_processes()
+            logging.getLogger(__name__).warning("a local Ray %s (try %d of %d)", STARTUP_TIMEOUT, attempt,
+                                                LOCAL_START_ATTEMPTS)
+    raise UserError(f"a local Ray {STARTUP_TIMEOUT} {LOCAL_START_ATTEMPTS} times (its raylet did not register "
+                    "within Ray's 30 s): this machine is too busy; retry when it is quieter, or set RAY_ADDRESS "
+                    "to a running Ray cluster")
+
+
+def end_leftover_ray_processes() -> None:
+    """End the Ray processes (GCS, raylet, agents, workers) this process started and still has
+    below it: a start that timed out leaves them running, as ray.init drops the node that would
+    stop them. Linux only (/proc); elsewhere they end with this process."""
+    import ray
+
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return
+    parent_of = {}
+    for stat in proc.glob("[0-9]*/stat"):
+        try:  # "pid (name) state ppid ...": the name may hold spaces and brackets
+            parent_of[int(stat.parent.name)] = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # it ended meanwhile
+    below, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, ppid in parent_of.items() if ppid in frontier} - below
+        below |= frontier
+    ray_dir = os.path.dirname(ray.__file__)
+    for pid in below:
+        try:
+            cmdline = (proc / str(pid) / "cmdline").read_bytes().decode(errors="replace")
+            if ray_dir in cmdline or cmdline.startswith("ray::"):
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
 
 
 def cluster_cpus_and_gpus() -> tuple[int, int]:
