@@ -77,14 +77,16 @@ def _step(task: dsl.PipelineTask, cache: bool = True) -> dsl.PipelineTask:
 PRETRAINING = ("model", "pretrain_epochs", "pretrain_lr", "batch_size", "augment", "workers")
 TRANSFER = ("shots", "epochs", "lr", "batch_size", "augment", "workers")
 TEXT_LAYOUT = ("text_column", "label_column", "header")
+IMAGE_SHAPE = ("image_size", "channels")  # of the target as prepared; 0: the target's own
 
 
 def arguments(cfg: PipelineConfig) -> dict:
     """The pipeline's arguments for `cfg`: its fields, with "all labels" as shots=-1 (a KFP
-    parameter is an int; tl_core.config reads -1 as all), and a text setting left unset (None: a
-    text column's name) as "" (KFP takes no None; the prepare step reads "" as unset)."""
+    parameter is an int; tl_core.config reads -1 as all), and a setting left unset (None) as "" for
+    a text column's name, 0 for the image's shape (KFP takes no None; the prepare step reads both
+    as unset)."""
     values = {k: "" if v is None else v for k, v in cfg.model_dump().items()}
-    return values | {"shots": -1 if cfg.shots is None else cfg.shots}
+    return values | {"shots": -1 if cfg.shots is None else cfg.shots} | {k: getattr(cfg, k) or 0 for k in IMAGE_SHAPE}
 
 
 @dsl.pipeline(name="tl-release", description="transfer -> evaluate -> register -> promote if the gate passes")
@@ -117,7 +119,8 @@ def pipeline(cfg: PipelineConfig):
 def retrain(cfg: PipelineConfig):
     # prepare reads its source every time (data behind a URI can change); identical data is
     # recognised by its content hash and reused, so it never needs KFP's cache.
-    target_data = _step(prepare(uri=cfg.target, **{name: getattr(cfg, name) for name in TEXT_LAYOUT}), cache=False)
+    target_data = _step(prepare(uri=cfg.target, **{name: getattr(cfg, name) for name in TEXT_LAYOUT + IMAGE_SHAPE}),
+                        cache=False)
     target_data.set_display_name("prepare-target")
     # A packaged encoder (model minilm-l6) is its own source: these two steps then pass it on.
     source_data = _step(prepare(uri=cfg.source, like=target_data.outputs["dataset"], model=cfg.model), cache=False)

@@ -271,6 +271,40 @@ def test_a_probe_of_photos_is_registered_promoted_and_served_on_jpeg_bytes(photo
     assert model.predict(np.array([png.getvalue()], dtype=object))["label"][0] == out["label"][0]
 
 
+@pytest.mark.timeout(600)
+def test_the_pipeline_runs_on_photos_from_the_ranked_backbone(photos):
+    """The KFP pipeline (kfp.local) on the photo folder at 64 px (--image-size reaches its prepare
+    step), with --backbone auto: its transfer step ranks the candidates (the packaged network, this
+    run's own "pretraining" of it, and the registry's photo versions where an earlier test left
+    some) and fine-tunes the first, beside scratch; evaluate, register and promote follow."""
+    from tests.conftest import tl
+
+    result = tl("pipeline", "run", "--local", "--target", f"imagefolder:{photos['folder']}", "--model", NAME,
+                "--image-size", SMALL, "--shots", 5, "--epochs", 3, "--strategy", "finetune", "--backbone", "auto",
+                "--min-accuracy", 0, "--model-name", "insects-pipeline", "--json")
+    assert result.exit_code == 0, result.output[-5000:]
+    run = json.loads(result.stdout.strip().splitlines()[-1])
+    assert run["arguments"]["image_size"] == SMALL and run["version"] == 1 and run["decision"] == "promoted"
+    steps = run["steps"]
+    # The folder prepared at 64 px: the very dataset prepared above (the same settings, the same hash).
+    assert steps["prepare"]["dataset"]["uri"] == photos["data"].path
+    assert steps["pretrain"]["checkpoint"]["uri"] == f"packaged:{NAME}"  # a packaged network is pretrained already
+    # The transfer step (the no-HPO branch's, "-2") kept its ranking: the packaged network among the
+    # candidates, the first of them trained from, as its MLflow run says too.
+    summary = json.loads((Path(run["pipeline_root"]) / "transfer-2" / "checkpoint").read_text())["summary"]
+    ranking = summary["rank"]
+    assert f"packaged:{NAME}" in [row["candidate"] for row in ranking["table"]]
+    from tl_core import tracking
+
+    tracking.setup()
+    import mlflow
+
+    logged = mlflow.get_run(summary["run_id"]).data
+    assert logged.params["backbone"] == ranking["best"] and logged.tags["tl.backbone_auto"] == "true"
+    assert steps["transfer-2"]["metrics"]["scratch_accuracy"] >= 0  # scratch beside it, on the same labels
+    assert 0.0 <= steps["evaluate-2"]["metrics"]["accuracy"] <= 1.0
+
+
 def test_every_image_strategy_trains_from_the_packaged_backbone(photos):
     """Issue 28: `efficientnet-lite0` with the image strategies beyond the probe and finetune:
     distill (a fine-tuned EfficientNet as the teacher of a small_cnn student), multitask (a

@@ -125,10 +125,12 @@ def test_compiled_pipeline_has_the_expected_dag(tmp_path):
 
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert {k: v["defaultValue"] for k, v in params.items() if "defaultValue" in v} == arguments(PipelineConfig())
-    # A setting whose default is None (the text layout's column names, the backbone) is "" (KFP takes no None).
-    assert {k for k, v in PipelineConfig().model_dump().items() if v is None} == {"text_column", "label_column",
-                                                                                  "backbone"}
+    # A setting whose default is None (the text layout's column names, the backbone) is "" (KFP takes
+    # no None); the image's shape, an int, is 0.
+    assert {k for k, v in PipelineConfig().model_dump().items() if v is None} == {
+        "text_column", "label_column", "backbone", "image_size", "channels"}
     assert params["text_column"]["defaultValue"] == params["label_column"]["defaultValue"] == ""
+    assert params["image_size"]["defaultValue"] == params["channels"]["defaultValue"] == 0
     assert params["backbone"]["defaultValue"] == ""  # "auto": the transfer step ranks the candidates (test_rank)
     assert set(params) == set(PipelineConfig.model_fields), "every setting is a pipeline parameter"
 
@@ -426,8 +428,9 @@ def test_bad_input_and_unreachable_endpoints_are_one_line_errors(kfp_server, wor
     assert "add --local" in tl_error("pipeline", "run")
     # A step that fails on bad input stops the local run: its log (traceback included) comes
     # first, then one error line that says which step failed and why.
-    failed = tl("pipeline", "run", "--local", "--target", "sklearn:nope")
+    # (A model with no champion: the monitor lets it through, and the target's prepare reads it first.)
+    failed = tl("pipeline", "run", "--local", "--target", "sklearn:nope", "--model-name", "never-trained")
     last = failed.output.strip().splitlines()[-1]
-    assert failed.exit_code == 2 and last.startswith("error: ") and "Inner task failed: 'monitor'" in last  # the first step now
+    assert failed.exit_code == 2 and last.startswith("error: ") and "Inner task failed: 'prepare'" in last
     assert "only sklearn:digits ships with scikit-learn" in last
     assert kfp_server.state["runs"] == [] and kfp_server.state["recurring"] == {}  # nothing half-done

@@ -231,13 +231,12 @@ def pretrain_source(settings: ExperimentSettings, source: dict, on_report: Progr
 
 
 def prepare_and_pretrain(settings: ExperimentSettings, say: Callable[[str], None] = print,
-                         on_report: Progress | None = None, image_size: int | None = None,
-                         channels: int | None = None) -> tuple[dict, dict, dict]:
+                         on_report: Progress | None = None) -> tuple[dict, dict, dict]:
     """The target, the source at the target's shape, and the backbone pretrained on the source:
     the first steps of `tl run` and of `tl tune` without a base config, the pipeline's first
     three steps."""
     say(f"preparing the target {settings.target}")
-    target = prepare_step(settings.target_prepare(image_size, channels))
+    target = prepare_step(settings.target_prepare())
     packaged = settings.packaged_backbone()
     say(f"the source is the pretrained encoder {packaged}: no source data, no pretraining" if packaged else
         f"preparing the source {settings.source} at the target's shape {target['shape']}")
@@ -268,9 +267,9 @@ def run_step(cfg: ExperimentConfig, on_progress: Callable[[str], None] | None = 
             from tl_core.rank import ranked_source
 
             target, source, pretrain, ranking = ranked_source(
-                cfg, say, lambda: prepare_step(cfg.target_prepare(cfg.image_size, cfg.channels)))
+                cfg, say, lambda: prepare_step(cfg.target_prepare()))
         else:
-            target, source, pretrain = prepare_and_pretrain(cfg, say, on_report, cfg.image_size, cfg.channels)
+            target, source, pretrain = prepare_and_pretrain(cfg, say, on_report)
         strategies = with_teachers_first(cfg.strategies)
         labels = cfg.shots != 0
         baseline = "scratch" if labels else SOURCE_ONLY
