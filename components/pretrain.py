@@ -18,8 +18,8 @@ def pretrain(data: Input[Dataset], model: str, pretrain_epochs: int, pretrain_lr
     from tl_core.config import ExperimentSettings
     from tl_core.steps import pretrain_source
 
-    settings = ExperimentSettings(model=model, pretrain_epochs=pretrain_epochs, pretrain_lr=pretrain_lr,
-                                  batch_size=batch_size, augment=augment, workers=workers)
+    settings = ExperimentSettings.of_step(model=model, pretrain_epochs=pretrain_epochs, pretrain_lr=pretrain_lr,
+                                          batch_size=batch_size, augment=augment, workers=workers)
     result = pretrain_source(settings, {**artifacts.summary(data), "path": artifacts.uri(data)})
     artifacts.save(checkpoint, result["checkpoint"], result)
     artifacts.log_metrics(metrics, result["metrics"] or {})

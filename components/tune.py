@@ -6,8 +6,8 @@ from components import tl_component
 
 
 @tl_component
-def tune(data: Input[Dataset], backbone: Input[Model], source: Input[Dataset], strategy: str, shots: int, epochs: int,
-         lr: float, batch_size: int, augment: int, workers: int, search_space: str, num_samples: int,
+def tune(data: Input[Dataset], backbone: Input[Model], source: Input[Dataset], strategy: str, model: str, shots: int,
+         epochs: int, lr: float, batch_size: int, augment: int, workers: int, search_space: str, num_samples: int,
          metrics: Output[Metrics]) -> str:
     """Search `search_space` (JSON: setting -> {"loguniform": [lo, hi]} | {"choice": [...]} | ...)
     around the transfer config `tl run` would train; returns the best config (TrainConfig JSON)."""
@@ -17,8 +17,8 @@ def tune(data: Input[Dataset], backbone: Input[Model], source: Input[Dataset], s
     from tl_core.config import ExperimentSettings
     from tl_core.tune import SearchConfig, run_search
 
-    settings = ExperimentSettings(shots=shots, epochs=epochs, lr=lr, batch_size=batch_size, augment=augment,
-                                  workers=workers)
+    settings = ExperimentSettings.of_step(model=model, shots=shots, epochs=epochs, lr=lr, batch_size=batch_size,
+                                          augment=augment, workers=workers)
     base = settings.search_base(artifacts.uri(data), artifacts.uri(backbone), strategy, artifacts.uri(source))
     # resume: a retried step finishes the search it started (finished trials kept), or gives back
     # the result of one that had finished.

@@ -29,7 +29,7 @@ from components.pretrain import pretrain
 from components.registry import promote, register
 from components.transfer import transfer
 from components.tune import tune
-from tl_core.config import PipelineConfig
+from tl_core.config import BY_RECIPE, PipelineConfig
 from tl_core.monitor import NO_DRIFT
 
 NAME = "tl-transfer"
@@ -75,7 +75,7 @@ def _step(task: dsl.PipelineTask, cache: bool = True) -> dsl.PipelineTask:
 # its TrainConfig from them with the ExperimentSettings method that `tl run` uses too, so the same
 # settings make the same checkpoints (and reuse them) whichever runs them.
 PRETRAINING = ("model", "pretrain_epochs", "pretrain_lr", "batch_size", "augment", "workers")
-TRANSFER = ("shots", "epochs", "lr", "batch_size", "augment", "workers")
+TRANSFER = ("model", "shots", "epochs", "lr", "batch_size", "augment", "workers")
 TEXT_LAYOUT = ("text_column", "label_column", "header")
 IMAGE_SHAPE = ("image_size", "channels")  # of the target as prepared; 0: the target's own
 
@@ -84,17 +84,19 @@ def arguments(cfg: PipelineConfig) -> dict:
     """The pipeline's arguments for `cfg`: its fields, with "all labels" as shots=-1 (a KFP
     parameter is an int; tl_core.config reads -1 as all), and a setting left unset (None) as "" for
     a text column's name, 0 for the image's shape (KFP takes no None; the prepare step reads both
-    as unset)."""
+    as unset); a training setting a recipe may set (BY_RECIPE: epochs, lr, batch_size), not given,
+    as 0: each step takes the model's recipe for its strategy there, as `tl run` does."""
     values = {k: "" if v is None else v for k, v in cfg.model_dump().items()}
-    return values | {"shots": -1 if cfg.shots is None else cfg.shots} | {k: getattr(cfg, k) or 0 for k in IMAGE_SHAPE}
+    return values | {"shots": -1 if cfg.shots is None else cfg.shots} | {k: getattr(cfg, k) or 0 for k in IMAGE_SHAPE} | {
+        k: type(getattr(cfg, k))(0) for k in BY_RECIPE if k not in cfg.model_fields_set}
 
 
 @dsl.pipeline(name="tl-release", description="transfer -> evaluate -> register -> promote if the gate passes")
 def release(data: dsl.Input[dsl.Dataset], backbone: dsl.Input[dsl.Model], source: dsl.Input[dsl.Dataset], tuned: str,
-            backbone_choice: str, strategy: str, shots: int, epochs: int, lr: float, batch_size: int, augment: int,
-            workers: int, min_accuracy: float, min_delta: float, model_name: str):
-    trained = _step(transfer(data=data, backbone=backbone, source=source, strategy=strategy, tuned=tuned, shots=shots,
-                             epochs=epochs, lr=lr, batch_size=batch_size, augment=augment, workers=workers,
+            backbone_choice: str, strategy: str, model: str, shots: int, epochs: int, lr: float, batch_size: int,
+            augment: int, workers: int, min_accuracy: float, min_delta: float, model_name: str):
+    trained = _step(transfer(data=data, backbone=backbone, source=source, strategy=strategy, tuned=tuned, model=model,
+                             shots=shots, epochs=epochs, lr=lr, batch_size=batch_size, augment=augment, workers=workers,
                              backbone_choice=backbone_choice))
     checkpoint = trained.outputs["checkpoint"]
     scored = _step(evaluate(model=checkpoint, data=data))

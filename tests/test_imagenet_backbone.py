@@ -71,20 +71,30 @@ def test_it_loads_offline_and_refuses_what_it_cannot_read(monkeypatch):
         create_model(NAME, 2, in_channels=3, weights="IMAGENET1K_V1")
 
 
-def test_tl_run_trains_the_photo_network_with_its_own_short_recipes():
+def test_tl_run_tune_and_the_pipeline_train_the_photo_network_with_its_own_short_recipes():
     # The shared default is 100 transfer epochs (sized for 8 x 8 digits); on 224 px photos each
     # epoch costs seconds a batch on 2 cores, so the model brings its own (tl_core/recipes.py).
-    from tl_core.config import ExperimentConfig
+    from pipelines.transfer import arguments
+    from tl_core.config import ExperimentConfig, ExperimentSettings, PipelineConfig, SearchSettings
 
     cfg = ExperimentConfig(target="imagefolder:photos", model=NAME, shots=5)
     for strategy in ("scratch", "finetune"):
         assert cfg.recipe(strategy)["epochs"] <= 10 and cfg.recipe(strategy)["checkpoint_every"] == 0
     assert cfg.recipe("finetune")["backbone_lr_mult"] < 1
-    run = cfg.transfer("data", f"packaged:{NAME}", "finetune", **cfg.recipe("finetune"))
+    run = cfg.transfer("data", f"packaged:{NAME}", "finetune")
     assert run.epochs == cfg.recipe("finetune")["epochs"] and run.checkpoint_every == 0
     # A setting given explicitly still wins over the model's recipe.
     explicit = ExperimentConfig(target="imagefolder:photos", model=NAME, epochs=3)
-    assert explicit.transfer("data", f"packaged:{NAME}", "finetune", **explicit.recipe("finetune")).epochs == 3
+    assert explicit.transfer("data", f"packaged:{NAME}", "finetune").epochs == 3
+    # tl tune's search starts from the same run; the pipeline sends a setting not given as 0, and
+    # its steps (ExperimentSettings.of_step) train what tl run trains with the same flags.
+    assert SearchSettings(model=NAME).search_base("data", f"packaged:{NAME}", "finetune")["epochs"] == run.epochs
+    for given in ({}, {"epochs": 3}):
+        sent = arguments(PipelineConfig(model=NAME, strategy="finetune", **given))
+        assert sent["epochs"] == given.get("epochs", 0) and sent["batch_size"] == 0 and sent["lr"] == 0.0
+        step = ExperimentSettings.of_step(**{k: sent[k] for k in ("model", "shots", "epochs", "lr", "batch_size")})
+        in_run = ExperimentConfig(model=NAME, **given).transfer("data", f"packaged:{NAME}", "finetune")
+        assert step.transfer("data", f"packaged:{NAME}", "finetune") == in_run
 
 
 # -- an independent reading of the packaged weights ------------------------------------------

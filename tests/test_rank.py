@@ -311,9 +311,9 @@ def test_the_pipelines_transfer_step_ranks_its_own_pretrained_source_among_the_c
     checkpoint = SimpleNamespace(path=str(module_workdir / "checkpoint-out.json"), metadata={})
     logged = {}
     transfer.python_func(data=given("data", data.path), backbone=given("backbone", str(pretrained)),
-                         source=given("source", data.path), strategy="linear-probe", shots=3, epochs=5, lr=0.01,
-                         batch_size=64, augment=0, workers=1, tuned="{}", backbone_choice="auto", checkpoint=checkpoint,
-                         metrics=SimpleNamespace(log_metric=logged.__setitem__))
+                         source=given("source", data.path), strategy="linear-probe", model="small_cnn", shots=3,
+                         epochs=5, lr=0.01, batch_size=64, augment=0, workers=1, tuned="{}", backbone_choice="auto",
+                         checkpoint=checkpoint, metrics=SimpleNamespace(log_metric=logged.__setitem__))
     summary = json.loads(Path(checkpoint.path).read_text())["summary"]
     ranking = summary["rank"]
     assert str(pretrained) in [r["candidate"] for r in ranking["table"]]

@@ -92,9 +92,9 @@ def test_a_bad_flag_value_is_one_error_line(workdir):
 
 def test_tl_run_recipes_give_each_strategy_its_own_settings_and_nothing_else(workdir, tmp_path):
     cfg = ExperimentConfig(recipes={"linear-probe": {"lr": 0.05}, "scratch": {"epochs": 60}})
-    assert cfg.transfer("d", "b", "linear-probe", 0, **cfg.recipe("linear-probe")).lr == 0.05
-    assert cfg.transfer("d", "b", "finetune", 0, **cfg.recipe("finetune")).lr == cfg.lr  # no recipe: the shared lr
-    assert cfg.transfer("d", "b", "scratch", 0, **cfg.recipe("scratch")).epochs == 60
+    assert cfg.transfer("d", "b", "linear-probe", 0).lr == 0.05
+    assert cfg.transfer("d", "b", "finetune", 0).lr == cfg.lr  # no recipe: the shared lr
+    assert cfg.transfer("d", "b", "scratch", 0).epochs == 60
     for recipes, expected in [
         ("{setfit: {lr: 1}}", "recipes has settings for 'setfit', which this run does not train"),
         ("{finetune: {shots: 3}}", "'shots' is not a setting a recipe can change"),

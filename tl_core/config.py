@@ -146,6 +146,9 @@ HEAD_SOLVED = ("linear-probe", "setfit")  # a linear head on fixed features: sol
 # What a tl run recipe may not change: what makes its runs comparable (the same data, labels and
 # seeds) and what tl run wires itself (the backbone, the source, distill's teacher).
 RECIPE_FIXED = ("data", "strategy", "backbone", "shots", "seed", "source_data", "teacher")
+# The shared training settings a model's recipe may set (tl_core/recipes.py): the pipeline sends
+# one not given as 0, which its steps read as "the recipe's" (ExperimentSettings.of_step).
+BY_RECIPE = ("epochs", "lr", "batch_size")
 
 
 class TrainConfig(StepConfig):
@@ -327,9 +330,24 @@ class ExperimentSettings(StepConfig):
                            lr=self.pretrain_lr, batch_size=self.batch_size, augment=self.augment,
                            workers=self.workers, eval_every=5)
 
+    def recipe(self, strategy: str) -> dict:
+        """The settings of `strategy`'s runs that differ from the shared ones: the model's default
+        recipe (tl_core/recipes.py), less the shared settings given explicitly (a flag, a config
+        file's top level, a pipeline parameter other than 0), which win over it."""
+        from tl_core.recipes import default_recipe
+
+        return {k: v for k, v in default_recipe(self.model, strategy).items() if k not in self.model_fields_set}
+
+    @classmethod
+    def of_step(cls, **values) -> "ExperimentSettings":
+        """The settings a pipeline step was given: one of BY_RECIPE sent as 0 was not given (KFP
+        has no None), so the model's recipe for the strategy, else the shared default, fills it."""
+        return cls(**{k: v for k, v in values.items() if k not in BY_RECIPE or v})
+
     def transfer(self, target_data: str, backbone: str, strategy: str, seed: int = 0, source_data: str | None = None,
                  teacher: str | None = None, **settings) -> TrainConfig:
-        """A transfer of `backbone` to the target; the source goes to the strategies that read it."""
+        """A transfer of `backbone` to the target with `strategy`'s recipe (`recipe`); the source goes
+        to the strategies that read it."""
         from tl_core.checkpoints import PACKAGED
 
         if strategy not in TrainConfig.strategy_options()["source_data"] or str(source_data).startswith(PACKAGED):
@@ -339,7 +357,8 @@ class ExperimentSettings(StepConfig):
         return TrainConfig(**{"data": target_data, "backbone": backbone, "strategy": strategy, "shots": self.shots,
                               "seed": seed, "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
                               "augment": self.augment, "workers": self.workers, "eval_every": 10,
-                              "checkpoint_every": 10, "source_data": source_data, **settings})
+                              "checkpoint_every": 10, "source_data": source_data, **self.recipe(strategy),
+                              **settings})
 
     def search_base(self, target_data: str, backbone: str, strategy: str, source_data: str | None = None) -> dict:
         """The transfer a search (`tl tune`, the pipeline's HPO step) starts from: the one above,
@@ -412,13 +431,9 @@ class ExperimentConfig(ExperimentSettings):
         return self
 
     def recipe(self, strategy: str) -> dict:
-        """The settings of `strategy`'s runs that differ from the shared ones: the model's default
-        recipe (tl_core/recipes.py), overridden setting by setting by the config file's `recipes:`."""
-        from tl_core.recipes import default_recipe
-
-        # A shared setting given explicitly (a flag, or the file's top level) wins over the default recipe
-        defaults = {k: v for k, v in default_recipe(self.model, strategy).items() if k not in self.model_fields_set}
-        return {**defaults, **self.recipes.get(strategy, {})}
+        """The model's default recipe (less the shared settings given explicitly), overridden
+        setting by setting by the config file's `recipes:`."""
+        return {**super().recipe(strategy), **self.recipes.get(strategy, {})}
 
 
 class SearchSettings(ExperimentSettings):

@@ -131,19 +131,21 @@ def pretrain_step(cfg: TrainConfig, on_report: Progress | None = None, force: bo
     return train_step(cfg, "pretrain", on_report, force)
 
 
-def transfer_step(cfg: TrainConfig, on_report: Progress | None = None, force: bool = False, baseline: bool = True) -> dict:
-    """Transfer with `cfg.strategy`, measured against the scratch baseline on the same labels."""
+def transfer_step(cfg: TrainConfig, on_report: Progress | None = None, force: bool = False, baseline: bool = True,
+                  recipes: dict[str, dict] | None = None) -> dict:
+    """Transfer with `cfg.strategy`, measured against the scratch baseline on the same labels.
+    `recipes`: auto's candidates' (ExperimentSettings.recipe; None: the model's defaults)."""
     from tl_core.config import AUTO
     from tl_core.strategies import STRATEGIES
 
     if cfg.backbone == AUTO:  # the backbone `tl rank` puts first on these shots, the ranking kept with the run
         from tl_core.rank import with_ranked_backbone
 
-        return with_ranked_backbone(cfg, lambda chosen: transfer_step(chosen, on_report, force, baseline))
+        return with_ranked_backbone(cfg, lambda chosen: transfer_step(chosen, on_report, force, baseline, recipes))
     if cfg.strategy == AUTO:  # a strategy chosen by validation on the labels, then trained (tl_core/auto.py)
         from tl_core.auto import auto_step
 
-        return auto_step(cfg, None, on_report, force, baseline)
+        return auto_step(cfg, recipes, on_report, force, baseline)
 
     # No scratch baseline where it cannot be trained (no labels) or scores something else than
     # the strategy does (few-shot episodes, zero-shot); those report against their own baselines.
@@ -285,8 +287,8 @@ def run_step(cfg: ExperimentConfig, on_progress: Callable[[str], None] | None = 
             done = {}
             if labels:
                 say(f"seed {seed}: scratch baseline on {cfg.shots or 'all'} shots per class")
-                done["scratch"] = train_step(cfg.transfer(target["path"], pretrain["checkpoint"], "scratch", seed,
-                                                          **cfg.recipe("scratch")), "transfer", on_report)
+                done["scratch"] = train_step(cfg.transfer(target["path"], pretrain["checkpoint"], "scratch", seed),
+                                             "transfer", on_report)
                 results.append(done["scratch"])
             if classic:
                 say(f"seed {seed}: {TFIDF_LR} on the same labels")
@@ -296,7 +298,7 @@ def run_step(cfg: ExperimentConfig, on_progress: Callable[[str], None] | None = 
                 say(f"seed {seed}: {strategy}")
                 teacher = done.get("finetune", {}).get("checkpoint")
                 run_cfg = cfg.transfer(target["path"], pretrain["checkpoint"], strategy, seed,
-                                       source_data=source_data, teacher=teacher, **cfg.recipe(strategy))
+                                       source_data=source_data, teacher=teacher)
                 if strategy == AUTO:  # chooses among the candidates with their recipes: this run's
                     from tl_core.auto import auto_step, candidate_names
 
