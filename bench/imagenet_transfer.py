@@ -3,6 +3,8 @@
     .venv/bin/python bench/imagenet_transfer.py                       # writes bench/imagenet_transfer.{json,md}
     .venv/bin/python bench/imagenet_transfer.py --data DIR            # any ImageFolder (train/ + val/, or one folder)
     .venv/bin/python bench/imagenet_transfer.py --strategies linear-probe,finetune,scratch --seeds 0,1,2
+    .venv/bin/python bench/imagenet_transfer.py --strategies linear-probe,distill --speed-epochs 0 \
+        --out bench/imagenet_distill                                 # the distill rows (bench/imagenet_transfer.md)
 
 Data: hymenoptera (../shared/data/hymenoptera; its val split is the test split), prepared at
 224 px by `tl prepare`. Shots 5, 10 and all a class, seeds 0-2, the same labels for every
@@ -19,6 +21,11 @@ core `tl transfer` runs, with the recipe `tl run` gives the model (tl_core/recip
 - scratch: the same network from random init, same labels, crops and budget.
 - auto: `--strategy auto` (tl_core/auto.py) on the same labels at 5 and 10 shots: linear-probe,
   finetune and scratch validated on folds of the labels (never the test split), the winner refitted.
+- distill (not in the default list: about 5 minutes a run here): the seed's linear-probe as the
+  teacher, a student EfficientNet-Lite0 from the packaged weights trained on the labels and on
+  the teacher's soft labels of every other training photo (`use_unlabeled`, the way `tl run`
+  wires its distill row), with distill's recipe; at 5 and 10 shots (with all labels there is no
+  unlabeled photo left).
 
 And the training loop's speed: the seconds an epoch of finetune takes (with all labels: 245
 photos, decoded and cropped every epoch) against a plain torchvision-style loop on the same
@@ -86,6 +93,7 @@ def transfer(data_path: str, strategy: str, shots, seed: int, **override) -> dic
     metrics = result.checkpoint["metrics"]
     epochs = [h["epoch_seconds"] for h in result.checkpoint["history"]]
     return {"accuracy": metrics["test_accuracy"], "seconds": metrics["train_seconds"], "reused": result.reused,
+            "checkpoint": result.checkpoint_uri,
             "epochs": len(epochs), "seconds_per_epoch": statistics.mean(epochs[1:] or epochs) if epochs else None,
             "feature_cache_hit": metrics.get("feature_cache_hit")}
 
@@ -104,6 +112,13 @@ def auto(data_path: str, shots, seed: int) -> dict:
     return {"accuracy": result["metrics"]["accuracy"], "seconds": result["train_seconds"],
             "reused": result["reused"],  # the refit's (a search asked again resumes, and reuses its trials, by name)
             "choice": result["auto"]["choice"], "reason": result["auto"]["reason"]}
+
+
+def distill(data_path: str, shots, seed: int) -> dict:
+    """The seed's probe (trained above, so reused) teaching a student from the packaged weights on
+    the labels and the soft labels of the rest of the training photos."""
+    teacher = transfer(data_path, "linear-probe", shots, seed)["checkpoint"]
+    return {**transfer(data_path, "distill", shots, seed, teacher=teacher, use_unlabeled=True), "teacher": teacher}
 
 
 def recipe(strategy: str) -> dict:
@@ -224,10 +239,14 @@ def main() -> None:
             cheap = strategy in ("linear-probe", "sklearn-lr")  # on cached features
             if not cheap and shots not in (auto_shots if strategy == "auto" else trained_shots):
                 continue
+            if strategy == "distill" and shots is None:  # no unlabeled photo to learn the teacher's labels on
+                continue
             all_seeds = [int(x) for x in args.all_seeds.split(",")] if args.all_seeds and shots is None else None
             for seed in seeds if cheap else (all_seeds or trained_seeds):
                 run = (sklearn_lr(data.path, shots, seed) if strategy == "sklearn-lr" else
-                       auto(data.path, shots, seed) if strategy == "auto" else transfer(data.path, strategy, shots, seed))
+                       auto(data.path, shots, seed) if strategy == "auto" else
+                       distill(data.path, shots, seed) if strategy == "distill" else
+                       transfer(data.path, strategy, shots, seed))
                 rows.append({"shots": shots, "strategy": strategy, "seed": seed, **run})
                 print(f"shots {shots_name(shots)} {strategy} seed {seed}: {100 * run['accuracy']:.1f} % "
                       f"in {run['seconds']:.1f} s", flush=True)
