@@ -318,8 +318,7 @@ class ExperimentSettings(StepConfig):
 
     def target_prepare(self) -> PrepareConfig:
         return PrepareConfig(uri=self.target, image_size=self.image_size, channels=self.channels,
-                             text_column=self.text_column,
-                             label_column=self.label_column, header=self.header)
+                             text_column=self.text_column, label_column=self.label_column, header=self.header)
 
     def source_prepare(self, target_shape: list[int]) -> PrepareConfig:
         """The source at the target's shape: a backbone takes the images it will be transferred to."""
