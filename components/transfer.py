@@ -18,7 +18,6 @@ def transfer(data: Input[Dataset], backbone: Input[Model], source: Input[Dataset
     import json
 
     from components import artifacts
-    from tl_core.auto import candidate_names
     from tl_core.config import AUTO, ExperimentSettings, TrainConfig
     from tl_core.rank import with_ranked_backbone
     from tl_core.steps import transfer_step
@@ -29,7 +28,7 @@ def transfer(data: Input[Dataset], backbone: Input[Model], source: Input[Dataset
     cfg = TrainConfig(**best) if best else settings.transfer(
         artifacts.uri(data), artifacts.uri(backbone), strategy, source_data=artifacts.uri(source))
     # auto's candidates each with its recipe, less the settings given (as tl run's auto row)
-    recipes = {s: settings.recipe(s) for s in candidate_names(cfg)} if cfg.strategy == AUTO else None
+    recipes = settings.candidate_recipes(cfg) if cfg.strategy == AUTO else None
     if backbone_choice == AUTO:
         result = with_ranked_backbone(cfg, lambda chosen: transfer_step(chosen, recipes=recipes),
                                       also=[artifacts.uri(backbone)])

@@ -337,6 +337,12 @@ class ExperimentSettings(StepConfig):
 
         return {k: v for k, v in default_recipe(self.model, strategy).items() if k not in self.model_fields_set}
 
+    def candidate_recipes(self, cfg: TrainConfig) -> dict[str, dict]:
+        """`--strategy auto`'s candidates for `cfg`, each with its `recipe`."""
+        from tl_core.auto import candidate_names
+
+        return {s: self.recipe(s) for s in candidate_names(cfg)}
+
     @classmethod
     def of_step(cls, **values) -> "ExperimentSettings":
         """The settings a pipeline step was given: one of BY_RECIPE sent as 0 was not given (KFP

@@ -300,10 +300,9 @@ def run_step(cfg: ExperimentConfig, on_progress: Callable[[str], None] | None = 
                 run_cfg = cfg.transfer(target["path"], pretrain["checkpoint"], strategy, seed,
                                        source_data=source_data, teacher=teacher)
                 if strategy == AUTO:  # chooses among the candidates with their recipes: this run's
-                    from tl_core.auto import auto_step, candidate_names
+                    from tl_core.auto import auto_step
 
-                    recipes = {s: cfg.recipe(s) for s in candidate_names(run_cfg)}
-                    done[strategy] = auto_step(run_cfg, recipes, on_report, say=say,
+                    done[strategy] = auto_step(run_cfg, cfg.candidate_recipes(run_cfg), on_report, say=say,
                                                scratch_accuracy=reference["metrics"]["accuracy"])
                 else:
                     done[strategy] = train_step(run_cfg, "transfer", on_report,
