@@ -79,6 +79,30 @@ def test_auto_chooses_on_folds_of_the_labels_never_the_test_split_and_refits_on_
     assert "gain_over_scratch" in result
 
 
+@pytest.mark.timeout(600)
+def test_the_seeds_of_a_run_are_chosen_in_one_search_each_on_its_own_labels(digits, local_ray):
+    """`tl run`'s auto row: every seed's trials in one search (its trial processes start once, not
+    once a seed), and each seed scored on its own folds, as it is alone."""
+    from tl_core.auto import CHEAP, choose, choose_each
+
+    _, cfg = digits
+    runs = [cfg, cfg.model_copy(update={"seed": 1})]
+    together = choose_each(runs, say=lambda line: None)
+    assert together[0].search is together[1].search and len(together[0].search["trials"]) == 2 * 12
+    assert {t["params"]["seed"] for t in together[0].search["trials"]} == {0, 1}
+    for run, choice in zip(runs, together):
+        alone = choose(run, say=lambda line: None)
+        assert alone.search["name"] != choice.search["name"] and len(alone.search["trials"]) == 12
+        for name, candidate in alone.candidates.items():  # solved or untrained: the same; trained: within an image
+            assert choice.candidates[name]["folds_run"] == candidate["folds_run"]
+            assert choice.candidates[name]["val_accuracy"] == pytest.approx(candidate["val_accuracy"],
+                                                                            abs=0 if name in CHEAP else 0.11)
+        best = max(c["val_accuracy"] for c in choice.candidates.values())
+        assert choice.candidates[choice.strategy]["val_accuracy"] == best and choice.config.seed == run.seed
+    with pytest.raises(ValueError, match="distinct seeds"):
+        choose_each([cfg, cfg.model_copy(update={"shots": 3})])
+
+
 def test_one_label_a_class_falls_back_to_the_stated_rule(digits):
     from tl_core.auto import choose
 

@@ -16,6 +16,8 @@ retraining job cannot fix one. `auto` tries the candidates and keeps the one tha
                  Its score is its mean validation accuracy over the folds it ran.
     search       one Ray Tune search through the same `run_search` as `tl tune`: each (candidate,
                  fold) a trial, so a cluster trains them in parallel; every trial is an MLflow run.
+                 `tl run` puts every seed's trials into one search (`choose_each`): a search's
+                 trial processes start and import torch once, a few seconds on 2 CPUs.
     choice       the highest score. A tie (frequent: a fold of 10 images scores in steps of 0.1) goes
                  first to the better score on fold 0, the fold every candidate ran: the same held-out
                  labels, so a paired comparison (MNIST -> USPS at 10 shots, seed 0: finetune 0.95 on
@@ -126,26 +128,58 @@ def candidate_config(cfg: TrainConfig, strategy: str, recipe: dict) -> TrainConf
 def choose(cfg: TrainConfig, recipes: dict[str, dict] | None = None, say=print) -> Choice:
     """The candidate that validates best on the labels of `cfg` (never the test split), as the
     config to refit on all labels. `recipes`: strategy -> settings (default: the model's own)."""
+    return choose_each([cfg], recipes, say)[0]
+
+
+def choose_each(cfgs: list[TrainConfig], recipes: dict[str, dict] | None = None, say=print) -> list[Choice]:
+    """`choose` for one run on several seeds (`tl run`'s auto row), in one search: its trial
+    processes start and import torch once (about 3 s a search on 2 CPUs), not once a seed. Each
+    seed is chosen on its own labels and folds; each Choice's seconds are its share of the search."""
+    started = time.perf_counter()
+    if len({c.seed for c in cfgs}) != len(cfgs) or any(c.model_copy(update={"seed": 0}) != cfgs[0].model_copy(
+            update={"seed": 0}) for c in cfgs):
+        raise ValueError("choose_each takes one run's config on distinct seeds")
+    if cfgs[0].shots == 0:
+        raise UserError("--strategy auto chooses by validation on labels, and shots 0 gives none: give --shots N, or "
+                        "pick a strategy that adapts to unlabeled images (dann, mcc)")
+    prefix = (lambda seed: f"auto, seed {seed}") if len(cfgs) > 1 else (lambda seed: "auto")
+    names = candidate_names(cfgs[0])
+    chosen: dict[int, Choice] = {}
+    validated: dict[int, tuple[dict[str, TrainConfig], int]] = {}  # seed -> its candidates' configs, k
+    for cfg in cfgs:
+        configs = {s: candidate_config(cfg, s, recipe_for(cfg, recipes, s)) for s in names}
+        k = fold_count(cfg)
+        if k < 2:
+            rule, why = fallback(cfg)
+            reason = f"fewer than 2 labels in some class: nothing to validate on, so the stated rule: {rule} ({why})"
+            say(f"{prefix(cfg.seed)}: {reason}")
+            chosen[cfg.seed] = Choice(rule, configs[rule], reason, 0, {}, None, 0.0)
+        else:
+            validated[cfg.seed] = configs, k
+    if validated:
+        summary = run_validation(validated, names, say)
+        share = (time.perf_counter() - started) / len(validated)
+        for seed, (configs, k) in validated.items():
+            candidates = scored_candidates(summary["trials"], seed, names, k)
+            if not any(c["val_accuracy"] is not None for c in candidates.values()):
+                raise UserError(f"auto: no candidate finished its validation (search {summary['name']}); see its "
+                                "trials in MLflow")
+            best = best_candidate(candidates)
+            reason = reason_for(best, candidates, names)
+            say(f"{prefix(seed)}: chose {best}: {reason}")
+            chosen[seed] = Choice(best, configs[best], reason, k, candidates, summary, share)
+    return [chosen[cfg.seed] for cfg in cfgs]
+
+
+def run_validation(validated: dict[int, tuple[dict[str, TrainConfig], int]], names: list[str], say) -> dict:
+    """One Ray Tune search with every (seed, candidate, fold) a trial (`run_search`, as `tl tune`:
+    a cluster trains them in parallel, every trial is an MLflow run); returns its summary.
+    Validated after every epoch, as a search compares trials; only the final model is kept."""
     from tl_core.tune.search import run_search
     from tl_core.tune.space import SearchConfig
 
-    started = time.perf_counter()
-    if cfg.shots == 0:
-        raise UserError("--strategy auto chooses by validation on labels, and shots 0 gives none: give --shots N, or "
-                        "pick a strategy that adapts to unlabeled images (dann, mcc)")
-    names = candidate_names(cfg)
-    configs = {s: candidate_config(cfg, s, recipe_for(cfg, recipes, s)) for s in names}
-    k = fold_count(cfg)
-    if k < 2:
-        rule, why = fallback(cfg)
-        reason = f"fewer than 2 labels in some class: nothing to validate on, so the stated rule: {rule} ({why})"
-        say(f"auto: {reason}")
-        return Choice(rule, configs[rule], reason, 0, {}, None, time.perf_counter() - started)
-
-    # Every candidate a point of one search: its settings and the fold it validates on.
-    # (Validated after every epoch as a search compares trials; only the final model is kept.)
     points = [{**configs[s].model_dump(), "cv_folds": k, "cv_fold": fold, "eval_every": 1, "checkpoint_every": 0}
-              for s in names for fold in (range(k) if s in CHEAP else [0])]
+              for configs, k in validated.values() for s in names for fold in (range(k) if s in CHEAP else [0])]
     varying = sorted({key for p in points for key in p if len({repr(q[key]) for q in points}) > 1})
     search = SearchConfig(
         base=points[0],
@@ -157,20 +191,31 @@ def choose(cfg: TrainConfig, recipes: dict[str, dict] | None = None, say=print) 
         name=f"auto-{storage.sha256_bytes(json.dumps(points, sort_keys=True, default=str).encode())[:12]}",
         resume=True,
     )
-    say(f"auto: {len(names)} candidates ({', '.join(names)}), {len(points)} trials on {k} folds of the labels")
-    summary = run_search(search)
+    folds = sorted({k for _, k in validated.values()})
+    seeds = f" of seeds {', '.join(map(str, validated))}" if len(validated) > 1 else ""
+    say(f"auto: {len(names)} candidates ({', '.join(names)}), {len(points)} trials on "
+        f"{'/'.join(map(str, folds))} folds of the labels{seeds}")
+    return run_search(search)
+
+
+def scored_candidates(trials: list[dict], seed: int, names: list[str], k: int) -> dict[str, dict]:
+    """Each candidate's validation on `seed`'s folds: the mean over the folds its trials finished.
+    (A trial's params hold only what varies between trials: a seed or fold they all share is left out.)"""
     scores: dict[str, dict[int, float]] = {s: {} for s in names}  # candidate -> fold -> validation accuracy
-    for trial in summary["trials"]:
-        strategy = trial["params"].get("strategy", names[0])
+    for trial in trials:
+        params = trial["params"]
+        if params.get("seed", seed) != seed:
+            continue
+        strategy = params.get("strategy", names[0])
         if trial["status"] == "completed" and trial["val_accuracy"] is not None:
-            scores[strategy][trial["params"].get("cv_fold", 0)] = trial["val_accuracy"]
-    candidates = {s: {"val_accuracy": statistics.mean(v.values()) if v else None, "folds_run": len(v),
-                      "fold0_accuracy": v.get(0), "validation": f"{k}-fold" if s in CHEAP else f"1 held-out fold of {k}"}
-                  for s, v in scores.items()}
+            scores[strategy][params.get("cv_fold", 0)] = trial["val_accuracy"]
+    return {s: {"val_accuracy": statistics.mean(v.values()) if v else None, "folds_run": len(v),
+                "fold0_accuracy": v.get(0), "validation": f"{k}-fold" if s in CHEAP else f"1 held-out fold of {k}"}
+            for s, v in scores.items()}
+
+
+def reason_for(best: str, candidates: dict[str, dict], names: list[str]) -> str:
     ranked = [s for s in names if candidates[s]["val_accuracy"] is not None]
-    if not ranked:
-        raise UserError(f"auto: no candidate finished its validation (search {summary['name']}); see its trials in MLflow")
-    best = best_candidate(candidates)
     others = ", ".join(f"{s} {candidates[s]['val_accuracy']:.3f}" for s in ranked if s != best)
     reason = (f"highest validation accuracy on the labels: {best} {candidates[best]['val_accuracy']:.3f} "
               f"({candidates[best]['validation']}) against {others or 'no other candidate'}")
@@ -180,8 +225,7 @@ def choose(cfg: TrainConfig, recipes: dict[str, dict] | None = None, say=print) 
                            if candidates[s]["fold0_accuracy"] is not None)
         reason += (f"; tied with {', '.join(tied)}: a tie goes to the better score on fold 0, which every candidate "
                    f"ran ({shared}), then to the score on more folds, then to the order {', '.join(PREFERENCE)}")
-    say(f"auto: chose {best}: {reason}")
-    return Choice(best, configs[best], reason, k, candidates, summary, time.perf_counter() - started)
+    return reason
 
 
 def fallback(cfg: TrainConfig) -> tuple[str, str]:
@@ -227,10 +271,12 @@ def _distinct(values: list) -> list:
 
 
 def auto_step(cfg: TrainConfig, recipes: dict[str, dict] | None = None, on_report=None, force: bool = False,
-              baseline: bool = True, say=print, scratch_accuracy: float | None = None) -> dict:
-    """`tl transfer --strategy auto` and `tl run`'s auto row: choose, refit the winner on all the
-    labels (measured against scratch, as every transfer), and log the candidates, the choice and
-    the reason to MLflow."""
+              baseline: bool = True, say=print, scratch_accuracy: float | None = None,
+              choice: Choice | None = None) -> dict:
+    """`tl transfer --strategy auto` and `tl run`'s auto row: choose (unless `choice` was made
+    already, by `choose_each` for every seed of a run), refit the winner on all the labels
+    (measured against scratch, as every transfer), and log the candidates, the choice and the
+    reason to MLflow."""
     import mlflow
 
     from tl_core import tracking
@@ -238,7 +284,7 @@ def auto_step(cfg: TrainConfig, recipes: dict[str, dict] | None = None, on_repor
 
     with tracking.run(f"transfer auto seed={cfg.seed} shots={cfg.shots}", params=cfg.model_dump(),
                       tags={"tl.step": "transfer", "tl.strategy": "auto"}) as active:
-        choice = choose(cfg, recipes, say)
+        choice = choice or choose(cfg, recipes, say)
         scratch = None  # the baseline on the same labels: given (tl run trained it), or trained here
         if baseline and scratch_accuracy is None:
             scratch = train_step(candidate_config(cfg, "scratch", recipe_for(cfg, recipes, "scratch")), "transfer",

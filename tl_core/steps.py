@@ -283,6 +283,13 @@ def run_step(cfg: ExperimentConfig, on_progress: Callable[[str], None] | None = 
         classic = [TFIDF_LR] if text and labels else []  # the practitioner's baseline, on the same labels
         # a packaged encoder's is no data: the strategies that read data drop it; a ranked candidate has none
         source_data = None if ranking else source["path"]
+        choices = {}
+        if AUTO in strategies:  # every seed's choice in one search (auto.choose_each), refitted below
+            from tl_core.auto import auto_step, choose_each
+
+            autos = [cfg.transfer(target["path"], pretrain["checkpoint"], AUTO, seed, source_data=source_data)
+                     for seed in cfg.seeds]
+            choices = dict(zip(cfg.seeds, choose_each(autos, cfg.candidate_recipes(autos[0]), say)))
         for seed in cfg.seeds:
             done = {}
             if labels:
@@ -299,11 +306,10 @@ def run_step(cfg: ExperimentConfig, on_progress: Callable[[str], None] | None = 
                 teacher = done.get("finetune", {}).get("checkpoint")
                 run_cfg = cfg.transfer(target["path"], pretrain["checkpoint"], strategy, seed,
                                        source_data=source_data, teacher=teacher)
-                if strategy == AUTO:  # chooses among the candidates with their recipes: this run's
-                    from tl_core.auto import auto_step
-
+                if strategy == AUTO:  # the seed's choice (above), refitted on all its labels
                     done[strategy] = auto_step(run_cfg, cfg.candidate_recipes(run_cfg), on_report, say=say,
-                                               scratch_accuracy=reference["metrics"]["accuracy"])
+                                               scratch_accuracy=reference["metrics"]["accuracy"],
+                                               choice=choices[seed])
                 else:
                     done[strategy] = train_step(run_cfg, "transfer", on_report,
                                                 scratch_accuracy=reference["metrics"]["accuracy"])

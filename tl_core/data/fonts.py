@@ -21,7 +21,8 @@ BITMAP = 32
 SYMBOL_FONTS = {"cmex10", "cmsy10", "LastResortHE-Regular"}
 
 
-def font_files(chars: str) -> list[Path]:
+@lru_cache(maxsize=256)  # opening every font file costs ms, and zero-shot asks for each glyph of each class
+def font_files(chars: str) -> tuple[Path, ...]:
     """matplotlib's TrueType fonts that have a distinct glyph for every character."""
     import matplotlib
     from matplotlib.ft2font import FT2Font
@@ -33,7 +34,7 @@ def font_files(chars: str) -> list[Path]:
             continue
         if all(font.get_char_index(ord(c)) for c in chars):
             fonts.append(path)
-    return fonts
+    return tuple(fonts)
 
 
 def _glyph(font, char: str, rng: np.random.Generator) -> np.ndarray | None:

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -223,11 +224,21 @@ def refuse_glyphs_for(model_name: str, cfg) -> None:
                         "`attributes:` signatures), or drop --head-init descriptions")
 
 
+@lru_cache(maxsize=256)  # every evaluation describes the classes again: ~20 ms a glyph to render
+def glyph_renders(glyph: str) -> np.ndarray:
+    """The glyph alone, one render per font that has it: its pictures do not depend on the other classes."""
+    from tl_core.data.fonts import render_characters
+
+    images = render_characters(glyph, variants=1, seed=0)[0].copy()
+    images.flags.writeable = False  # shared by every caller
+    return images
+
+
 def glyph_images(glyphs: list[str], manifest: dict, shape: list[int], margin: float = 0.0) -> torch.Tensor:
     """Each glyph printed in GLYPHS_PER_CLASS fonts, framed as `tl prepare` frames the
     dataset's images (its channels, size, mean and std): (classes, fonts, C, H, W)."""
     from tl_core.data import normalise
-    from tl_core.data.fonts import font_files, render_characters
+    from tl_core.data.fonts import font_files
     from tl_core.data.transforms import convert_channels, resize
 
     unprintable = sorted({g for g in glyphs if not font_files(g)})
@@ -237,8 +248,7 @@ def glyph_images(glyphs: list[str], manifest: dict, shape: list[int], margin: fl
                         "classes by attributes")
     renders = {}
     for glyph in dict.fromkeys(glyphs):
-        # Each glyph alone, one render per font that has it: its pictures do not depend on the other classes.
-        images, _ = render_characters(glyph, variants=1, seed=0)
+        images = glyph_renders(glyph)
         if len(images) < len(font_files(glyph)):
             raise UserError(f"the glyph {glyph!r} prints nothing visible, so it cannot describe a class: name a "
                             "visible character under `glyphs:`")
