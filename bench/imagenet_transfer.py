@@ -5,6 +5,8 @@
     .venv/bin/python bench/imagenet_transfer.py --strategies linear-probe,finetune,scratch --seeds 0,1,2
     .venv/bin/python bench/imagenet_transfer.py --strategies linear-probe,distill --speed-epochs 0 \
         --out bench/imagenet_distill                                 # the distill rows (bench/imagenet_transfer.md)
+    .venv/bin/python bench/imagenet_transfer.py --model efficientnet-lite2 --all-seeds 0 \
+        --speed-epochs 0 --out bench/imagenet_lite2                  # the larger network (bench/imagenet_transfer.md)
 
 Data: hymenoptera (../shared/data/hymenoptera; its val split is the test split), prepared at
 224 px by `tl prepare`. Shots 5, 10 and all a class, seeds 0-2, the same labels for every
@@ -60,7 +62,7 @@ def shots_name(shots) -> str:
     return "all" if shots is None else str(shots)
 
 
-def sklearn_lr(data_path: str, shots, seed: int) -> dict:
+def sklearn_lr(data_path: str, shots, seed: int, model: str = MODEL) -> dict:
     """LogisticRegression on linear-probe's cached features of the same labelled photos."""
     from sklearn.linear_model import LogisticRegression
 
@@ -71,24 +73,25 @@ def sklearn_lr(data_path: str, shots, seed: int) -> dict:
     from tl_core.strategies import create_strategy
 
     started = time.perf_counter()
-    cfg = TrainConfig(data=data_path, strategy="linear-probe", backbone=BACKBONE, shots=shots, seed=seed)
-    data = load_prepared(data_path).normalised_as(INPUT_STATS["efficientnet-lite0"])
+    backbone = f"packaged:{model}"
+    cfg = TrainConfig(data=data_path, strategy="linear-probe", backbone=backbone, shots=shots, seed=seed)
+    data = load_prepared(data_path).normalised_as(INPUT_STATS[model])
     probe = create_strategy(cfg)
-    model, _ = probe.build_model(len(data.classes), data.shape, load_checkpoint(BACKBONE))
+    network, _ = probe.build_model(len(data.classes), data.shape, load_checkpoint(backbone))
     train_idx, _ = sample_shots(data.labels("train"), shots, seed, data.classes)
-    x_train, _ = probe.rows_features(model, data.rows("train", train_idx), data.normalise)  # the cache linear-probe wrote
-    x_test, _ = probe.rows_features(model, data.rows("test"), data.normalise)
+    x_train, _ = probe.rows_features(network, data.rows("train", train_idx), data.normalise)  # the cache linear-probe wrote
+    x_test, _ = probe.rows_features(network, data.rows("test"), data.normalise)
     fitted = LogisticRegression(C=1.0, max_iter=2000).fit(x_train.numpy(), data.labels("train")[train_idx])
     accuracy = float((fitted.predict(x_test.numpy()) == data.labels("test")).mean())
     return {"accuracy": accuracy, "seconds": time.perf_counter() - started, "reused": False}
 
 
-def transfer(data_path: str, strategy: str, shots, seed: int, **override) -> dict:
+def transfer(data_path: str, strategy: str, shots, seed: int, model: str = MODEL, **override) -> dict:
     from tl_core.config import TrainConfig
     from tl_core.train import train
 
-    cfg = TrainConfig(data=data_path, strategy=strategy, backbone=BACKBONE, shots=shots, seed=seed, augment=1,
-                      eval_every=0, **{"checkpoint_every": 0, **recipe(strategy), **override})
+    cfg = TrainConfig(data=data_path, strategy=strategy, backbone=f"packaged:{model}", shots=shots, seed=seed, augment=1,
+                      eval_every=0, **{"checkpoint_every": 0, **recipe(strategy, model), **override})
     result = train(cfg)
     metrics = result.checkpoint["metrics"]
     epochs = [h["epoch_seconds"] for h in result.checkpoint["history"]]
@@ -98,14 +101,14 @@ def transfer(data_path: str, strategy: str, shots, seed: int, **override) -> dic
             "feature_cache_hit": metrics.get("feature_cache_hit")}
 
 
-def auto(data_path: str, shots, seed: int) -> dict:
+def auto(data_path: str, shots, seed: int, model: str = MODEL) -> dict:
     """`--strategy auto` (tl_core/auto.py) on the same labels: its candidates validated on folds of
     them, the winner refitted (the single run of the same recipe, reused where trained above). Its
     seconds: the choosing (the search's wall time) + the refit's training, as bench/auto.py counts."""
     from tl_core.auto import auto_step
     from tl_core.config import TrainConfig
 
-    cfg = TrainConfig(data=data_path, strategy="auto", backbone=BACKBONE, shots=shots, seed=seed, augment=1,
+    cfg = TrainConfig(data=data_path, strategy="auto", backbone=f"packaged:{model}", shots=shots, seed=seed, augment=1,
                       eval_every=0, checkpoint_every=0)
     result = auto_step(cfg, baseline=False, say=lambda line: print(f"  shots {shots_name(shots)} seed {seed}: {line}",
                                                                     flush=True))
@@ -114,21 +117,21 @@ def auto(data_path: str, shots, seed: int) -> dict:
             "choice": result["auto"]["choice"], "reason": result["auto"]["reason"]}
 
 
-def distill(data_path: str, shots, seed: int) -> dict:
+def distill(data_path: str, shots, seed: int, model: str = MODEL) -> dict:
     """The seed's probe (trained above, so reused) teaching a student from the packaged weights on
     the labels and the soft labels of the rest of the training photos."""
-    teacher = transfer(data_path, "linear-probe", shots, seed)["checkpoint"]
-    return {**transfer(data_path, "distill", shots, seed, teacher=teacher, use_unlabeled=True), "teacher": teacher}
+    teacher = transfer(data_path, "linear-probe", shots, seed, model)["checkpoint"]
+    return {**transfer(data_path, "distill", shots, seed, model, teacher=teacher, use_unlabeled=True), "teacher": teacher}
 
 
-def recipe(strategy: str) -> dict:
+def recipe(strategy: str, model: str = MODEL) -> dict:
     from tl_core.recipes import default_recipe
 
-    return default_recipe(MODEL, strategy)
+    return default_recipe(model, strategy)
 
 
 def reference_loop(data_dir: str, epochs: int, device: str = "cpu", bf16: bool = False, workers: int = 0,
-                   image_size: int = 224, seed: int = 0) -> dict:
+                   image_size: int = 224, seed: int = 0, model: str = MODEL) -> dict:
     """A plain torchvision-style fine-tuning loop over the train photos (all labels), no tl_core
     in the loop: an ImageFolder-style dataset, a DataLoader, the same timm network from the same
     packaged weights, the same optimizer groups and batch as tl's finetune recipe. Seconds an
@@ -139,7 +142,7 @@ def reference_loop(data_dir: str, epochs: int, device: str = "cpu", bf16: bool =
 
     from tl_core.models.efficientnet import INPUT, timm_network
 
-    settings = recipe("finetune")
+    settings = recipe("finetune", model)
     root = Path(data_dir) / "train" if (Path(data_dir) / "train").is_dir() else Path(data_dir)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     samples = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir()) if f.is_file()]
@@ -155,7 +158,7 @@ def reference_loop(data_dir: str, epochs: int, device: str = "cpu", bf16: bool =
                 return tf(img.convert("RGB")), samples[i][1]
 
     torch.manual_seed(seed)
-    net = timm_network(packaged=True)
+    net = timm_network(packaged=True, name=model)
     net.reset_classifier(len(classes))
     net = net.to(device)
     head = list(net.get_classifier().parameters())
@@ -209,6 +212,7 @@ def table(rows: list[dict], strategies: list[str]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(PHOTOS), help="an ImageFolder: DIR/{train,val}/<class>/ or DIR/<class>/")
+    parser.add_argument("--model", default=MODEL, help="the packaged network: efficientnet-lite0, -lite1 or -lite2")
     parser.add_argument("--strategies", default="linear-probe,sklearn-lr,finetune,scratch,auto")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--finetune-seeds", default=None, help="seeds of finetune and scratch (default: --seeds)")
@@ -243,22 +247,23 @@ def main() -> None:
                 continue
             all_seeds = [int(x) for x in args.all_seeds.split(",")] if args.all_seeds and shots is None else None
             for seed in seeds if cheap else (all_seeds or trained_seeds):
-                run = (sklearn_lr(data.path, shots, seed) if strategy == "sklearn-lr" else
-                       auto(data.path, shots, seed) if strategy == "auto" else
-                       distill(data.path, shots, seed) if strategy == "distill" else
-                       transfer(data.path, strategy, shots, seed))
+                run = (sklearn_lr(data.path, shots, seed, args.model) if strategy == "sklearn-lr" else
+                       auto(data.path, shots, seed, args.model) if strategy == "auto" else
+                       distill(data.path, shots, seed, args.model) if strategy == "distill" else
+                       transfer(data.path, strategy, shots, seed, args.model))
                 rows.append({"shots": shots, "strategy": strategy, "seed": seed, **run})
                 print(f"shots {shots_name(shots)} {strategy} seed {seed}: {100 * run['accuracy']:.1f} % "
                       f"in {run['seconds']:.1f} s", flush=True)
                 Path(args.out + ".partial.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
-    speed = transfer(data.path, "finetune", None, 0, epochs=args.speed_epochs) if args.speed_epochs else None
-    reference = reference_loop(args.data, args.speed_epochs) if args.speed_epochs else None
+    speed = transfer(data.path, "finetune", None, 0, args.model, epochs=args.speed_epochs) if args.speed_epochs else None
+    reference = reference_loop(args.data, args.speed_epochs, model=args.model) if args.speed_epochs else None
     if reference:
         print(f"torchvision-style loop: {reference['seconds_per_epoch']:.1f} s an epoch of {reference['photos']} photos",
               flush=True)
     probe = {shots: statistics.mean(r["accuracy"] for r in rows if r["shots"] == shots and r["strategy"] == "linear-probe")
              for shots in SHOTS if any(r["strategy"] == "linear-probe" for r in rows)}
-    summary = {"data": args.data, "prepared": data.path, "prepare_seconds": prepare_seconds, "recipes": {s: recipe(s) for s in strategies},
+    summary = {"data": args.data, "model": args.model, "prepared": data.path, "prepare_seconds": prepare_seconds,
+               "recipes": {s: recipe(s, args.model) for s in strategies},
                "speed_finetune": speed, "reference_loop": reference,
                "rows": rows, "linear_probe_goals_met": {shots_name(s): probe[s] >= GOALS[s] for s in probe},
                "seconds": time.perf_counter() - started, "load_average": os.getloadavg()}

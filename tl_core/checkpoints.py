@@ -11,8 +11,8 @@ beside a file that `save_checkpoint` wrote checks its bytes as well.
 
 They live at a local path, `s3://...`, or in MLflow (`runs:/RUN_ID/PATH`, `models:/NAME/VERSION`,
 `models:/NAME@ALIAS`, `mlflow-artifacts:/...`). `packaged:NAME` is a pretrained backbone that an
-installed package ships (`packaged:minilm-l6`, the text encoder; `packaged:efficientnet-lite0`, the
-ImageNet network): a bare backbone built on load.
+installed package ships (`packaged:minilm-l6`, the text encoder; `packaged:efficientnet-lite0`, `-lite1`
+and `-lite2`, the ImageNet networks): a bare backbone built on load.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ PACKAGED = "packaged:"
 
 def packaged_models() -> dict:
     """{name: Packaged}: the architectures whose pretrained weights come with a package
-    (`minilm-l6`, `efficientnet-lite0`), as they registered themselves."""
+    (`minilm-l6`, `efficientnet-lite0` / `-lite1` / `-lite2`), as they registered themselves."""
     from tl_core.models import PACKAGED as registered
 
     return registered

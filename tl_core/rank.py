@@ -29,7 +29,7 @@ are reported beside them, and LogME alone orders the ranking.
 
 Candidates by default: every version in the MLflow registry whose architecture reads the
 target's kind of input (images with the target's channels, or text), the packaged backbones
-that fit (minilm-l6 for text, efficientnet-lite0 for 3-channel images), and the pretrain
+that fit (minilm-l6 for text, efficientnet-lite0, -lite1 and -lite2 for 3-channel images), and the pretrain
 checkpoints of the work directory (`<workdir>/models/scratch-*` trained on another dataset than
 the target); or the URIs given with `--candidates`.
 """
