@@ -90,8 +90,9 @@ def transfer(data_path: str, strategy: str, shots, seed: int, model: str = MODEL
     from tl_core.config import TrainConfig
     from tl_core.train import train
 
-    cfg = TrainConfig(data=data_path, strategy=strategy, backbone=f"packaged:{model}", shots=shots, seed=seed, augment=1,
-                      eval_every=0, **{"checkpoint_every": 0, **recipe(strategy, model), **override})
+    cfg = TrainConfig(**{"data": data_path, "strategy": strategy, "backbone": f"packaged:{model}", "shots": shots,
+                         "seed": seed, "augment": 1, "eval_every": 0, "checkpoint_every": 0, **recipe(strategy, model),
+                         **override})  # an override (another backbone: bench/rank_photos.py) wins
     result = train(cfg)
     metrics = result.checkpoint["metrics"]
     epochs = [h["epoch_seconds"] for h in result.checkpoint["history"]]
