@@ -283,13 +283,14 @@ def run_step(cfg: ExperimentConfig, on_progress: Callable[[str], None] | None = 
         classic = [TFIDF_LR] if text and labels else []  # the practitioner's baseline, on the same labels
         # a packaged encoder's is no data: the strategies that read data drop it; a ranked candidate has none
         source_data = None if ranking else source["path"]
-        choices = {}
+        choices, recipes = {}, None
         if AUTO in strategies:  # every seed's choice in one search (auto.choose_each), refitted below
             from tl_core.auto import auto_step, choose_each
 
             autos = [cfg.transfer(target["path"], pretrain["checkpoint"], AUTO, seed, source_data=source_data)
                      for seed in cfg.seeds]
-            choices = dict(zip(cfg.seeds, choose_each(autos, cfg.candidate_recipes(autos[0]), say)))
+            recipes = cfg.candidate_recipes(autos[0])  # the same for every seed
+            choices = dict(zip(cfg.seeds, choose_each(autos, recipes, say)))
         for seed in cfg.seeds:
             done = {}
             if labels:
@@ -307,7 +308,7 @@ def run_step(cfg: ExperimentConfig, on_progress: Callable[[str], None] | None = 
                 run_cfg = cfg.transfer(target["path"], pretrain["checkpoint"], strategy, seed,
                                        source_data=source_data, teacher=teacher)
                 if strategy == AUTO:  # the seed's choice (above), refitted on all its labels
-                    done[strategy] = auto_step(run_cfg, cfg.candidate_recipes(run_cfg), on_report, say=say,
+                    done[strategy] = auto_step(run_cfg, recipes, on_report, say=say,
                                                scratch_accuracy=reference["metrics"]["accuracy"],
                                                choice=choices[seed])
                 else:

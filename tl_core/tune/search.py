@@ -197,22 +197,24 @@ def make_tuner(cfg: SearchConfig, base: TrainConfig, specs: dict, storage_path: 
     )
 
 
-def check_saved_trials(experiment_uri: str, name: str) -> None:
+def check_saved_trials(experiment_path: str, filesystem, name: str) -> None:
     """Refuse, in one line, a saved search whose trial list cannot be read. Tune copies that file to
     storage in place, so a driver killed during the copy leaves it empty or cut short (CI's
     killed-driver test once did); Tune then logs that it failed to restore, starts from no trials,
     and its searcher fails deep inside Ray. The folder is left as it is."""
     import json
 
-    from ray.tune.execution.tune_controller import TuneController
+    from ray.train._internal.storage import get_fs_and_path
+    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
 
-    pattern = TuneController.CKPT_FILE_TMPL.format(r"[^/]+")
-    files = [f for f in storage.list_files(experiment_uri) if re.fullmatch(pattern, f)]
-    if not files:
+    fs, path = get_fs_and_path(experiment_path, storage_filesystem=filesystem)
+    newest = _find_newest_experiment_checkpoint(path, fs=fs)  # the very file Tune.restore reads
+    if newest is None:
         return  # not Tune's layout: Tune says what it misses
-    newest = storage.join(experiment_uri, max(files))  # the one Tune restores from: the newest by name
+    with fs.open_input_stream(newest) as f:
+        data = f.readall()
     try:
-        json.loads(storage.read_bytes(newest))
+        json.loads(data)
     except ValueError:
         raise UserError(f"the saved trials of the search {name} ({newest}) are empty or cut short: its driver was "
                         "stopped while Tune was saving them, and the search cannot resume from them. Its finished "
@@ -253,7 +255,7 @@ def run_search(cfg: SearchConfig, on_trial: Listener | None = None) -> dict:
         raise UserError(f"a search named {name} already exists in {cfg.storage_uri()}: add --resume to finish it "
                         "(finished trials are kept), or set another name")
     if resumed:  # finished trials stay as they are; unfinished ones go on from their latest checkpoint
-        check_saved_trials(experiment_uri, name)
+        check_saved_trials(experiment_path, filesystem, name)
         tuner = tune.Tuner.restore(experiment_path, fn, resume_unfinished=True, resume_errored=False,
                                    storage_filesystem=filesystem)
     else:
