@@ -39,6 +39,9 @@ class Strategy:
     def __init__(self, cfg):
         self.cfg = cfg
         self.head_start: torch.Tensor | None = None  # the head's weights as --head-init set them (source, descriptions)
+        # The start is text's class names read as their own descriptions (--head-init auto, no
+        # descriptions file): a guess, which a solved head keeps only where the labels support it.
+        self.head_start_guessed = False
 
     # -- the model ---------------------------------------------------------------------------
     def architecture(self, backbone: dict | None, shape: list[int]) -> tuple[str, dict]:
@@ -76,12 +79,13 @@ class Strategy:
             model.head.weight.data, model.head.bias.data = source
             self.head_start = model.head.weight.detach().clone()
         elif start == "descriptions":
-            from tl_core.strategies.zero_shot import description_head, refuse_glyphs_for
+            from tl_core.strategies.zero_shot import description_head, descriptions_of, refuse_glyphs_for
 
             refuse_glyphs_for(name, self.cfg)
             model.head.weight.data = description_head(model, self.cfg, shape)
             model.head.bias.data.zero_()
             self.head_start = model.head.weight.detach().clone()
+            self.head_start_guessed = self.cfg.head_init == "auto" and not descriptions_of(self.cfg)
         return model, model_spec(name, num_classes, in_channels, kwargs)
 
     def head_penalty(self, net: nn.Module) -> torch.Tensor | float:

@@ -91,7 +91,7 @@ class SetFit(Finetune):
             features = torch.cat([pair_net.backbone(x[i : i + FEATURE_BATCH].to(device)).float().cpu()
                                   for i in range(0, len(x), FEATURE_BATCH)])
         solved = choose_and_fit(features, y, pair_net.head.out_features, self.cfg.head_c, self.head_start,
-                                seed=self.cfg.seed)
+                                seed=self.cfg.seed, prior_optional=self.head_start_guessed)
         pair_net.head.weight.data.copy_(solved.weight)
         pair_net.head.bias.data.copy_(solved.bias)
 
