@@ -59,8 +59,9 @@ def row_settings(row: str, root: Path) -> dict:
     return {k: v for k, v in row_setup(row, root).items() if k != "augment"}
 
 
-def features(cfg, split: str, indices=None):
-    """The frozen backbone's features of a split (or of its rows `indices`), through the probe's own cache."""
+def features(cfg, train_idx) -> tuple:
+    """The frozen backbone's features of the labelled rows and of the test split (with their labels),
+    through the probe's own cache; the backbone is built once for both."""
     from tl_core.checkpoints import load_checkpoint
     from tl_core.data import load_prepared
     from tl_core.models import INPUT_STATS
@@ -70,8 +71,10 @@ def features(cfg, split: str, indices=None):
     probe = create_strategy(cfg)
     network, spec = probe.build_model(len(data.classes), data.shape, load_checkpoint(cfg.backbone))
     data = data.normalised_as(INPUT_STATS.get(spec["name"]))
-    rows = data.rows(split, indices)
-    return probe.rows_features(network, rows, data.normalise)[0].numpy(), rows.labels()
+    out = []
+    for rows in (data.rows("train", train_idx), data.rows("test")):
+        out += [probe.rows_features(network, rows, data.normalise)[0].numpy(), rows.labels()]
+    return tuple(out)
 
 
 def measure(row: str, seed: int, settings: dict) -> dict:
@@ -92,8 +95,7 @@ def measure(row: str, seed: int, settings: dict) -> dict:
     metrics = result.checkpoint["metrics"]
     data = load_prepared(cfg.data)
     train_idx, _ = sample_shots(data.labels("train"), cfg.shots, seed, data.classes)
-    x, y = features(cfg, "train", train_idx)
-    x_test, y_test = features(cfg, "test")
+    x, y, x_test, y_test = features(cfg, train_idx)
     sklearn = {name: float((LogisticRegression(max_iter=10_000, **kw).fit(x, y).predict(x_test) == y_test).mean())
                for name, kw in (("default", {}), ("tol_1e-10", {"tol": 1e-10}))}
     return {"row": row, "seed": seed, "labels": int(len(y)), "test": int(len(y_test)),
