@@ -96,3 +96,43 @@ def test_a_local_ray_that_never_starts_is_one_line_that_says_what_to_do():
     result = start_with(fails=3)
     assert "timed out during startup 3 times" in result["error"] and "RAY_ADDRESS" in result["error"]
     assert result["gcs"] == 0, result  # every try's processes ended
+
+
+# Ends the monitor of a local Ray as tl does before Ray's shutdown, then checks the rest still works.
+MONITOR_SCRIPT = textwrap.dedent("""
+    import json, os
+    import ray
+    from tl_core import ray_cluster
+
+    def children(name):  # Ray's processes of that name below this process
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                cmdline = open(f"/proc/{entry}/cmdline", "rb").read().decode()
+                ppid = int(open(f"/proc/{entry}/stat").read().rpartition(")")[2].split()[1])
+                state = open(f"/proc/{entry}/stat").read().rpartition(")")[2].split()[0]
+            except (OSError, ValueError):
+                continue
+            if ppid == os.getpid() and name in cmdline and state != "Z":
+                found.append(int(entry))
+        return found
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray_cluster.init_ray()
+    before = len(children("autoscaler/_private/monitor.py"))
+    ray_cluster.end_monitor()
+    after = len(children("autoscaler/_private/monitor.py"))
+    answer = ray.get(ray.remote(lambda: 42).remote())
+    print(json.dumps({"before": before, "after": after, "answer": answer, "gcs": len(children("gcs_server"))}))
+""")
+
+
+@pytest.mark.timeout(180)
+def test_the_monitor_of_a_local_ray_is_ended_before_its_gcs_and_ray_goes_on():
+    # ray.shutdown ends the GCS first, and the monitor then waits a second on it (ray_cluster.end_monitor).
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", MONITOR_SCRIPT], capture_output=True, text=True, env=env, timeout=150)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"before": 1, "after": 0, "answer": 42, "gcs": 1}

@@ -421,10 +421,8 @@ def serve_forever(cfg: ServeConfig, on_ready=None, stop: threading.Event | None 
     SIGINT or `stop`; then take the application down (and a local Ray with it)."""
     import urllib.request
 
-    import ray
-
     from tl_core import tracking
-    from tl_core.ray_cluster import init_ray
+    from tl_core.ray_cluster import init_ray, shutdown_local_ray
 
     tracking_uri = tracking.setup()  # the registry answers, or one line before anything starts
     version = _alias_target(cfg.name, cfg.alias)
@@ -474,4 +472,4 @@ def serve_forever(cfg: ServeConfig, on_ready=None, stop: threading.Event | None 
         except Exception:  # noqa: BLE001 - on the way out, a Ray already gone is fine
             pass
         if not on_cluster:
-            ray.shutdown()
+            shutdown_local_ray()
