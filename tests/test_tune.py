@@ -369,6 +369,31 @@ def test_a_search_keeps_its_state_on_s3(work, local_ray, digits, s3_endpoint):
     assert "tuner.pkl" in files and any(f.endswith("/checkpoint.pt") for f in files)  # what a resume needs
 
 
+@pytest.mark.slow
+def test_a_fifo_search_without_epoch_reports_reports_each_trial_once_at_its_end(work, local_ray, digits):
+    # auto's searches run so: a report is a round trip to the driver, and FIFO compares trials at their end.
+    cfg = search(digits, {"lr": {"grid": [BAD_LR, GOOD_LR]}}, search="grid", scheduler="fifo", epoch_reports=False,
+                 name="end-only")
+    s = run_search(cfg)
+    assert all(t["status"] == "completed" and t["epochs"] == 5 for t in s["trials"])
+    assert s["best_params"] == {"lr": GOOD_LR}
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{work / 'work' / 'mlflow.db'}")
+    children = client.search_runs([client.get_run(s["run_id"]).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{s['run_id']}'")
+    for child in children:  # one result a trial, its last epoch's
+        for metric in ("train_loss", "val_accuracy"):
+            assert [m.step for m in client.get_metric_history(child.info.run_id, metric)] == [4]
+
+
+def test_a_search_without_epoch_reports_must_be_fifo(work):
+    with pytest.raises(UserError, match="epoch_reports: false leaves the asha scheduler nothing to stop trials on"):
+        run_search(search({"data": "not-prepared-yet", "strategy": "finetune"}, {"lr": {"choice": [1e-3, 1e-2]}},
+                          scheduler="asha", epoch_reports=False))
+
+
 BAD_SPACES = [
     ({"lrr": {"loguniform": [1e-4, 1e-2]}}, "space.lrr: 'lrr' is not a TrainConfig setting (did you mean 'lr'?)"),
     ({"lr": {"uniform": [0.1, 0.01]}}, "space.lr: uniform needs lo < hi"),

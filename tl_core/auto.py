@@ -174,7 +174,8 @@ def choose_each(cfgs: list[TrainConfig], recipes: dict[str, dict] | None = None,
 def run_validation(validated: dict[int, tuple[dict[str, TrainConfig], int]], names: list[str], say) -> dict:
     """One Ray Tune search with every (seed, candidate, fold) a trial (`run_search`, as `tl tune`:
     a cluster trains them in parallel, every trial is an MLflow run); returns its summary.
-    Validated after every epoch, as a search compares trials; only the final model is kept."""
+    Validated after every epoch, as a search must be; a one-process trial reports only its end
+    (`epoch_reports`), where the candidates are compared."""
     from tl_core.tune.search import run_search
     from tl_core.tune.space import SearchConfig
 
@@ -185,7 +186,8 @@ def run_validation(validated: dict[int, tuple[dict[str, TrainConfig], int]], nam
         base=points[0],
         space={key: {"choice": _distinct([p[key] for p in points])} for key in varying},
         points=[{key: p[key] for key in varying} for p in points],
-        scheduler="fifo",  # every candidate runs its whole budget: they are compared at the end
+        scheduler="fifo",  # every candidate runs its whole budget: they are compared at the end,
+        epoch_reports=False,  # so a one-process trial reports only its end
         # Named by its trials: the same choice asked again (same labels, candidates and recipes)
         # resumes the finished search and reuses its trials.
         name=f"auto-{storage.sha256_bytes(json.dumps(points, sort_keys=True, default=str).encode())[:12]}",

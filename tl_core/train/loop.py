@@ -219,7 +219,7 @@ def fit(cfg: TrainConfig, session) -> dict:
             result = evaluate(strategy, *eval_input(), data.classes, device)
             metrics.update({f"{eval_name}_accuracy": result["accuracy"], f"{eval_name}_loss": result["loss"]})
         history.append(metrics)
-        if not last:  # the last epoch is reported below, with the final test metrics
+        if not last and session.epoch_reports:  # the last epoch is reported below, with the final test metrics
             save = cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0
             session.report(metrics, checkpoint(epoch, metrics) if save and session.rank == 0 else None)
 

@@ -35,6 +35,7 @@ class LocalSession:
 
     world_size = 1
     rank = 0
+    epoch_reports = True  # report every epoch, not only the run's end (TuneSession may turn it off)
 
     def __init__(self, use_gpu: bool | None = None, on_report: Callable[[dict], None] | None = None):
         self.device = auto_device(use_gpu)
@@ -61,6 +62,8 @@ class LocalSession:
 class RaySession:
     """One Ray Train worker: DDP through Ray's prepare_model (the loop shards the data itself),
     checkpoints through ray.train.report."""
+
+    epoch_reports = True
 
     def __init__(self):
         import ray.train

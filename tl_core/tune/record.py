@@ -22,8 +22,8 @@ def plot_trials(trials: list, metric: str, path: str, title: str = "", best_id: 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for trial in trials:
         points = [(h["epoch"] + 1, h[metric]) for h in trial.history if metric in h]
-        if points:
-            ax.plot(*zip(*points), STYLE[trial.status], lw=0.9, alpha=0.8)
+        if points:  # a trial that reported only its end (epoch_reports off) is a point
+            ax.plot(*zip(*points), STYLE[trial.status], lw=0.9, alpha=0.8, marker="o" if len(points) == 1 else None)
     for status, style in STYLE.items():  # one legend entry per status, not per trial
         count = sum(t.status == status for t in trials)
         if count:
@@ -31,7 +31,7 @@ def plot_trials(trials: list, metric: str, path: str, title: str = "", best_id: 
     for trial in trials:
         if trial.trial_id == best_id:
             points = [(h["epoch"] + 1, h[metric]) for h in trial.history if metric in h]
-            ax.plot(*zip(*points), "-", color="black", lw=2.2, label="best")
+            ax.plot(*zip(*points), "-", color="black", lw=2.2, label="best", marker="o" if len(points) == 1 else None)
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric.replace("_", " "))
     ax.legend(fontsize=7)

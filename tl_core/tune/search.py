@@ -247,7 +247,7 @@ def run_search(cfg: SearchConfig, on_trial: Listener | None = None) -> dict:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     init_ray()
     storage_path, filesystem = storage_for(cfg.storage_uri())
-    fn = trainable(cfg.cpus_per_trial, storage_path, filesystem)
+    fn = trainable(cfg.cpus_per_trial, storage_path, filesystem, cfg.epoch_reports)
     experiment_path = f"{storage_path.rstrip('/')}/{name}"  # as Ray sees it: absolute, or bucket/key with a filesystem
     experiment_uri = storage.join(cfg.storage_uri(), name) if storage.is_s3(cfg.storage_uri()) else experiment_path
     resumed = tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)

@@ -58,6 +58,11 @@ class SearchConfig(StepConfig):
     name: str | None = Field(None, description="default: the strategy and a hash of the search")
     storage: str | None = Field(None, description="folder or s3:// for Ray Tune's state; default $TL_WORKDIR/tune")
     resume: bool = Field(False, description="continue the search of the same name where it stopped")
+    # Each report is a round trip from the trial to Tune's driver (about 6 ms here): 100 epochs of a
+    # few images cost more in reports than in training. A FIFO search compares trials only at their
+    # end and can do without them (auto's, tl_core/auto.py); ASHA stops trials on them.
+    epoch_reports: bool = Field(True, description="report every epoch to Tune (off: a one-process trial reports only "
+                                                  "its end; fifo only)")
     # The trials themselves, each a point of the space (every searched setting given): a search of
     # listed candidates (--strategy auto's), run as a grid search runs its points.
     points: list[dict[str, Any]] = Field(default_factory=list, description="trials to run, each a value of every "
@@ -67,7 +72,7 @@ class SearchConfig(StepConfig):
         if self.name:
             return self.name
         # Settings that do not change which trials run are left out, so a resumed search keeps its name.
-        key = self.fingerprint(exclude={"resume", "max_concurrent_trials", "storage", "name"})
+        key = self.fingerprint(exclude={"resume", "max_concurrent_trials", "storage", "name", "epoch_reports"})
         return f"{self.base.get('strategy', 'scratch')}-{key[:12]}"
 
     def storage_uri(self) -> str:
@@ -101,6 +106,9 @@ def base_config(cfg: SearchConfig) -> TrainConfig:
     if base.eval_every != 1:
         raise UserError(f"base.eval_every is {base.eval_every}: a search compares trials on {cfg.metric} "
                         "after every epoch, leave it at 1")
+    if not cfg.epoch_reports and cfg.resolved_scheduler() != "fifo":
+        raise UserError(f"epoch_reports: false leaves the {cfg.resolved_scheduler()} scheduler nothing to stop trials "
+                        "on: set scheduler: fifo, or leave epoch_reports on")
     # Trials run in Ray's worker processes, in another folder: local paths go there absolute.
     from tl_core.train.ray_runner import _absolute
 

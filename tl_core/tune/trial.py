@@ -24,7 +24,12 @@ TRIAL_PROCESS_CPU = 0.01
 
 class TuneSession(LocalSession):
     """One process inside a Tune trial: metrics and checkpoints go to `ray.tune.report`, and a
-    resumed trial starts from its latest checkpoint (`ray.tune.get_checkpoint`)."""
+    resumed trial starts from its latest checkpoint (`ray.tune.get_checkpoint`). Without
+    `epoch_reports`, only the trial's end is reported (SearchConfig.epoch_reports)."""
+
+    def __init__(self, use_gpu: bool | None = None, epoch_reports: bool = True):
+        super().__init__(use_gpu)
+        self.epoch_reports = epoch_reports
 
     def restore(self) -> dict | None:
         from ray import tune
@@ -37,7 +42,8 @@ class TuneSession(LocalSession):
         report_to_ray(tune.report, tune.Checkpoint, metrics, checkpoint)
 
 
-def run_trial(config: dict, cpus: float, workdir: str, storage_path: str, storage_filesystem=None) -> None:
+def run_trial(config: dict, cpus: float, workdir: str, storage_path: str, storage_filesystem=None,
+              epoch_reports: bool = True) -> None:
     """The trainable: Tune calls it with one point of the search space (a whole TrainConfig)."""
     cfg = TrainConfig(**config)
     os.environ["TL_WORKDIR"] = workdir  # the search's work directory (caches), as Ray Train runs carry theirs
@@ -47,7 +53,7 @@ def run_trial(config: dict, cpus: float, workdir: str, storage_path: str, storag
         from tl_core.train.loop import fit
 
         torch.set_num_threads(max(1, int(cpus)))
-        fit(cfg, TuneSession(cfg.use_gpu))
+        fit(cfg, TuneSession(cfg.use_gpu, epoch_reports))
     else:
         run_trial_on_ray_train(cfg, cpus, workdir, storage_path, storage_filesystem)
 
@@ -65,7 +71,7 @@ def run_trial_on_ray_train(cfg: TrainConfig, cpus: float, workdir: str, storage_
                  callbacks=[TuneReportCallback()], num_to_keep=1).fit()
 
 
-def trainable(cpus_per_trial: float, storage_path: str, storage_filesystem=None):
+def trainable(cpus_per_trial: float, storage_path: str, storage_filesystem=None, epoch_reports: bool = True):
     """`run_trial` with its resources, as Tuner and Tuner.restore take it."""
     from ray import tune
 
@@ -76,5 +82,5 @@ def trainable(cpus_per_trial: float, storage_path: str, storage_filesystem=None)
         return {"cpu": TRIAL_PROCESS_CPU if config["workers"] > 1 else cpus_per_trial}
 
     fn = tune.with_parameters(run_trial, cpus=cpus_per_trial, workdir=absolute_workdir(), storage_path=storage_path,
-                              storage_filesystem=storage_filesystem)
+                              storage_filesystem=storage_filesystem, epoch_reports=epoch_reports)
     return tune.with_resources(fn, resources)
