@@ -1,16 +1,23 @@
 """Benchmark: `tl run` with no arguments as a new user runs it: wall seconds and peak RSS; then
 the same run with `auto` as one more row (`--strategies linear-probe,finetune,auto`).
 
-    .venv/bin/python bench/tl_run_default.py   # writes bench/tl_run_default.json and .md
+    .venv/bin/python bench/tl_run_default.py                   # writes bench/tl_run_default.json and .md
+    .venv/bin/python bench/tl_run_default.py --against HEAD~2  # also that commit's tl_core, alternating
 
 Each run in a fresh work directory (nothing cached), in a subprocess; peak RSS is the largest
 resident set of the `tl` process (its rusage: Ray's own processes are not its children).
+
+`--against REF` measures a change on the machine as it is now (its speed drifts from day to day):
+REF's `tl_core` (git archive) runs first on PYTHONPATH, then this checkout's, twice over; each
+figure is the median of its rounds.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,10 +37,13 @@ def table_row(r: dict) -> str:
             f"{won} | {r['train_seconds']:.1f} | {flag} |")
 
 
-def tl_run(*args: str) -> dict:
-    """`tl run ARGS --json` in a fresh work directory: wall seconds, peak RSS and its summary."""
+def tl_run(*args: str, code: str | None = None) -> dict:
+    """`tl run ARGS --json` in a fresh work directory: wall seconds, peak RSS and its summary.
+    `code`: a folder whose tl_core runs instead of this checkout's."""
     work = tempfile.mkdtemp(prefix="tl-bench-run-")
     env = {**os.environ, "TL_WORKDIR": str(Path(work, "tl-work"))}
+    if code:
+        env["PYTHONPATH"] = code
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
     start = time.perf_counter()
@@ -49,9 +59,41 @@ def tl_run(*args: str) -> dict:
             "table": summary["table"], "best_strategy": summary["best_strategy"], "auto": summary.get("auto", [])}
 
 
+def tl_core_of(ref: str) -> tuple[str, str]:
+    """(a folder holding REF's tl_core, REF's short commit)."""
+    root = HERE.parent
+    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", ref], check=True, capture_output=True,
+                            text=True).stdout.strip()
+    folder = tempfile.mkdtemp(prefix="tl-bench-ref-")
+    archive = subprocess.run(["git", "-C", str(root), "archive", commit, "tl_core"], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
+    return folder, commit
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The first run's table, the median of the runs' wall seconds and peak RSS."""
+    return {**runs[0], "wall_s": statistics.median(r["wall_s"] for r in runs),
+            "peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in runs), "rounds_wall_s": [r["wall_s"] for r in runs]}
+
+
 def main() -> None:
-    default, with_auto = tl_run(), tl_run(*WITH_AUTO)
-    report = {**default, "goals": GOALS, "cpus": os.cpu_count(), "with_auto": with_auto}
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--against", help="a commit whose tl_core runs too, alternating with this checkout's")
+    args = parser.parse_args()
+    if not args.against:
+        default, with_auto = tl_run(), tl_run(*WITH_AUTO)
+        against = None
+    else:
+        code, commit = tl_core_of(args.against)
+        runs: dict[str, list] = {"ref": [], "ref_auto": [], "this": [], "this_auto": []}
+        for _ in range(2):
+            runs["ref"].append(tl_run(code=code))
+            runs["ref_auto"].append(tl_run(*WITH_AUTO, code=code))
+            runs["this"].append(tl_run())
+            runs["this_auto"].append(tl_run(*WITH_AUTO))
+        default, with_auto = median_run(runs["this"]), median_run(runs["this_auto"])
+        against = {"commit": commit, "default": median_run(runs["ref"]), "with_auto": median_run(runs["ref_auto"])}
+    report = {**default, "goals": GOALS, "cpus": os.cpu_count(), "with_auto": with_auto, "against": against}
     (HERE / "tl_run_default.json").write_text(json.dumps(report, indent=2))
     header = "| strategy | test accuracy % | vs scratch (points) | seeds won | train s (mean) | |\n|---|---|---|---|---|---|"
     met = "met" if with_auto["wall_s"] <= GOALS["wall_s"] else "NOT met"
@@ -89,6 +131,20 @@ importing torch (once a search), and an MLflow run for every trial.
 Until 2026-12-06 each seed had a search of its own, and zero-shot rendered its class glyphs
 again at every evaluation: this bench's committed run before (at cbfdd5a) took 56.9 s with auto,
 25.7 s without.
+"""
+    if against:
+        this_commit = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"],
+                                     capture_output=True, text=True).stdout.strip()
+        text += f"""
+## Against {against['commit']}, on the machine as it is now
+
+`--against {against['commit']}`: that commit's `tl_core` and this checkout's (at {this_commit}, with its
+uncommitted changes if any) ran alternately, twice each; medians (rounds in the .json).
+
+| run | {against['commit']} s | this checkout s | change s |
+|---|---|---|---|
+| `tl run` | {against['default']['wall_s']:.1f} | {default['wall_s']:.1f} | {default['wall_s'] - against['default']['wall_s']:+.1f} |
+| `tl run {' '.join(WITH_AUTO)}` | {against['with_auto']['wall_s']:.1f} | {with_auto['wall_s']:.1f} | {with_auto['wall_s'] - against['with_auto']['wall_s']:+.1f} |
 """
     (HERE / "tl_run_default.md").write_text(text)
     print(text)
