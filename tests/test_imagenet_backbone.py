@@ -214,7 +214,8 @@ def test_tl_run_transfers_from_the_packaged_backbone_on_a_folder_of_another_layo
            "PYTHONPATH": os.pathsep.join(filter(None, [str(guard), os.environ.get("PYTHONPATH")]))}
     run = subprocess.run(
         [str(Path(sys.executable).parent / "tl"), "run", "--target", f"imagefolder:{folder}", "--model", NAME,
-         "--shots", "3", "--seeds", "0", "--epochs", "3", "--image-size", "64", "--json"],
+         "--shots", "3", "--seeds", "0", "--epochs", "3", "--image-size", "64", "--strategies", "linear-probe,finetune",
+         "--json"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=380)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout.strip().splitlines()[-1])

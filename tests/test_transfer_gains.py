@@ -28,7 +28,9 @@ def test_embedded_default_best_strategy_beats_scratch_on_every_seed(workdir):
     assert summary["source"]["path"].split("/")[-1].startswith("fonts-digits")
     assert summary["target"]["path"].split("/")[-1].startswith("sklearn-digits")
     rows = {row["strategy"]: row for row in summary["table"]}
-    assert set(rows) == {"scratch", "linear-probe", "finetune"}
+    assert set(rows) == {"scratch", "linear-probe", "finetune", "auto"}
+    assert [a["seed"] for a in summary["auto"]] == [0, 1, 2]  # auto's choice, seed by seed, with its reason
+    assert all(a["choice"] in ("zero-shot", "linear-probe", "scratch", "finetune") and a["reason"] for a in summary["auto"])
     best = rows[summary["best_strategy"]]
     assert best["seeds"] == 3 and best["seeds_beating_scratch"] == 3, summary["table"]
     assert best["gain_over_scratch"] > 0.02
@@ -43,7 +45,8 @@ def test_embedded_default_best_strategy_beats_scratch_on_every_seed(workdir):
     runs = mlflow.search_runs(experiment_names=["tl"], output_format="list")
     parent = [r for r in runs if r.info.run_id == summary["run_id"]][0]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 2 + 1 + 3 * 3  # prepare x2, pretrain, (scratch + 2 strategies) x 3 seeds
+    # prepare x2, pretrain, (scratch + 3 strategies) x 3 seeds, and auto's one search for the 3 seeds
+    assert len(children) == 2 + 1 + 3 * 4 + 1
     finetune = [r for r in children if r.data.tags.get("tl.strategy") == "finetune"]
     assert all("test_accuracy" in r.data.metrics and "gain_over_scratch" in r.data.metrics for r in finetune)
     assert all(r.data.params["shots"] == "5" for r in finetune)

@@ -384,8 +384,11 @@ class ExperimentConfig(ExperimentSettings):
     backbone: Literal["auto"] | None = Field(None, description="auto: no --source pretraining; the backbone is the "
                                              "candidate tl rank puts first on the target's shots of the first seed "
                                              "(the ranking is logged with the run)")
-    strategies: list[str] = Field(default_factory=lambda: ["linear-probe", "finetune"],
-                                  description="strategies besides the baseline")
+    # auto by default: the row a user can take without knowing which strategy suits the task; its
+    # choice is one Ray Tune search over the candidates (tl_core/auto.py), 13 s of the demo's 34.
+    strategies: list[str] = Field(default_factory=lambda: ["linear-probe", "finetune", AUTO],
+                                  description="strategies besides the baseline (auto: the one chosen by validation "
+                                              "on the labels)")
     # One learning rate rarely suits every strategy (a linear head on cached features wants far
     # more than a fine-tuned encoder), so a --config file may give each its own settings.
     recipes: dict[str, dict] = Field(default_factory=dict, description="per-strategy training settings over the "
