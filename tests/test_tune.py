@@ -389,9 +389,10 @@ def test_a_fifo_search_without_epoch_reports_reports_each_trial_once_at_its_end(
 
 
 def test_a_search_without_epoch_reports_must_be_fifo(work):
-    with pytest.raises(UserError, match="epoch_reports: false leaves the asha scheduler nothing to stop trials on"):
-        run_search(search({"data": "not-prepared-yet", "strategy": "finetune"}, {"lr": {"choice": [1e-3, 1e-2]}},
-                          scheduler="asha", epoch_reports=False))
+    # Refused as the settings are read, before tl tune prepares or pretrains anything.
+    assert tl_error("tune", "--no-epoch-reports", "--scheduler", "asha") == (
+        "error: invalid SearchConfig: config: Value error, epoch_reports false leaves the asha scheduler nothing to "
+        "stop trials on: set scheduler fifo, or leave epoch_reports on")
 
 
 BAD_SPACES = [

@@ -20,7 +20,7 @@ import math
 import random
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tl_core import storage
 from tl_core.config import StepConfig, TrainConfig, validate, workdir
@@ -62,11 +62,18 @@ class SearchConfig(StepConfig):
     # few images cost more in reports than in training. A FIFO search compares trials only at their
     # end and can do without them (auto's, tl_core/auto.py); ASHA stops trials on them.
     epoch_reports: bool = Field(True, description="report every epoch to Tune (off: a one-process trial reports only "
-                                                  "its end; fifo only)")
+                                                  "its end, with no checkpoint before it; fifo only)")
     # The trials themselves, each a point of the space (every searched setting given): a search of
     # listed candidates (--strategy auto's), run as a grid search runs its points.
     points: list[dict[str, Any]] = Field(default_factory=list, description="trials to run, each a value of every "
                                                                           "searched setting (default: sampled)")
+
+    @model_validator(mode="after")
+    def _epoch_reports_off_only_with_fifo(self) -> "SearchConfig":
+        if not self.epoch_reports and self.resolved_scheduler() != "fifo":
+            raise ValueError(f"epoch_reports false leaves the {self.resolved_scheduler()} scheduler nothing to stop "
+                             "trials on: set scheduler fifo, or leave epoch_reports on")
+        return self
 
     def experiment_name(self) -> str:
         if self.name:
@@ -106,9 +113,6 @@ def base_config(cfg: SearchConfig) -> TrainConfig:
     if base.eval_every != 1:
         raise UserError(f"base.eval_every is {base.eval_every}: a search compares trials on {cfg.metric} "
                         "after every epoch, leave it at 1")
-    if not cfg.epoch_reports and cfg.resolved_scheduler() != "fifo":
-        raise UserError(f"epoch_reports: false leaves the {cfg.resolved_scheduler()} scheduler nothing to stop trials "
-                        "on: set scheduler: fifo, or leave epoch_reports on")
     # Trials run in Ray's worker processes, in another folder: local paths go there absolute.
     from tl_core.train.ray_runner import _absolute
 
