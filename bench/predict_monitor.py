@@ -280,11 +280,16 @@ def write_markdown(results: dict) -> None:
         lines.append(f"At {r['images']:,} images, against the loop (goal >= {GOALS['speed_ratio']}): the actors "
                      f"{steady:.2f}x ({verdict(steady)}), the Ray Data run {run:.2f}x ({verdict(run)}), the whole "
                      f"command {wall:.2f}x ({verdict(wall)}).")
-    lines += ["", "Where the goal is missed, it is the fixed start-up: `ray.init` of a local Ray (about 8-10 s here), "
-              "then the actor's own process, importing torch and building the model, before its first shard: the "
-              "gap between the whole command and the Ray Data run, and between the run and its actors. The actors "
-              "themselves score about as fast as the loop. On a cluster already running (RAY_ADDRESS), ray.init's part goes; "
-              "the actor's start remains.",
+    first = rows[0]["tl_predict"]
+    lines += ["", "Where the goal is missed, it is the fixed start-up: the command's imports, MLflow's setup and "
+              "`ray.init` of a local Ray (3-4 s of it here), outside the Ray Data run "
+              f"({first['wall_seconds'] - first['ray_data_seconds']:.1f} s at {rows[0]['images']:,} images), then the "
+              f"actor's own process importing torch and building the model before its first shard (first batch at "
+              f"{first['first_batch_seconds']} s). The actors themselves score about as fast as the loop. On a "
+              "cluster already running (RAY_ADDRESS), ray.init's part goes; the actor's start remains. Since "
+              "2026-12-06 a local Ray's workers take this process's environment from the raylet, not a job "
+              "runtime_env, so the actor starts on a worker Ray started ahead, not a new process, and the "
+              "command's exit waits neither on a full garbage collection nor on Ray's autoscaler monitor.",
               "", "## tl monitor", "",
               "| case | exit | decision | MMD^2 | p-value | alpha | permutations | images a side | mean confidence "
               "(reference -> data) | class mix TVD | s | load |",
