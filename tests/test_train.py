@@ -44,6 +44,27 @@ def test_identical_run_is_reused_and_force_retrains(workdir):
     assert not forced.reused and load_checkpoint(forced.checkpoint_uri)["epoch"] == 0
 
 
+def test_a_run_of_other_code_is_not_reused(workdir, tmp_path, monkeypatch):
+    import shutil
+
+    import tl_core.train
+
+    copy = tmp_path / "tl_core"
+    shutil.copytree(tl_core.train.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert tl_core.train.code_version(copy) == tl_core.train.code_version()  # the same files, wherever they are
+    loop = copy / "train" / "loop.py"
+    loop.write_text(loop.read_text() + "\n# one line more\n")
+    tl_core.train.code_version.cache_clear()  # read once a process: a process runs one version of the code
+    assert tl_core.train.code_version(copy) != tl_core.train.code_version()
+
+    data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
+    cfg = TrainConfig(data=data.path, epochs=1, shots=5)
+    first = train(cfg)
+    monkeypatch.setattr(tl_core.train, "code_version", lambda root=None: "the next release")
+    upgraded = train(cfg)
+    assert not upgraded.reused and upgraded.checkpoint_uri != first.checkpoint_uri
+
+
 def test_finetune_freeze_keeps_blocks_fixed(workdir):
     data, _ = prepare(PrepareConfig(uri="sklearn:digits"))
     pre = train(TrainConfig(data=data.path, epochs=1))

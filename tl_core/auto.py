@@ -176,21 +176,23 @@ def run_validation(validated: dict[int, tuple[dict[str, TrainConfig], int]], nam
     a cluster trains them in parallel, every trial is an MLflow run); returns its summary.
     Validated after every epoch, as a search must be; a one-process trial reports only its end
     (`epoch_reports`), where the candidates are compared."""
+    from tl_core.train import code_version
     from tl_core.tune.search import run_search
     from tl_core.tune.space import SearchConfig
 
     points = [{**configs[s].model_dump(), "cv_folds": k, "cv_fold": fold, "eval_every": 1, "checkpoint_every": 0}
               for configs, k in validated.values() for s in names for fold in (range(k) if s in CHEAP else [0])]
     varying = sorted({key for p in points for key in p if len({repr(q[key]) for q in points}) > 1})
+    identity = json.dumps(points, sort_keys=True, default=str) + code_version()
     search = SearchConfig(
         base=points[0],
         space={key: {"choice": _distinct([p[key] for p in points])} for key in varying},
         points=[{key: p[key] for key in varying} for p in points],
         scheduler="fifo",  # every candidate runs its whole budget: they are compared at the end,
         epoch_reports=False,  # so a one-process trial reports only its end
-        # Named by its trials: the same choice asked again (same labels, candidates and recipes)
-        # resumes the finished search and reuses its trials.
-        name=f"auto-{storage.sha256_bytes(json.dumps(points, sort_keys=True, default=str).encode())[:12]}",
+        # Named by its trials and the code: the same choice asked again (same labels, candidates,
+        # recipes and tl_core) resumes the finished search and reuses its trials.
+        name=f"auto-{storage.sha256_bytes(identity.encode())[:12]}",
         resume=True,
     )
     folds = sorted({k for _, k in validated.values()})

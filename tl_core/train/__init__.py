@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from tl_core import storage
@@ -22,10 +25,24 @@ class TrainResult:
     reused: bool  # True: an identical run's checkpoint already existed and was reused
 
 
+PACKAGE = Path(__file__).resolve().parent.parent  # tl_core, as installed or checked out
+
+
+@functools.lru_cache(maxsize=None)
+def code_version(root: Path = PACKAGE) -> str:
+    """A hash of tl_core's files: a run of other code is another run, as a KFP step's cache key
+    holds its image. (Without it, `tl run` after an upgrade reused checkpoints the old code had
+    trained and printed their figures as the new code's.) Any change to tl_core trains anew."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def output_folder(cfg: TrainConfig) -> str:
     """Where a run's checkpoint goes: named by the strategy and a hash of everything that
     changes the result (the settings, the dataset, the bytes of the backbone, teacher and class
-    descriptions)."""
+    descriptions, and tl_core's code)."""
     if cfg.output:
         return cfg.output
     # Files whose content can change under the same name: their bytes, not their names, count.
@@ -34,7 +51,7 @@ def output_folder(cfg: TrainConfig) -> str:
     if cfg.attributes:
         inputs.append(storage.read_bytes(cfg.attributes))
     inputs_sha = "".join(storage.sha256_bytes(data) for data in inputs)
-    key = storage.sha256_bytes((cfg.fingerprint(exclude={"output"}) + inputs_sha).encode())[:16]
+    key = storage.sha256_bytes((cfg.fingerprint(exclude={"output"}) + inputs_sha + code_version()).encode())[:16]
     return storage.join(workdir(), "models", f"{cfg.strategy}-{key}")
 
 
