@@ -27,6 +27,9 @@ def local_ray(s3_endpoint):
 
     from tl_core.ray_cluster import init_ray
 
+    # A Ray that an earlier module's in-process `tl` command left in this worker started without
+    # the S3 endpoint's variables, and init_ray would join it.
+    ray.shutdown()
     init_ray()
     yield
     ray.shutdown()

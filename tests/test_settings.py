@@ -96,7 +96,9 @@ def test_tl_run_recipes_give_each_strategy_its_own_settings_and_nothing_else(wor
     assert cfg.transfer("d", "b", "finetune", 0).lr == cfg.lr  # no recipe: the shared lr
     assert cfg.transfer("d", "b", "scratch", 0).epochs == 60
     for recipes, expected in [
-        ("{setfit: {lr: 1}}", "recipes has settings for 'setfit', which this run does not train"),
+        # auto (a default row) trains any of its candidates, setfit on text among them; dann is none.
+        ("{dann: {lr: 1}}", "recipes has settings for 'dann', which this run does not train: name one of scratch, "
+                            "linear-probe, finetune, zero-shot, setfit"),
         ("{finetune: {shots: 3}}", "'shots' is not a setting a recipe can change"),
         ("{finetune: {lr: -1}}", "recipes.finetune.lr: Input should be greater than 0"),
         ("[1, 2]", "recipes: Input should be a valid dictionary"),

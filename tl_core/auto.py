@@ -58,6 +58,7 @@ from tl_core.errors import UserError
 FOLDS = 5
 CHEAP = ("zero-shot", "linear-probe")  # no network trained: every fold
 NETWORK = ("scratch", "finetune", "setfit")  # one held-out fold each
+CANDIDATES = CHEAP + NETWORK  # setfit on text only, zero-shot where the classes can be described (candidate_names)
 PREFERENCE = ("finetune", "linear-probe", "setfit", "zero-shot", "scratch")  # who a tie goes to
 
 

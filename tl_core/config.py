@@ -423,11 +423,14 @@ class ExperimentConfig(ExperimentSettings):
     def _recipes_are_training_settings(self) -> "ExperimentConfig":
         from tl_core.strategies import STRATEGIES
 
-        trained = STRATEGIES if AUTO in self.strategies else ("scratch", *self.strategies)  # auto: any candidate
+        from tl_core.auto import CANDIDATES
+
+        candidates = CANDIDATES if AUTO in self.strategies else ()  # auto trains whichever it picks
+        trained = [s for s in dict.fromkeys(["scratch", *self.strategies, *candidates]) if s != AUTO]
         for strategy, recipe in self.recipes.items():
             if strategy not in trained:
                 raise ValueError(f"recipes has settings for {strategy!r}, which this run does not train: name one of "
-                                 f"scratch, {', '.join(self.strategies)}")
+                                 f"{', '.join(trained)}")
             unknown = [k for k in recipe if k not in TrainConfig.model_fields or k in RECIPE_FIXED]
             if unknown:
                 raise ValueError(f"recipes.{strategy}: {unknown[0]!r} is not a setting a recipe can change (tl run sets "

@@ -34,7 +34,7 @@ def code_version(root: Path = PACKAGE) -> str:
     holds its image. (Without it, `tl run` after an upgrade reused checkpoints the old code had
     trained and printed their figures as the new code's.) Any change to tl_core trains anew."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.relative_to(root).parts):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
