@@ -166,7 +166,9 @@ def report(results: list[dict]) -> str:
         lines += ["", "Not measured yet (rerun `bench/auto.py --rows=...` to add them): " + ", ".join(missing) + "."]
     lines += ["", "When: the usps rows on 2026-12-06, after the probe's C became scikit-learn's unless the labels "
               "show better (tl_core/strategies/logistic.py; bench/probe_vs_sklearn.md), which moves the probe and "
-              "auto's view of it; the text rows on 2026-12-05, before that, and before fine-tuning began to start from "
+              "auto's view of it, and again that evening after auto's trials began to report only their end and a "
+              "local Ray to start without a runtime_env: every run trained anew (checkpoints are now keyed by "
+              "tl_core's code too), to the same choices and figures, the costs within 1 s; the text rows on 2026-12-05, before that, and before fine-tuning began to start from "
               "a source's own head (MiniLM has none) and a tie began to go first to fold 0. Under the probe's new rule "
               "the text rows' probe alone scores sst2-8 58.7 % and sst2-8-described 71.3 % (bench/probe_vs_sklearn.md, "
               "against 58.6 and 71.5 below); auto's choices there were not measured again (their fine-tunes and SetFit "
