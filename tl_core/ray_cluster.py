@@ -78,7 +78,8 @@ def start_local_ray(**options) -> None:
     for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
         try:
             ray.init(**options)
-            atexit.register(end_monitor)  # after ray.init's own handler, so it runs before it (LIFO)
+            atexit.unregister(end_monitor)  # once a process, however often it starts Ray
+            atexit.register(end_monitor)  # after Ray's own handler, so it runs before it (LIFO)
             return
         except Exception as e:  # Ray raises a bare Exception for this
             if STARTUP_TIMEOUT not in str(e):

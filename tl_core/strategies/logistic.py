@@ -208,13 +208,14 @@ def choose_and_fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float 
             if len(labels) >= ONE_FOLD_FROM:
                 held_out, folds = held_out[:1], 1
             anchors = [True, False] if anchored and prior_optional else [anchored]
+            zero = np.zeros_like(w0)
             scores = {(anchor, c): result for anchor in anchors for c, result in
-                      cross_validate(x64, labels, num_classes, held_out, w0 if anchor else 0 * w0).items()}
+                      cross_validate(x64, labels, num_classes, held_out, w0 if anchor else zero).items()}
             anchored, C = choose_c(scores)
             cv_accuracy = float(scores[anchored, C][0].mean())
         else:
             folds = 0
         C = DEFAULT_C if C is None else C
-        w0 = w0 if anchored else 0 * w0
+        w0 = w0 if anchored else np.zeros_like(w0)
         weight, bias = _unflatten(_solve(x64, np.eye(num_classes)[labels], C, w0, None, 1e-9), num_classes)
     return Solved(weight, bias, C, cv_accuracy, folds, anchored)
