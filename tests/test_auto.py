@@ -39,7 +39,7 @@ def digits(module_workdir):
 @pytest.mark.timeout(600)
 def test_auto_chooses_on_folds_of_the_labels_never_the_test_split_and_refits_on_all(digits, local_ray,
                                                                                      module_workdir):
-    from tl_core.auto import CHEAP, auto_step, choose
+    from tl_core.auto import CHEAP, auto_step, best_candidate, choose, fallback
 
     data, cfg = digits
     # Every file of the test split moved away while auto chooses: any read of it fails.
@@ -57,8 +57,13 @@ def test_auto_chooses_on_folds_of_the_labels_never_the_test_split_and_refits_on_
     assert choice.folds == 5 and set(choice.candidates) == {"zero-shot", "linear-probe", "scratch", "finetune"}
     for name, candidate in choice.candidates.items():
         assert candidate["folds_run"] == (5 if name in CHEAP else 1) and 0 <= candidate["val_accuracy"] <= 1
-    best = max(c["val_accuracy"] for c in choice.candidates.values())
-    assert choice.candidates[choice.strategy]["val_accuracy"] == best and choice.strategy in choice.reason
+        # Which held-out labels it got right, per fold: 10 a fold (50 labels, 5 folds), as its accuracy says
+        assert set(candidate["correct"]) == ({"0", "1", "2", "3", "4"} if name in CHEAP else {"0"})
+        for right in candidate["correct"].values():
+            assert len(right) == 10 and set(right) <= {"0", "1"}
+        mean = sum(r.count("1") / len(r) for r in candidate["correct"].values()) / candidate["folds_run"]
+        assert mean == pytest.approx(candidate["val_accuracy"])
+    assert choice.strategy == best_candidate(choice.candidates, fallback(cfg)[0]) and choice.strategy in choice.reason
     assert all(t["test_accuracy"] is None for t in choice.search["trials"])  # no trial scored the test split
     assert choice.config.strategy == choice.strategy and choice.config.cv_folds == 0  # refitted on every label
 
@@ -83,7 +88,7 @@ def test_auto_chooses_on_folds_of_the_labels_never_the_test_split_and_refits_on_
 def test_the_seeds_of_a_run_are_chosen_in_one_search_each_on_its_own_labels(digits, local_ray):
     """`tl run`'s auto row: every seed's trials in one search (its trial processes start once, not
     once a seed), and each seed scored on its own folds, as it is alone."""
-    from tl_core.auto import CHEAP, choose, choose_each
+    from tl_core.auto import CHEAP, best_candidate, choose, choose_each, fallback
 
     _, cfg = digits
     runs = [cfg, cfg.model_copy(update={"seed": 1})]
@@ -97,8 +102,7 @@ def test_the_seeds_of_a_run_are_chosen_in_one_search_each_on_its_own_labels(digi
             assert choice.candidates[name]["folds_run"] == candidate["folds_run"]
             assert choice.candidates[name]["val_accuracy"] == pytest.approx(candidate["val_accuracy"],
                                                                             abs=0 if name in CHEAP else 0.11)
-        best = max(c["val_accuracy"] for c in choice.candidates.values())
-        assert choice.candidates[choice.strategy]["val_accuracy"] == best and choice.config.seed == run.seed
+        assert choice.strategy == best_candidate(choice.candidates, fallback(run)[0]) and choice.config.seed == run.seed
     with pytest.raises(ValueError, match="distinct seeds"):
         choose_each([cfg, cfg.model_copy(update={"shots": 3})])
 
@@ -117,19 +121,40 @@ def test_one_label_a_class_falls_back_to_the_stated_rule(digits):
     assert plain.strategy == "linear-probe" and "C=1" in plain.reason and plain.folds == 0
 
 
-def test_a_tie_goes_to_fold_0_then_to_the_score_on_more_folds_then_to_the_preference_order():
-    from tl_core.auto import best_candidate
+def test_the_stated_rule_holds_unless_a_candidate_is_right_on_more_of_the_same_labels_by_one_standard_error():
+    from tl_core.auto import best_candidate, reason_for
 
-    def scores(**candidates):
-        """name=(mean validation accuracy, folds run[, fold 0's accuracy: by default the mean])"""
-        return {s.replace("_", "-"): {"val_accuracy": c[0], "folds_run": c[1], "fold0_accuracy": c[-1] if len(c) > 2 else c[0]}
-                for s, c in candidates.items()}
+    def scored(*folds: str | None) -> dict:
+        """A candidate from which labels it got right on folds 0, 1, ... (None: a fold it did not run)."""
+        correct = {str(i): bits for i, bits in enumerate(folds) if bits is not None}
+        means = [bits.count("1") / len(bits) for bits in correct.values()]
+        return {"val_accuracy": sum(means) / len(means) if means else None, "folds_run": len(means),
+                "validation": f"{len(means)} folds", "correct": correct}
 
-    # hymenoptera at 5 shots, seed 1: finetune 4 held-out photos all right, the probe 10 of 10 over 5 folds
-    assert best_candidate(scores(finetune=(1.0, 1), linear_probe=(1.0, 5), scratch=(0.5, 1))) == "linear-probe"
-    # MNIST -> USPS at 10 shots, seed 0: a tie at 0.95, but on the fold both ran finetune 0.95, the probe 0.90
-    assert best_candidate(scores(finetune=(0.95, 1), linear_probe=(0.95, 5, 0.90), scratch=(0.9, 1))) == "finetune"
-    assert best_candidate(scores(finetune=(0.95, 1), linear_probe=(0.95, 5, 1.0))) == "linear-probe"
-    assert best_candidate(scores(finetune=(0.95, 1), linear_probe=(0.94, 5))) == "finetune"  # no tie: the score
-    assert best_candidate(scores(scratch=(0.9, 1), finetune=(0.9, 1), zero_shot=(None, 0))) == "finetune"
-    assert best_candidate(scores(setfit=(0.75, 1), finetune=(0.75, 1), linear_probe=(0.7, 5))) == "finetune"
+    ten = "1" * 10
+    # One image of 10 is no evidence (the demo's seed 2: scratch 10/10 against finetune 9/10)
+    candidates = {"finetune": scored("1111111110"), "scratch": scored(ten), "linear-probe": scored("1111111100")}
+    assert best_candidate(candidates, "finetune") == "finetune"
+    reason = reason_for("finetune", "finetune", "its rule", candidates, list(candidates))
+    assert reason.startswith("the stated rule's finetune (its rule)") and "scratch 1.000" in reason
+    # Two of 10, all one way, are: the paired gain 0.2 exceeds its standard error 0.133
+    candidates["finetune"] = scored("1111111100")
+    assert best_candidate(candidates, "finetune") == "scratch"
+    assert "right on 2 more of the 10 held-out labels" in reason_for("scratch", "finetune", "r", candidates, list(candidates))
+    # Paired on the fold both ran: the probe's 5 folds average higher, but finetune is right on
+    # 5 more of fold 0's labels than the probe, which is the stated rule here
+    candidates = {"linear-probe": scored("1111100000", ten, ten, ten, ten), "finetune": scored(ten)}
+    assert candidates["linear-probe"]["val_accuracy"] > 0.85 and best_candidate(candidates, "linear-probe") == "finetune"
+    # Label by label: 5 won against 2 lost is evidence (0.3 > 0.26); one against one is none
+    candidates = {"linear-probe": scored("1100000000"), "zero-shot": scored("0011111000")}
+    assert best_candidate(candidates, "linear-probe") == "zero-shot"
+    candidates = {"linear-probe": scored("1111100000"), "zero-shot": scored("0111110000")}
+    assert best_candidate(candidates, "linear-probe") == "linear-probe"
+    # Several with evidence: the highest score; no labels in common (a trial without them): no evidence
+    candidates = {"linear-probe": scored("1100000000"), "scratch": scored("1111110000"), "finetune": scored("1111111100")}
+    assert best_candidate(candidates, "linear-probe") == "finetune"
+    assert best_candidate({"linear-probe": scored("1100000000"), "finetune": {**scored(ten), "correct": {}}},
+                          "linear-probe") == "linear-probe"
+    # The stated rule's candidate failed its validation: the highest score, a tie to PREFERENCE
+    candidates = {"finetune": scored(None), "scratch": scored("1111111100"), "linear-probe": scored("1111111100")}
+    assert best_candidate(candidates, "finetune") == "linear-probe"

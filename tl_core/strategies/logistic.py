@@ -181,12 +181,19 @@ def choose_c(held_out: dict[Candidate, tuple[np.ndarray, np.ndarray]]) -> Candid
     best = max(held_out, key=lambda c: (held_out[c][0].mean(), -held_out[c][1].mean()))
     if SCIKIT_LEARN not in held_out:
         return best
-    gain = held_out[best][0] - held_out[SCIKIT_LEARN][0]  # +1, 0 or -1 per held-out label
-    if len(gain) < 2:
-        return SCIKIT_LEARN
-    standard_error = gain.std(ddof=1) / np.sqrt(len(gain))
-    # One label's net gain is exactly one standard error: it is not evidence (the 1e-9: float rounding)
-    return best if gain.mean() > standard_error + 1e-9 else SCIKIT_LEARN
+    return best if clear_gain(held_out[best][0] - held_out[SCIKIT_LEARN][0]) else SCIKIT_LEARN
+
+
+def standard_error(gain: np.ndarray) -> float:
+    """Of the mean of a paired gain (+1, 0 or -1 per held-out label); inf under 2 labels."""
+    return float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) >= 2 else float("inf")
+
+
+def clear_gain(gain: np.ndarray) -> bool:
+    """Whether one choice's paired gain over another on the same held-out labels is evidence: its
+    mean exceeds one standard error. One label's net gain is exactly one standard error, so it is
+    not (the 1e-9: float rounding). `choose_c` and auto's choice (tl_core/auto.py) both decide by it."""
+    return len(gain) >= 2 and float(gain.mean()) > standard_error(gain) + 1e-9
 
 
 def choose_and_fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float | None = None,

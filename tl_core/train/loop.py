@@ -53,13 +53,16 @@ def train_one_epoch(net, strategy, loader, optimizer, device, augment: int, gene
     return {"train_loss": total_loss / max(seen, 1)}
 
 
-def evaluate(strategy, model, chunks, classes: list[str], device) -> dict:
+def evaluate(strategy, model, chunks, classes: list[str], device, per_image: bool = False) -> dict:
     """Loss, accuracy and macro-F1 of the model on chunks of (images, labels), scored as its strategy scores it."""
     from tl_core.evaluate import classification_metrics
 
     logits, labels, names = predict_chunks(type(strategy), model, strategy.cfg, chunks, classes, device)
     metrics = classification_metrics(logits, labels, names).metrics  # the same figures tl evaluate reports
-    return {key: metrics[key] for key in ("loss", "accuracy", "macro_f1")}
+    result = {key: metrics[key] for key in ("loss", "accuracy", "macro_f1")}
+    if per_image:  # which images it got right, in their order, one character each: auto compares candidates image by image
+        result["correct"] = "".join("1" if right else "0" for right in (logits.argmax(1) == labels).tolist())
+    return result
 
 
 def training_rows(data, strategy, train_idx: np.ndarray, val_idx: np.ndarray):
@@ -235,7 +238,9 @@ def fit(cfg: TrainConfig, session) -> dict:
     if resumed is not None:  # this attempt went on from a checkpoint (a lost worker, or a run resumed by name)
         summary["resumed_at_epoch"] = start_epoch
     if len(val_idx):
-        summary.update({f"val_{k}": v for k, v in evaluate(strategy, model, [(val_x, val_y)], data.classes, device).items()})
+        # A candidate of auto (validated on a fold of the labels) tells which held-out labels it got right
+        summary.update({f"val_{k}": v for k, v in evaluate(strategy, model, [(val_x, val_y)], data.classes, device,
+                                                           per_image=bool(cfg.cv_folds)).items()})
     if session.world_size > 1:
         summary["replica_spread"] = replica_spread(net, session)
     # The largest resident set of any worker so far (Linux reports KiB): what memory the run needs.

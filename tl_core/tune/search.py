@@ -81,6 +81,8 @@ class Trial:
     def summary(self, metric: str) -> dict:
         out = {"trial_id": self.trial_id, "params": self.params, "status": self.status, "epochs": self.epochs,
                "val_accuracy": self.metrics.get("val_accuracy"), "error": self.error}
+        if "val_correct" in self.metrics:  # a candidate of auto: which held-out labels it got right
+            out["val_correct"] = self.metrics["val_correct"]
         if metric != "val_accuracy":
             out[metric] = self.metrics.get(metric)
         if self.status == "completed":
