@@ -3,6 +3,7 @@
     .venv/bin/python bench/auto.py                          # every row, seeds 0-2: bench/auto.{json,md}
     .venv/bin/python bench/auto.py --rows=usps-10,sst2-8-described --seeds=0,1,2
     .venv/bin/python bench/auto.py --report                 # auto.md again from auto.json
+    .venv/bin/python bench/auto.py --rows=sst2-8 --fresh --keep-singles=finetune,setfit  # those two as measured before
 
 Each row is a target, a backbone and a shot count; for each seed it runs `auto_step` (the step
 `tl transfer --strategy auto` runs: candidates validated on folds of the labels through Ray
@@ -82,7 +83,9 @@ def row_setup(row: str, root: Path) -> dict:
     return {"data": data.path, "backbone": "packaged:minilm-l6", "shots": shots}
 
 
-def measure(row: str, seed: int, settings: dict) -> dict:
+def measure(row: str, seed: int, settings: dict, kept: dict | None = None) -> dict:
+    """Auto and every single strategy on one row and seed; `kept`: single strategies taken as an
+    earlier run of the row measured them (--keep-singles), not trained again."""
     from tl_core.auto import auto_step, candidate_config, candidate_names, recipe_for
     from tl_core.config import TrainConfig
     from tl_core.train import train
@@ -94,12 +97,15 @@ def measure(row: str, seed: int, settings: dict) -> dict:
     auto_wall = time.perf_counter() - started
     singles = {}
     for name in candidate_names(cfg):
+        if name in (kept or {}):
+            singles[name] = {**kept[name], "kept": True}
+            continue
         ckpt = train(candidate_config(cfg, name, recipe_for(cfg, None, name))).checkpoint  # the auto refit: reused
         singles[name] = {"accuracy": ckpt["metrics"]["test_accuracy"], "train_seconds": ckpt["metrics"]["train_seconds"]}
     record = result["auto"]
     singles["sklearn-lr (probe's features)"] = {"accuracy": sklearn_probe(settings, seed), "train_seconds": 0.0}
     test_best = max((s for s in singles if not s.startswith("sklearn")), key=lambda s: singles[s]["accuracy"])
-    return {"row": row, "seed": seed, "auto_accuracy": result["metrics"]["accuracy"], "choice": record["choice"],
+    return {"row": row, "seed": seed, "measured": time.strftime("%Y-%m-%d"), "auto_accuracy": result["metrics"]["accuracy"], "choice": record["choice"],
             "reason": record["reason"], "fallback": record["fallback"], "candidates": record["candidates"],
             "auto_seconds": record["choose_seconds"] + singles.get(record["choice"], {}).get("train_seconds", 0.0),
             "auto_wall_seconds": auto_wall, "scratch_accuracy": result.get("scratch_accuracy"), "load_1min": load,
@@ -164,19 +170,23 @@ def report(results: list[dict]) -> str:
     missing = [f"{row} (goal >= {GOALS[row]:.1f} %)" if row in GOALS else row for row in ROWS if row not in by_row]
     if missing:
         lines += ["", "Not measured yet (rerun `bench/auto.py --rows=...` to add them): " + ", ".join(missing) + "."]
-    lines += ["", "When: the usps rows on 2026-12-06, after the probe's C became scikit-learn's unless the labels "
-              "show better (tl_core/strategies/logistic.py; bench/probe_vs_sklearn.md), which moves the probe and "
-              "auto's view of it, and again that evening after auto's trials began to report only their end and a "
-              "local Ray to start without a runtime_env: every run trained anew (checkpoints are now keyed by "
-              "tl_core's code too), to the same choices and figures, the costs within 1 s; the text rows on 2026-12-05, before that, and before fine-tuning began to start from "
-              "a source's own head (MiniLM has none) and a tie began to go first to fold 0. Under the probe's new rule "
-              "the text rows' probe alone scores sst2-8 58.7 % and sst2-8-described 71.3 % (bench/probe_vs_sklearn.md, "
-              "against 58.6 and 71.5 below); auto's choices there were not measured again (their fine-tunes and SetFit "
-              "runs take hours on 2 cores).", "", "Every single strategy, test accuracy % (mean over the seeds):", ""]
+    when = {row: sorted({r.get("measured", "earlier") for r in runs}) for row, runs in by_row.items()}
+    lines += ["", "When: " + "; ".join(f"{row} {', '.join(dates)}" for row, dates in when.items()) + ". A dated row "
+              "took the choice rule of tl_core/auto.py as it is now (the stated rule's candidate unless another is "
+              "right on more of the same held-out labels by more than one standard error), every run trained anew "
+              "(checkpoints are keyed by tl_core's code). An `earlier` row (2026-12-05) took the highest validation "
+              "score, ties first to fold 0, and its probe predates the probe's C rule (bench/probe_vs_sklearn.md: "
+              "sst2-8 58.7 %, sst2-8-described 71.3 % under it)."]
+    kept = sorted({n for r in results for n, v in r["singles"].items() if v.get("kept")})
+    if kept:
+        lines += ["", f"Marked *: {', '.join(kept)} as the row's earlier run measured them (`--keep-singles`: "
+                  "hours of fine-tuning on 2 cores), not trained again beside this auto."]
+    lines += ["", "Every single strategy, test accuracy % (mean over the seeds):", ""]
     for row in by_row:
         runs = by_row[row]
         names = sorted({n for r in runs for n in r["singles"]})
-        cells = ", ".join(f"{n} {100 * statistics.mean(r['singles'][n]['accuracy'] for r in runs if n in r['singles']):.1f}"
+        cells = ", ".join(f"{n}{'*' if any(r['singles'].get(n, {}).get('kept') for r in runs) else ''} "
+                          f"{100 * statistics.mean(r['singles'][n]['accuracy'] for r in runs if n in r['singles']):.1f}"
                           for n in names)
         lines.append(f"- {row}: {cells}")
     lines += ["", "Auto's reasons:", ""]
@@ -192,6 +202,10 @@ def main() -> None:
     seeds = [int(s) for s in args.get("--seeds", "0,1,2").split(",")]
     output = HERE / "auto.json"
     kept = json.loads(output.read_text())["results"] if output.is_file() else []
+    # --keep-singles=finetune,setfit: those single strategies as the rows' earlier runs measured them
+    # (hours of fine-tuning on text), auto and the others measured again
+    keep_singles = [s for s in args.get("--keep-singles", "").split(",") if s]
+    earlier = {(r["row"], r["seed"]): {n: r["singles"][n] for n in keep_singles if n in r["singles"]} for r in kept}
     if "--fresh" in args:  # the rows asked for measured again; the others kept
         kept = [r for r in kept if r["row"] not in rows]
     done = {(r["row"], r["seed"]) for r in kept}
@@ -209,7 +223,7 @@ def main() -> None:
             if (row, seed) in done:
                 continue
             started = time.perf_counter()
-            results.append(measure(row, seed, settings))
+            results.append(measure(row, seed, settings, earlier.get((row, seed))))
             print(f"{row} seed {seed}: auto {results[-1]['auto_accuracy']:.3f} ({results[-1]['choice']}) in "
                   f"{time.perf_counter() - started:.0f} s", flush=True)
             output.write_text(json.dumps({"results": results}, indent=1))  # after each: an interrupted bench keeps it

@@ -118,7 +118,7 @@ def test_one_label_a_class_falls_back_to_the_stated_rule(digits):
     assert "fewer than 2 labels" in choice.reason and choice.config.shots == 1
     # A head that is not to start from the source's: the solved probe.
     plain = choose(one.model_copy(update={"head_init": "random"}), say=lambda line: None)
-    assert plain.strategy == "linear-probe" and "C=1" in plain.reason and plain.folds == 0
+    assert plain.strategy == "linear-probe" and "scikit-learn's C=1" in plain.reason and plain.folds == 0
 
 
 def test_the_stated_rule_holds_unless_a_candidate_is_right_on_more_of_the_same_labels_by_one_standard_error():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from tl_core.strategies.logistic import (C_GRID, DEFAULT_C, ONE_FOLD_FROM, choose_and_fit, choose_c, cross_validate,
-                                         fit_logistic, objective, stratified_folds)
+from tl_core.strategies.logistic import (C_GRID, DEFAULT_C, ONE_FOLD_FROM, THE_PRIOR, choose_and_fit, choose_c,
+                                         cross_validate, fit_logistic, objective, stratified_folds)
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +98,22 @@ def test_C_stays_scikit_learns_unless_the_held_out_labels_show_another_is_better
         scores[best] = (scores[best][0], np.full(n, 0.1))  # and `best` has the lowest log-loss
         return scores
 
-    assert choose_c(held_out(0)) == (False, DEFAULT_C)  # a tie (log-loss alone): scikit-learn's C
-    assert choose_c(held_out(1)) == (False, DEFAULT_C)  # one label of ten: exactly one standard error
-    assert choose_c(held_out(4)) == (False, 0.01)
+    sklearn = (False, DEFAULT_C)
+    assert choose_c(held_out(0), sklearn) == sklearn  # a tie (log-loss alone): scikit-learn's C
+    assert choose_c(held_out(1), sklearn) == sklearn  # one label of ten: exactly one standard error
+    assert choose_c(held_out(4), sklearn) == (False, 0.01)
     # A guessed prior competes with the plain Cs: it needs the same evidence against scikit-learn's.
-    assert choose_c(held_out(1, (True, 0.3), (True, False))) == (False, DEFAULT_C)
-    assert choose_c(held_out(4, (True, 0.3), (True, False))) == (True, 0.3)
-    # A prior alone: the best, ties to the lower log-loss.
+    assert choose_c(held_out(1, (True, 0.3), (True, False)), sklearn) == sklearn
+    assert choose_c(held_out(4, (True, 0.3), (True, False)), sklearn) == (True, 0.3)
+    # A prior alone (the source's head): the best, ties to the lower log-loss.
     assert choose_c(held_out(0, (True, 0.01), (True,))) == (True, 0.01)
+    # A head of descriptions given for sure is itself the default: a C needs the evidence against it.
+    described = held_out(1, (True, 0.3), (True,))
+    described[THE_PRIOR] = (described[True, 0.01][0], np.full(n, 0.5))
+    assert choose_c(described, THE_PRIOR) == THE_PRIOR
+    described = held_out(4, (True, 0.3), (True,))
+    described[THE_PRIOR] = (described[True, 0.01][0], np.full(n, 0.5))
+    assert choose_c(described, THE_PRIOR) == (True, 0.3)
 
 
 def test_a_guessed_prior_is_kept_only_where_the_labels_support_it(features):
@@ -122,6 +130,16 @@ def test_a_guessed_prior_is_kept_only_where_the_labels_support_it(features):
     assert forced.anchored and not torch.allclose(forced.weight, plain.weight, atol=1e-2)
     helpful = choose_and_fit(X[:30], Y[:30], 10, prior=5 * truth, prior_optional=True, seed=1)
     assert helpful.anchored  # a prior that knows the classes better than 30 labels do is kept
+    # A head of descriptions given for sure is the default as it is (nothing fitted), where the
+    # labels show nothing better; one the labels contradict gives way to a C that pulls from it.
+    three = torch.cat([torch.nonzero(Y == k)[:3, 0] for k in range(10)])  # 3 labels a class: 3 folds
+    described = choose_and_fit(X[three], Y[three], 10, prior=5 * truth, seed=1, prior_default=True)
+    assert (described.anchored, described.C) == THE_PRIOR and described.folds > 0
+    assert torch.equal(described.weight, (5 * truth).double().float()) and not described.bias.any()
+    one_shot = choose_and_fit(X[:10], torch.arange(10), 10, prior=5 * truth, prior_default=True)
+    assert (one_shot.anchored, one_shot.C, one_shot.folds) == (True, DEFAULT_C, 0)  # nothing to validate: pulled
+    contradicted = choose_and_fit(X, Y, 10, prior=wrong, prior_default=True)
+    assert contradicted.anchored and contradicted.C > 0 and not torch.allclose(contradicted.weight, wrong)
 
 
 def test_a_large_label_set_scores_C_on_one_held_out_fold(features):
@@ -135,7 +153,7 @@ def test_a_large_label_set_scores_C_on_one_held_out_fold(features):
     held_out = stratified_folds(y_all, 5, 3)[:1]
     scores = cross_validate(x_all.astype(np.float64), y_all, 10, held_out, np.zeros((10, 64)))
     assert all(len(right) == len(held_out[0]) for right, _ in scores.values())
-    assert (False, solved.C) == choose_c({(False, c): v for c, v in scores.items()})
+    assert (False, solved.C) == choose_c({(False, c): v for c, v in scores.items()}, (False, DEFAULT_C))
     assert solved.cv_accuracy == pytest.approx(scores[solved.C][0].mean())
 
 

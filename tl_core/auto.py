@@ -37,12 +37,13 @@ setfit of similar cost) that is about 0.8 + 0.8 + 1 = 2.6x the most expensive ca
 and the cached folds are small beside them); bench/auto.md measures it.
 
 The stated rule (`fallback`), and all of auto where some class has fewer than 2 labels (1 shot):
-nothing to validate on, nothing searched, and the summary says so. It takes `finetune` where the backbone's own head was trained on the target's
-classes, so that it starts from that head (bench/source_head.md, 1 shot: 84.6 % on MNIST -> USPS
-against the probe's 76.5, and within 0.5 of it on fonts -> sklearn's digits); else `linear-probe`,
-its head solved with scikit-learn's C and started from the class descriptions where the data has
-them (the strongest single strategy at few labels on the other benches: text from descriptions,
-photos from ImageNet at 5 and 10 shots, bench/imagenet_transfer.md).
+nothing to validate on, nothing searched, and the summary says so. It takes `finetune` where the
+backbone's own head was trained on the target's classes, so that it starts from that head
+(bench/source_head.md, 1 shot: 84.6 % on MNIST -> USPS against the probe's 76.5, and within 0.5
+of it on fonts -> sklearn's digits); else `linear-probe` (strategies/logistic.py: scikit-learn's
+C, or where class descriptions came with the data their zero-shot head, unless the labels show
+better), the strongest single strategy at few labels on the other benches: text from
+descriptions, photos from ImageNet at 5 and 10 shots (bench/imagenet_transfer.md).
 """
 
 from __future__ import annotations
@@ -273,7 +274,9 @@ def fallback(cfg: TrainConfig) -> tuple[str, str]:
     if (cfg.head_init in ("auto", "source") and cfg.backbone
             and source_head(load_checkpoint(cfg.backbone), load_manifest(cfg.data)["classes"]) is not None):
         return "finetune", "from the backbone's own head, which was trained on these classes"
-    return "linear-probe", "its head solved with C=1, from the class descriptions where the data has them"
+    return "linear-probe", ("its head solved at scikit-learn's C=1, or where class descriptions came with the data "
+                            "towards their head, and from 2 labels a class that head itself, unless the labels show "
+                            "another C better")
 
 
 def recipe_for(cfg: TrainConfig, recipes: dict[str, dict] | None, strategy: str) -> dict:

@@ -42,6 +42,7 @@ class Strategy:
         # The start is text's class names read as their own descriptions (--head-init auto, no
         # descriptions file): a guess, which a solved head keeps only where the labels support it.
         self.head_start_guessed = False
+        self.head_start_described = False  # the start is the zero-shot head of a descriptions file's sentences
 
     # -- the model ---------------------------------------------------------------------------
     def architecture(self, backbone: dict | None, shape: list[int]) -> tuple[str, dict]:
@@ -85,7 +86,8 @@ class Strategy:
             model.head.weight.data = description_head(model, self.cfg, shape)
             model.head.bias.data.zero_()
             self.head_start = model.head.weight.detach().clone()
-            self.head_start_guessed = self.cfg.head_init == "auto" and not descriptions_of(self.cfg)
+            self.head_start_described = bool(descriptions_of(self.cfg))  # else the class names, read as descriptions
+            self.head_start_guessed = self.cfg.head_init == "auto" and not self.head_start_described
         return model, model_spec(name, num_classes, in_channels, kwargs)
 
     def head_penalty(self, net: nn.Module) -> torch.Tensor | float:
