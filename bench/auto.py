@@ -173,7 +173,8 @@ def report(results: list[dict]) -> str:
     when = {row: sorted({r.get("measured", "earlier") for r in runs}) for row, runs in by_row.items()}
     lines += ["", "When: " + "; ".join(f"{row} {', '.join(dates)}" for row, dates in when.items()) + ". A dated row "
               "took the choice rule of tl_core/auto.py as it is now (the stated rule's candidate unless another is "
-              "right on more of the same held-out labels by more than one standard error), every run trained anew "
+              "right on more of the same held-out labels beyond chance: a sign test at one standard error's odds), every "
+              "run trained anew "
               "(checkpoints are keyed by tl_core's code). An `earlier` row (2026-12-05) took the highest validation "
               "score, ties first to fold 0, and its probe predates the probe's C rule (bench/probe_vs_sklearn.md: "
               "sst2-8 58.7 %, sst2-8-described 71.3 % under it)."]

@@ -116,6 +116,24 @@ def test_C_stays_scikit_learns_unless_the_held_out_labels_show_another_is_better
     assert choose_c(described, THE_PRIOR) == (True, 0.3)
 
 
+def test_a_gain_is_evidence_where_a_fair_coin_on_the_labels_that_differ_rarely_does_as_well():
+    """The exact sign test at one standard error's chance (0.159), not the mean gain over its own
+    spread, which 2 labels of 4 won and none lost pass (0.5 > 0.29)."""
+    from tl_core.strategies.logistic import clear_gain, sign_test
+
+    def gain(wins: int, losses: int, ties: int) -> np.ndarray:
+        return np.array([1.0] * wins + [-1.0] * losses + [0.0] * ties)
+
+    assert not clear_gain(gain(2, 0, 2)) and sign_test(gain(2, 0, 2)) == (2, 0, 0.25)
+    assert clear_gain(gain(3, 0, 1)) and sign_test(gain(3, 0, 1))[2] == 0.125
+    assert not any(clear_gain(gain(k + 1, k, 5)) for k in range(30))  # one label net: never
+    assert not clear_gain(gain(0, 0, 10)) and not clear_gain(gain(0, 3, 0))
+    # On many labels it agrees with the mean gain over its standard error (both: 60 won, 40 lost)
+    many = gain(60, 40, 900)
+    assert clear_gain(many) and many.mean() > many.std(ddof=1) / np.sqrt(len(many))
+    assert not clear_gain(gain(52, 48, 900))
+
+
 def test_a_guessed_prior_is_kept_only_where_the_labels_support_it(features):
     """A prior head that contradicts the labels (its rows swapped): an optional prior gives way to
     scikit-learn's plain penalty; the same prior given for sure (a descriptions file) still pulls."""
