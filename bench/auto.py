@@ -175,9 +175,10 @@ def report(results: list[dict]) -> str:
               "took the choice rule of tl_core/auto.py as it is now (the stated rule's candidate unless another is "
               "right on more of the same held-out labels beyond chance: a sign test at one standard error's odds), every "
               "run trained anew "
-              "(checkpoints are keyed by tl_core's code). An `earlier` row (2026-12-05) took the highest validation "
-              "score, ties first to fold 0, and its probe predates the probe's C rule (bench/probe_vs_sklearn.md: "
-              "sst2-8 58.7 %, sst2-8-described 71.3 % under it)."]
+              "(checkpoints are keyed by tl_core's code)." + (
+                  " An `earlier` row (2026-12-05) took the highest validation score, ties first to fold 0, and its "
+                  "probe predates the probe's C rule (bench/probe_vs_sklearn.md)."
+                  if any(d == "earlier" for dates in when.values() for d in dates) else "")]
     kept = sorted({n for r in results for n, v in r["singles"].items() if v.get("kept")})
     if kept:
         lines += ["", f"Marked *: {', '.join(kept)} as the row's earlier run measured them (`--keep-singles`: "
