@@ -23,10 +23,9 @@ retraining job cannot fix one. `auto` tries the candidates and keeps the one tha
                  chance at one standard error (an exact sign test on the labels where they differ);
                  then the one of those with the highest score. The same rule as the probe's C
                  (strategies/logistic.py, `clear_gain`): a default, left on evidence only.
-                 Comparisons are paired on the
-                 labels both candidates were validated on (fold 0 where either trains a network),
-                 because a fold of a few labels scores in big steps, and the highest of several
-                 such scores is mostly luck. Under the highest score alone, the demo's seed 2 took
+                 Comparisons are paired on the labels both candidates were validated on (fold 0
+                 where either trains a network), because a fold of a few labels scores in big
+                 steps, and the highest of several such scores is mostly luck. Under the highest score alone, the demo's seed 2 took
                  scratch over finetune on a fold of 10 images and lost about 4 points on the test
                  digits (bench/tl_run_default.md), and SST-2's seed 1 took finetune on 3 sentences
                  of 4, 5 points below the probe on the test sentences (bench/auto.md,
@@ -278,9 +277,8 @@ def fallback(cfg: TrainConfig) -> tuple[str, str]:
     if (cfg.head_init in ("auto", "source") and cfg.backbone
             and source_head(load_checkpoint(cfg.backbone), load_manifest(cfg.data)["classes"]) is not None):
         return "finetune", "from the backbone's own head, which was trained on these classes"
-    return "linear-probe", ("its head solved at scikit-learn's C=1, or where class descriptions came with the data "
-                            "towards their head, and from 2 labels a class that head itself, unless the labels show "
-                            "another C better")
+    return "linear-probe", ("its head solved: scikit-learn's C=1, or where a descriptions file came with the data "
+                            "that file's zero-shot head, unless the labels show another C better")
 
 
 def recipe_for(cfg: TrainConfig, recipes: dict[str, dict] | None, strategy: str) -> dict:
