@@ -65,6 +65,9 @@ def test_auto_chooses_on_folds_of_the_labels_never_the_test_split_and_refits_on_
         assert mean == pytest.approx(candidate["val_accuracy"])
     assert choice.strategy == best_candidate(choice.candidates, fallback(cfg)[0]) and choice.strategy in choice.reason
     assert all(t["test_accuracy"] is None for t in choice.search["trials"])  # no trial scored the test split
+    # No trial kept its model (SearchConfig.keep_models): the winner trains again on all the labels
+    assert choice.search["best_checkpoint"] is None and Path(choice.search["storage"]).is_dir()
+    assert not list(Path(choice.search["storage"]).rglob("checkpoint_*"))
     assert choice.config.strategy == choice.strategy and choice.config.cv_folds == 0  # refitted on every label
 
     result = auto_step(cfg, say=lambda line: None)  # the same choice (its trials reused), refitted, logged

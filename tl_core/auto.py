@@ -198,7 +198,8 @@ def run_validation(validated: dict[int, tuple[dict[str, TrainConfig], int]], nam
         space={key: {"choice": _distinct([p[key] for p in points])} for key in varying},
         points=[{key: p[key] for key in varying} for p in points],
         scheduler="fifo",  # every candidate runs its whole budget: they are compared at the end,
-        epoch_reports=False,  # so a one-process trial reports only its end
+        epoch_reports=False,  # so a one-process trial reports only its end,
+        keep_models=False,  # and no model: the winner trains again on all the labels
         # Named by its trials and the code: the same choice asked again (same labels, candidates,
         # recipes and tl_core) resumes the finished search and reuses its trials.
         name=f"auto-{storage.sha256_bytes(identity.encode())[:12]}",

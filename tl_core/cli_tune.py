@@ -37,7 +37,7 @@ def show_search(s: dict) -> None:
     console.print(f"best {s['metric']} {s['best_' + s['metric']]:.4f} (test accuracy {s['best_test_accuracy']:.4f}); "
                   f"{s['trial_epochs_total']} trial-epochs in {s['seconds']:.0f}s\n"
                   f"best config {s['best_config_file']}  (tl transfer --config {s['best_config_file']})\n"
-                  f"checkpoint {s['best_checkpoint']}  mlflow run {s['run_id']}", highlight=False)
+                  f"checkpoint {s['best_checkpoint'] or 'none (keep_models: false)'}  mlflow run {s['run_id']}", highlight=False)
 
 
 @app.command(cls=StrategiesInHelp)

@@ -41,8 +41,9 @@ def plot_trials(trials: list, metric: str, path: str, title: str = "", best_id: 
     plt.close(fig)
 
 
-def record_search(cfg, summary: dict, trials: list, best_yaml: str, checkpoint: bytes) -> str:
-    """Log the search; returns the parent run's id."""
+def record_search(cfg, summary: dict, trials: list, best_yaml: str, checkpoint: bytes | None) -> str:
+    """Log the search; returns the parent run's id. `checkpoint`: the best trial's model (None: the
+    search kept none, SearchConfig.keep_models)."""
     import mlflow
 
     name = summary["name"]
@@ -64,7 +65,8 @@ def record_search(cfg, summary: dict, trials: list, best_yaml: str, checkpoint: 
         tracking.log_metrics({k: summary[k] for k in totals if summary.get(k) is not None})
         mlflow.set_tag("tl.best_trial", summary["best_trial"])
         tracking.log_bytes(best_yaml.encode(), "best.yaml")
-        tracking.log_bytes(checkpoint, "checkpoint.pt", artifact_path="checkpoint")
+        if checkpoint is not None:
+            tracking.log_bytes(checkpoint, "checkpoint.pt", artifact_path="checkpoint")
         with tempfile.TemporaryDirectory() as folder:
             plot = str(Path(folder, "trials.png"))
             plot_trials(trials, cfg.metric, plot, f"{name}: {cfg.search} search, {summary['scheduler']}",

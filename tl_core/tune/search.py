@@ -249,7 +249,7 @@ def run_search(cfg: SearchConfig, on_trial: Listener | None = None) -> dict:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     init_ray()
     storage_path, filesystem = storage_for(cfg.storage_uri())
-    fn = trainable(cfg.cpus_per_trial, storage_path, filesystem, cfg.epoch_reports)
+    fn = trainable(cfg.cpus_per_trial, storage_path, filesystem, cfg.epoch_reports, cfg.keep_models)
     experiment_path = f"{storage_path.rstrip('/')}/{name}"  # as Ray sees it: absolute, or bucket/key with a filesystem
     experiment_uri = storage.join(cfg.storage_uri(), name) if storage.is_s3(cfg.storage_uri()) else experiment_path
     resumed = tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
@@ -294,9 +294,10 @@ def run_search(cfg: SearchConfig, on_trial: Listener | None = None) -> dict:
     best_config = TrainConfig(**best.config)
     out = storage.join(workdir(), "models", f"tune-{name}")
     best_yaml = yaml.safe_dump(best_config.model_dump(), sort_keys=False)
-    ckpt = checkpoint_bytes(best_result, filesystem)
+    ckpt = checkpoint_bytes(best_result, filesystem) if cfg.keep_models else None
     storage.write_bytes(storage.join(out, "best.yaml"), best_yaml.encode())
-    storage.write_bytes(storage.join(out, CHECKPOINT_FILE), ckpt)
+    if ckpt is not None:
+        storage.write_bytes(storage.join(out, CHECKPOINT_FILE), ckpt)
 
     summary = {
         "name": name,
@@ -309,7 +310,7 @@ def run_search(cfg: SearchConfig, on_trial: Listener | None = None) -> dict:
         "best_params": best.params,
         "best_config": best_config.model_dump(),
         "best_config_file": storage.join(out, "best.yaml"),
-        "best_checkpoint": storage.join(out, CHECKPOINT_FILE),
+        "best_checkpoint": storage.join(out, CHECKPOINT_FILE) if ckpt is not None else None,
         "best_val_accuracy": best.metrics.get("val_accuracy"),
         f"best_{cfg.metric}": best.metrics.get(cfg.metric),
         "best_test_accuracy": best.metrics.get("test_accuracy"),

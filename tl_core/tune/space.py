@@ -63,6 +63,12 @@ class SearchConfig(StepConfig):
     # end and can do without them (auto's, tl_core/auto.py); ASHA stops trials on them.
     epoch_reports: bool = Field(True, description="report every epoch to Tune (off: a one-process trial reports only "
                                                   "its end, with no checkpoint before it; fifo only)")
+    # A trial's model is a checkpoint in the search's storage, and the best one is copied and
+    # logged to MLflow: 90 to 270 MB a MiniLM trial (its weights, and Adam's state where it trains
+    # them). A search whose winner trains again (auto's) needs none of them: a day of auto's text
+    # benches left 22 GB of them here.
+    keep_models: bool = Field(True, description="keep each trial's trained model and the best one (off: trials "
+                                                "report metrics only; for a search whose choice trains again)")
     # The trials themselves, each a point of the space (every searched setting given): a search of
     # listed candidates (--strategy auto's), run as a grid search runs its points.
     points: list[dict[str, Any]] = Field(default_factory=list, description="trials to run, each a value of every "
@@ -79,7 +85,7 @@ class SearchConfig(StepConfig):
         if self.name:
             return self.name
         # Settings that do not change which trials run are left out, so a resumed search keeps its name.
-        key = self.fingerprint(exclude={"resume", "max_concurrent_trials", "storage", "name", "epoch_reports"})
+        key = self.fingerprint(exclude={"resume", "max_concurrent_trials", "storage", "name", "epoch_reports", "keep_models"})
         return f"{self.base.get('strategy', 'scratch')}-{key[:12]}"
 
     def storage_uri(self) -> str:

@@ -25,11 +25,13 @@ TRIAL_PROCESS_CPU = 0.01
 class TuneSession(LocalSession):
     """One process inside a Tune trial: metrics and checkpoints go to `ray.tune.report`, and a
     resumed trial starts from its latest checkpoint (`ray.tune.get_checkpoint`). Without
-    `epoch_reports`, only the trial's end is reported (SearchConfig.epoch_reports)."""
+    `epoch_reports`, only the trial's end is reported (SearchConfig.epoch_reports); without
+    `keep_models`, no checkpoint is (SearchConfig.keep_models)."""
 
-    def __init__(self, use_gpu: bool | None = None, epoch_reports: bool = True):
+    def __init__(self, use_gpu: bool | None = None, epoch_reports: bool = True, keep_models: bool = True):
         super().__init__(use_gpu)
         self.epoch_reports = epoch_reports
+        self.keep_models = keep_models
 
     def restore(self) -> dict | None:
         from ray import tune
@@ -39,11 +41,11 @@ class TuneSession(LocalSession):
     def report(self, metrics: dict, checkpoint: dict | None = None) -> None:
         from ray import tune
 
-        report_to_ray(tune.report, tune.Checkpoint, metrics, checkpoint)
+        report_to_ray(tune.report, tune.Checkpoint, metrics, checkpoint if self.keep_models else None)
 
 
 def run_trial(config: dict, cpus: float, workdir: str, storage_path: str, storage_filesystem=None,
-              epoch_reports: bool = True) -> None:
+              epoch_reports: bool = True, keep_models: bool = True) -> None:
     """The trainable: Tune calls it with one point of the search space (a whole TrainConfig)."""
     cfg = TrainConfig(**config)
     os.environ["TL_WORKDIR"] = workdir  # the search's work directory (caches), as Ray Train runs carry theirs
@@ -53,7 +55,7 @@ def run_trial(config: dict, cpus: float, workdir: str, storage_path: str, storag
         from tl_core.train.loop import fit
 
         torch.set_num_threads(max(1, int(cpus)))
-        fit(cfg, TuneSession(cfg.use_gpu, epoch_reports))
+        fit(cfg, TuneSession(cfg.use_gpu, epoch_reports, keep_models))
     else:
         run_trial_on_ray_train(cfg, cpus, workdir, storage_path, storage_filesystem)
 
@@ -71,7 +73,8 @@ def run_trial_on_ray_train(cfg: TrainConfig, cpus: float, workdir: str, storage_
                  callbacks=[TuneReportCallback()], num_to_keep=1).fit()
 
 
-def trainable(cpus_per_trial: float, storage_path: str, storage_filesystem=None, epoch_reports: bool = True):
+def trainable(cpus_per_trial: float, storage_path: str, storage_filesystem=None, epoch_reports: bool = True,
+              keep_models: bool = True):
     """`run_trial` with its resources, as Tuner and Tuner.restore take it."""
     from ray import tune
 
@@ -82,5 +85,6 @@ def trainable(cpus_per_trial: float, storage_path: str, storage_filesystem=None,
         return {"cpu": TRIAL_PROCESS_CPU if config["workers"] > 1 else cpus_per_trial}
 
     fn = tune.with_parameters(run_trial, cpus=cpus_per_trial, workdir=absolute_workdir(), storage_path=storage_path,
-                              storage_filesystem=storage_filesystem, epoch_reports=epoch_reports)
+                              storage_filesystem=storage_filesystem, epoch_reports=epoch_reports,
+                              keep_models=keep_models)
     return tune.with_resources(fn, resources)
