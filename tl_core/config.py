@@ -194,8 +194,9 @@ class TrainConfig(StepConfig):
         "regression (L-BFGS; C by k-fold cross-validation on the labels; no lr or epochs; setfit: refitted so at the "
         "end); epochs: trained by --optimizer for --epochs", HEAD_SOLVED)
     head_c: float | None = strategy_option(None, "with --head-solver optimum: the inverse strength C of the L2 "
-                                           "penalty, scikit-learn's LogisticRegression's C (default: its 1, unless "
-                                           "5-fold cross-validation on the labels shows another is better)",
+                                           "penalty, scikit-learn's LogisticRegression's C (default: its 1, or with a "
+                                           "descriptions file that file's zero-shot head as it is, unless 5-fold "
+                                           "cross-validation on the labels shows a C better)",
                                            HEAD_SOLVED, gt=0)
     teacher: str | None = strategy_option(None, "the teacher's checkpoint (trained on the target classes)", ("distill",))
     temperature: float = strategy_option(4.0, "softmax temperature T of the soft labels", ("distill",), gt=0)
