@@ -153,11 +153,10 @@ def choose_each(cfgs: list[TrainConfig], recipes: dict[str, dict] | None = None,
     names = candidate_names(cfgs[0])
     chosen: dict[int, Choice] = {}
     validated: dict[int, tuple[dict[str, TrainConfig], int]] = {}  # seed -> its candidates' configs, k
-    rules: dict[int, tuple[str, str]] = {}  # seed -> the stated rule's choice, and why
+    rule, why = fallback(cfgs[0])  # the seeds share everything it reads (the backbone, the data's classes)
     for cfg in cfgs:
         configs = {s: candidate_config(cfg, s, recipe_for(cfg, recipes, s)) for s in names}
         k = fold_count(cfg)
-        rules[cfg.seed] = rule, why = fallback(cfg)
         if k < 2:
             reason = f"fewer than 2 labels in some class: nothing to validate on, so the stated rule: {rule} ({why})"
             say(f"{prefix(cfg.seed)}: {reason}")
@@ -172,9 +171,8 @@ def choose_each(cfgs: list[TrainConfig], recipes: dict[str, dict] | None = None,
             if not any(c["val_accuracy"] is not None for c in candidates.values()):
                 raise UserError(f"auto: no candidate finished its validation (search {summary['name']}); see its "
                                 "trials in MLflow")
-            default, why = rules[seed]
-            best = best_candidate(candidates, default)
-            reason = reason_for(best, default, why, candidates, names)
+            best = best_candidate(candidates, rule)
+            reason = reason_for(best, rule, why, candidates, names)
             say(f"{prefix(seed)}: chose {best}: {reason}")
             chosen[seed] = Choice(best, configs[best], reason, k, candidates, summary, share)
     return [chosen[cfg.seed] for cfg in cfgs]

@@ -165,12 +165,17 @@ def cross_validate(x: np.ndarray, labels: np.ndarray, num_classes: int, folds: l
             # To 1e-5: held-out scores do not move past that, and it takes a third of the steps
             theta = _solve(x[kept], onehot[kept], C, w0, theta, 1e-5)
             weight, bias = theta[:-num_classes].reshape(num_classes, -1), theta[-num_classes:]
-            logits = x[held] @ weight.T + bias
-            logits -= logits.max(1, keepdims=True)
-            log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-            held_out[C][0].append(logits.argmax(1) == labels[held])
-            held_out[C][1].append(-log_p[np.arange(len(held)), labels[held]])
-    return {C: (np.concatenate(right).astype(np.float64), np.concatenate(loss)) for C, (right, loss) in held_out.items()}
+            right, loss = scored(x[held] @ weight.T + bias, labels[held])
+            held_out[C][0].append(right)
+            held_out[C][1].append(loss)
+    return {C: (np.concatenate(right), np.concatenate(loss)) for C, (right, loss) in held_out.items()}
+
+
+def scored(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(right: 1.0 or 0.0, log-loss) of each label under `logits`."""
+    logits = logits - logits.max(1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    return (logits.argmax(1) == labels).astype(np.float64), -log_p[np.arange(len(labels)), labels]
 
 
 Candidate = tuple[bool, float]  # (the penalty pulls towards the prior head, not zero; C)
@@ -181,10 +186,7 @@ THE_PRIOR: Candidate = (True, 0.0)  # the prior head as it is, nothing fitted (C
 def prior_scores(x: np.ndarray, labels: np.ndarray, folds: list[np.ndarray], w0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """THE_PRIOR's (held-out correct, held-out log-loss), as `cross_validate` lists its labels."""
     held = np.concatenate(folds)
-    logits = x[held] @ w0.T
-    logits -= logits.max(1, keepdims=True)
-    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-    return (logits.argmax(1) == labels[held]).astype(np.float64), -log_p[np.arange(len(held)), labels[held]]
+    return scored(x[held] @ w0.T, labels[held])
 
 
 def choose_c(held_out: dict[Candidate, tuple[np.ndarray, np.ndarray]], default: Candidate | None = None) -> Candidate:
@@ -240,7 +242,12 @@ def choose_and_fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float 
     folds = min(FOLDS, int(present.min())) if len(present) else 0
     cv_accuracy = None
     anchored = prior is not None
-    default = THE_PRIOR if prior is not None and prior_default else SCIKIT_LEARN if not anchored or prior_optional else None
+    if anchored and prior_default:
+        default = THE_PRIOR
+    elif not anchored or prior_optional:
+        default = SCIKIT_LEARN
+    else:  # a source head: how far to pull from it is the labels' to say
+        default = None
     with one_thread():
         if C is None and folds >= 2:
             held_out = stratified_folds(labels, folds, seed)
