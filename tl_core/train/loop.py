@@ -209,6 +209,7 @@ def fit(cfg: TrainConfig, session) -> dict:
             "backbone": {"uri": cfg.backbone, "sha256": backbone["sha256"]} if backbone else None,
         }
 
+    tested = None
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)
         epoch_start = time.perf_counter()
@@ -221,13 +222,15 @@ def fit(cfg: TrainConfig, session) -> dict:
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
             result = evaluate(strategy, *eval_input(), data.classes, device)
             metrics.update({f"{eval_name}_accuracy": result["accuracy"], f"{eval_name}_loss": result["loss"]})
+            if last and eval_name == "test":
+                tested = result  # the final model on the test split: not scored twice (text encodes it anew)
         history.append(metrics)
         if not last and session.epoch_reports:  # the last epoch is reported below, with the final test metrics
             save = cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0
             session.report(metrics, checkpoint(epoch, metrics) if save and session.rank == 0 else None)
 
     # A run validated on a fold of its labels (an auto candidate) never reads the test split.
-    final = None if cfg.cv_folds else evaluate(strategy, *test_input(), data.classes, device)
+    final = None if cfg.cv_folds else tested or evaluate(strategy, *test_input(), data.classes, device)
     summary = {
         **({"test_accuracy": final["accuracy"], "test_loss": final["loss"], "test_macro_f1": final["macro_f1"]}
            if final else {}),
