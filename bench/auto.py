@@ -107,7 +107,7 @@ def measure(row: str, seed: int, settings: dict, kept: dict | None = None) -> di
     test_best = max((s for s in singles if not s.startswith("sklearn")), key=lambda s: singles[s]["accuracy"])
     return {"row": row, "seed": seed, "measured": time.strftime("%Y-%m-%d"), "auto_accuracy": result["metrics"]["accuracy"], "choice": record["choice"],
             "reason": record["reason"], "fallback": record["fallback"], "candidates": record["candidates"],
-            "auto_seconds": record["choose_seconds"] + singles.get(record["choice"], {}).get("train_seconds", 0.0),
+            "auto_seconds": result["train_seconds"],  # the choosing and the refit's training (a kept single's are older)
             "auto_wall_seconds": auto_wall, "scratch_accuracy": result.get("scratch_accuracy"), "load_1min": load,
             "singles": singles, "test_best": test_best,
             "picked_test_best": singles[record["choice"]]["accuracy"] >= singles[test_best]["accuracy"]}
@@ -181,8 +181,9 @@ def report(results: list[dict]) -> str:
                   if any(d == "earlier" for dates in when.values() for d in dates) else "")]
     kept = sorted({n for r in results for n, v in r["singles"].items() if v.get("kept")})
     if kept:
-        lines += ["", f"Marked *: {', '.join(kept)} as the row's earlier run measured them (`--keep-singles`: "
-                  "hours of fine-tuning on 2 cores), not trained again beside this auto."]
+        lines += ["", f"Marked *: {', '.join(kept)} as the row's earlier run measured them (`--keep-singles`, "
+                  "to spare their training; their seconds included a test evaluation every epoch until 2026-12-07), "
+                  "not trained again beside this auto."]
     lines += ["", "Every single strategy, test accuracy % (mean over the seeds):", ""]
     for row in by_row:
         runs = by_row[row]
@@ -205,7 +206,7 @@ def main() -> None:
     output = HERE / "auto.json"
     kept = json.loads(output.read_text())["results"] if output.is_file() else []
     # --keep-singles=finetune,setfit: those single strategies as the rows' earlier runs measured them
-    # (hours of fine-tuning on text), auto and the others measured again
+    # (to spare their training), auto and the others measured again
     keep_singles = [s for s in args.get("--keep-singles", "").split(",") if s]
     earlier = {(r["row"], r["seed"]): {n: r["singles"][n] for n in keep_singles if n in r["singles"]} for r in kept}
     if "--fresh" in args:  # the rows asked for measured again; the others kept
