@@ -36,7 +36,8 @@ RECIPES: dict[str, dict[str, dict]] = {
         # the encoder at lr * backbone_lr_mult; a fine-tuned checkpoint is 270 MB: written at the end only.
         # Tested at the end only too: with no validation split an epoch's evaluation encodes the whole
         # test split again through the changed encoder (2 000 AG News texts: about a minute on 2
-        # CPUs), which every epoch made SetFit's 40 epochs take over 20 minutes instead of 6.
+        # CPUs): every epoch, SetFit's 40 epochs on AG News's 32 labels ran over 20 minutes; at the end
+        # only, 75-84 s (bench/auto.md, agnews-8).
         "finetune": {"lr": 1.0e-3, "backbone_lr_mult": 0.05, "epochs": 20, "batch_size": 8, "checkpoint_every": 0,
                      "eval_every": 0},
         "setfit": {"lr": 1.0e-2, "backbone_lr_mult": 0.002, "epochs": 40, "batch_size": 16, "checkpoint_every": 0,
