@@ -188,7 +188,6 @@ def test_a_head_started_from_the_class_descriptions_learns_from_one_label(agnews
     assert runs["descriptions"]["metrics"]["accuracy"] > max(0.6, runs["random"]["metrics"]["accuracy"])
 
 
-
 def test_auto_states_setfit_for_bare_text_and_the_probe_where_descriptions_or_one_label(agnews, module_workdir):
     """Auto's stated rule (issue 27), which it keeps unless the held-out labels show another better:
     SetFit on text with labels alone; the probe from a descriptions file's head; the probe at one
@@ -202,6 +201,7 @@ def test_auto_states_setfit_for_bare_text_and_the_probe_where_descriptions_or_on
     descriptions.write_text("descriptions:\n" + "".join(f'  "{k}": "{v}"\n' for k, v in AG_DESCRIPTIONS.items()))
     assert fallback(cfg.model_copy(update={"attributes": str(descriptions)}))[0] == "linear-probe"
     assert fallback(cfg.model_copy(update={"shots": 1}))[0] == "linear-probe"
+
 
 def _without(path, name: str):
     lines = [line for line in path.read_text().splitlines() if not line.strip().startswith(f'"{name}"')]

@@ -276,7 +276,6 @@ def fallback(cfg: TrainConfig) -> tuple[str, str]:
     from tl_core.checkpoints import load_checkpoint
     from tl_core.data import load_manifest
     from tl_core.strategies.base import source_head
-
     from tl_core.strategies.zero_shot import descriptions_of
 
     manifest = load_manifest(cfg.data)
