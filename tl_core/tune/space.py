@@ -66,7 +66,8 @@ class SearchConfig(StepConfig):
     # A trial's model is a checkpoint in the search's storage, and the best one is copied and
     # logged to MLflow: 90 to 270 MB a MiniLM trial (its weights, and Adam's state where it trains
     # them). A search whose winner trains again (auto's) needs none of them: a day of auto's text
-    # benches left 22 GB of them here.
+    # benches left 22 GB of them here. A trial on Ray Train (workers > 1) still keeps its latest
+    # checkpoint (num_to_keep=1): it resumes from it when a worker is lost.
     keep_models: bool = Field(True, description="keep each trial's trained model and the best one (off: trials "
                                                 "report metrics only; for a search whose choice trains again)")
     # The trials themselves, each a point of the space (every searched setting given): a search of
