@@ -188,10 +188,11 @@ def test_a_head_started_from_the_class_descriptions_learns_from_one_label(agnews
     assert runs["descriptions"]["metrics"]["accuracy"] > max(0.6, runs["random"]["metrics"]["accuracy"])
 
 
-def test_auto_states_setfit_for_bare_text_and_the_probe_where_descriptions_or_one_label(agnews, module_workdir):
+def test_auto_states_setfit_for_bare_text_and_the_probe_where_descriptions_and_few_labels(agnews, module_workdir):
     """Auto's stated rule (issue 27), which it keeps unless the held-out labels show another better:
-    SetFit on text with labels alone; the probe from a descriptions file's head; the probe at one
-    label a class, where SetFit has no pair of the same class."""
+    SetFit on text with labels alone; with a descriptions file, the probe from its head below 32
+    labels and SetFit from 32 on; the probe at one label a class, where SetFit has no pair of the
+    same class."""
     from tl_core.auto import fallback
 
     cfg = TrainConfig(data=agnews.path, strategy="auto", backbone="packaged:minilm-l6", shots=8)
@@ -199,7 +200,10 @@ def test_auto_states_setfit_for_bare_text_and_the_probe_where_descriptions_or_on
     assert strategy == "setfit" and "no descriptions file" in why
     descriptions = module_workdir / "agnews-rule.yaml"
     descriptions.write_text("descriptions:\n" + "".join(f'  "{k}": "{v}"\n' for k, v in AG_DESCRIPTIONS.items()))
-    assert fallback(cfg.model_copy(update={"attributes": str(descriptions)}))[0] == "linear-probe"
+    described = cfg.model_copy(update={"attributes": str(descriptions)})
+    strategy, why = fallback(described)  # 4 classes x 8
+    assert strategy == "setfit" and "descriptions file's head: 32 labels" in why
+    assert fallback(described.model_copy(update={"shots": 7}))[0] == "linear-probe"  # 28 labels
     assert fallback(cfg.model_copy(update={"shots": 1}))[0] == "linear-probe"
 
 
