@@ -139,6 +139,21 @@ def sklearn_probe(settings: dict, seed: int) -> float:
     return float(right / sum(len(cy) for _, cy in test))
 
 
+def rechosen(results: list[dict]) -> tuple[int, int]:
+    """(seeds whose choice `best_candidate` makes again from their stored validation, seeds validated):
+    whether rows measured under an earlier choice rule stand under today's. The stated rule's
+    candidate is read back from the reason auto gave."""
+    import re
+
+    from tl_core.auto import best_candidate
+
+    validated = [r for r in results if not r["fallback"]]
+    defaults = [re.search(r"the stated rule's ([a-z-]+)|\(([a-z-]+), the stated rule's, failed\)", r["reason"])
+                for r in validated]
+    same = sum(best_candidate(r["candidates"], m.group(1) or m.group(2)) == r["choice"] for r, m in zip(validated, defaults))
+    return same, len(validated)
+
+
 def report(results: list[dict]) -> str:
     lines = ["# `--strategy auto` against every single strategy (`bench/auto.py`)", "",
              "Test accuracy %, mean over the seeds measured; auto's choice per seed; seconds: auto = choosing (the "
@@ -171,11 +186,13 @@ def report(results: list[dict]) -> str:
     if missing:
         lines += ["", "Not measured yet (rerun `bench/auto.py --rows=...` to add them): " + ", ".join(missing) + "."]
     when = {row: sorted({r.get("measured", "earlier") for r in runs}) for row, runs in by_row.items()}
-    lines += ["", "When: " + "; ".join(f"{row} {', '.join(dates)}" for row, dates in when.items()) + ". A dated row "
-              "took the choice rule of tl_core/auto.py as it is now (the stated rule's candidate unless another is "
-              "right on more of the same held-out labels beyond chance: a sign test at one standard error's odds), every "
-              "run trained anew "
-              "(checkpoints are keyed by tl_core's code)." + (
+    same, validated = rechosen(results)
+    lines += ["", "When: " + "; ".join(f"{row} {', '.join(dates)}" for row, dates in when.items()) + ". A row took "
+              "the choice rule of tl_core/auto.py as it was that day, every run trained anew (checkpoints are keyed "
+              "by tl_core's code). Chosen again now from each seed's stored validation by the rule as it is now (the "
+              "stated rule's candidate unless another is right on more of the same held-out labels beyond chance: a "
+              f"sign test at one standard error's odds, shared among the candidates): the same on {same} of the "
+              f"{validated} validated seeds." + (
                   " An `earlier` row (2026-12-05) took the highest validation score, ties first to fold 0, and its "
                   "probe predates the probe's C rule (bench/probe_vs_sklearn.md)."
                   if any(d == "earlier" for dates in when.values() for d in dates) else "")]

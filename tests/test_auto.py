@@ -141,12 +141,18 @@ def test_the_stated_rule_holds_unless_a_candidate_is_right_on_more_of_the_same_l
     reason = reason_for("finetune", "finetune", "its rule", candidates, list(candidates))
     assert reason.startswith("the stated rule's finetune (its rule)") and "scratch 1.000" in reason
     # Two of 10, all one way, are not (a coin does it one time in four); three are (one in eight)
+    # against the one other candidate, but not against two, which share one standard error's odds
+    # (0.159 / 2); four are (one in 16)
+    assert best_candidate({"finetune": scored("1111111000"), "scratch": scored(ten)}, "finetune") == "scratch"
     candidates["finetune"] = scored("1111111100")
     assert best_candidate(candidates, "finetune") == "finetune"
     candidates["finetune"] = scored("1111111000")
+    assert best_candidate(candidates, "finetune") == "finetune"
+    candidates["finetune"] = scored("1111110000")
     assert best_candidate(candidates, "finetune") == "scratch"
     reason = reason_for("scratch", "finetune", "r", candidates, list(candidates))
-    assert "right on 3 that one got wrong and wrong on 0 it got right" in reason and "p = 0.125" in reason
+    assert "right on 4 that one got wrong and wrong on 0 it got right" in reason and "p = 0.062" in reason
+    assert "under 0.079: one standard error's 0.159 shared among the 2 candidates weighed against it" in reason
     # Paired on the fold both ran: the probe's 5 folds average higher, but finetune is right on
     # 5 more of fold 0's labels than the probe, which is the stated rule here
     candidates = {"linear-probe": scored("1111100000", ten, ten, ten, ten), "finetune": scored(ten)}

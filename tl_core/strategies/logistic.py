@@ -213,16 +213,17 @@ def sign_test(gain: np.ndarray) -> tuple[int, int, float]:
     return wins, losses, float(binom.sf(wins - 1, wins + losses, 0.5)) if wins else 1.0
 
 
-def clear_gain(gain: np.ndarray) -> bool:
+def clear_gain(gain: np.ndarray, comparisons: int = 1) -> bool:
     """Whether one choice's paired gain over another on the same held-out labels is evidence: it
     wins more of the labels where they differ than a fair coin would, beyond chance at the level
-    of one standard error (`sign_test`'s p <= EVIDENCE). The mean gain over its standard error says
+    of one standard error (`sign_test`'s p <= EVIDENCE), shared among `comparisons` such tests of
+    one default (Bonferroni: p <= EVIDENCE / comparisons). The mean gain over its standard error says
     the same on many labels, but few fool it: 2 of 4 won and none lost is "one standard error"
     (0.5 > 0.29) by the spread of those very 4, yet a coin does it one time in four (auto on SST-2
     at 8 shots took finetune so, 5 points below the probe). One label's net gain is never evidence.
     `choose_c` and auto's choice (tl_core/auto.py) both decide by it."""
     wins, losses, p = sign_test(gain)
-    return wins > losses and p <= EVIDENCE
+    return wins > losses and p <= EVIDENCE / comparisons
 
 
 def choose_and_fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float | None = None,
