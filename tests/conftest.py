@@ -22,17 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
-def pytest_collection_modifyitems(config, items):
-    """The longest test files first, by their summed seconds in the suite's last measure
-    (bench/suite_time.json; a file not in it last). `--dist loadfile` runs a file whole on one
-    worker and hands files out in this order (pyproject's `--no-loadscope-reorder`; xdist's own
-    order is by test count): a long file handed out last ran alone at the end on one worker's
-    share of the cores (test_transfer_gains, 3 minutes at 83deda9)."""
-    measured = ROOT / "bench" / "suite_time.json"
-    seconds = json.loads(measured.read_text())["seconds_by_file"] if measured.exists() else {}
-    items.sort(key=lambda item: -seconds.get(item.path.stem, 0.0))  # stable: a file's tests stay together, in order
-
-
 # -- the `tl` CLI in this process (tests import these: `from tests.conftest import tl, tl_json, tl_error`) --
 
 
