@@ -301,11 +301,12 @@ def fallback(cfg: TrainConfig) -> tuple[str, str]:
     if (cfg.head_init in ("auto", "source") and cfg.backbone
             and source_head(load_checkpoint(cfg.backbone), manifest["classes"]) is not None):
         return "finetune", "from the backbone's own head, which was trained on these classes"
-    if manifest["stored"] == "text" and fold_count(cfg) >= 2:
+    counts = label_counts(cfg) if manifest["stored"] == "text" else None
+    if counts is not None and counts.min() >= 2:  # a pair of the same class to learn from, in every class
         if not descriptions_of(cfg):
             return "setfit", ("SetFit's recipe for a sentence encoder's few labels, where no descriptions file came "
                               "with the data")
-        labelled = int(label_counts(cfg).sum())
+        labelled = int(counts.sum())
         if labelled >= SETFIT_OVER_DESCRIPTIONS:
             return "setfit", (f"SetFit from the descriptions file's head: {labelled} labels, at least the "
                               f"{SETFIT_OVER_DESCRIPTIONS} where it beat their probe")
