@@ -20,8 +20,8 @@ labelled images per class. Per target:
   augmentation 1 px, 100 epochs), seeds 0-2;
 - weighted Kendall tau (scipy.stats.weightedtau, hyperbolic weights) between each seed's LogME and
   that seed's fine-tuned (and probed) accuracy, mean over the seeds (issue 30's figure); and between
-  seed 0's LogME and the mean accuracy over the seeds; the same for H-score, and for LEEP and NCE over the candidates
-  that have a source head (all four from the one ranking's features);
+  seed 0's LogME and the mean accuracy over the seeds; the latter for H-score too, and for LEEP and
+  NCE over the candidates that have a source head (all four from seed 0's ranking's features);
 - top-1 gap: best candidate's fine-tuned accuracy minus the top-ranked one's;
 - ranking seconds (all candidates) against fine-tuning seconds (all candidates, one seed).
 Test accuracy on each target's test split; ranking reads only the training shots. Data: ../shared/data.
@@ -176,7 +176,8 @@ def markdown(report: dict) -> str:
     lines = ["# tl rank: LogME, LEEP, NCE and H-score against the accuracy each candidate actually reaches", "",
              "`.venv/bin/python bench/rank.py` (recipe in the script's docstring). 6 small_cnn backbones pretrained on "
              f"different sources, ranked by LogME on {report['shots']} labelled images per class of each target "
-             "(the table: seed 0's shots, cold feature cache; seeds 1 and 2's ranked too), then each probed and fine-tuned on the same number of labels, "
+             "(the table: seed 0's shots, cold feature cache; seeds 1 and 2's ranked too), then each probed and "
+             "fine-tuned on the same number of labels, "
              f"seeds 0-2; test accuracy % on the target's test split, mean ± std. {report.get('machine', '2 CPU cores')}.",
              ""]
     for name, t in report["targets"].items():
