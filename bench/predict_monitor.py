@@ -306,7 +306,7 @@ def write_markdown(results: dict) -> None:
     first = rows[0]["tl_predict"]
     lines += ["", fixed_and_rate(rows),
               "", "Where the goal is missed, it is the fixed start-up: the command's imports, MLflow's setup and "
-              "`ray.init` of a local Ray (3-4.5 s of it here), outside the Ray Data run "
+              "`ray.init` of a local Ray, outside the Ray Data run "
               f"({first['wall_seconds'] - first['ray_data_seconds']:.1f} s at {rows[0]['images']:,} images), then the "
               f"actor's own process importing torch and building the model before its first shard (first batch at "
               f"{first['first_batch_seconds']} s). The actors themselves score about as fast as the loop. On a "
