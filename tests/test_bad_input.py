@@ -138,6 +138,29 @@ def test_failed_prepare_leaves_nothing_behind(work, tmp_path):
     assert before == after
 
 
+def test_a_path_the_file_system_refuses_is_one_error_line_before_any_work(work, digits, tiny_backbone, tmp_path,
+                                                                          monkeypatch):
+    """An --output or a TL_WORKDIR that cannot be a folder (a file is there, or a folder above it
+    cannot be made) is named with the fix, before anything is predicted or prepared, and the file
+    in the way is left as it was. An OSError that names no path is a fault, not bad input: raised."""
+    from tl_core.cli_app import execute
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("kept")
+    predict = ("predict", "--model", tiny_backbone, "--data", digits, "--output")
+    assert_error(tl_error(*predict, blocker), f"error: {blocker}: File exists", "a file is where a folder must be")
+    assert_error(tl_error(*predict, blocker / "parts"), f"{blocker / 'parts'}: Not a directory", "move the file")
+    monkeypatch.setenv("TL_WORKDIR", str(blocker))
+    assert_error(tl_error("prepare", "sklearn:digits"), f"error: {blocker}", "a file is where a folder must be")
+    assert blocker.read_text() == "kept"
+
+    def refused():
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    with pytest.raises(ConnectionRefusedError):
+        execute(refused, False, print)
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["transfer", "--epochs", "abc"], "Invalid value for '--epochs'"),
     (["transfer", "--no-such-flag"], "No such option: --no-such-flag"),

@@ -29,6 +29,7 @@ import io
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -286,6 +287,8 @@ def why_redone(redone: list, identity: dict) -> str:
 def predict(cfg: PredictConfig, say=lambda message: None) -> dict:
     """Predict every row of the chosen split(s); returns a JSON-able summary (see the module)."""
     started = time.perf_counter()
+    if not storage.is_s3(cfg.output):  # a path that cannot be a folder fails now, not after the predictions
+        Path(cfg.output).mkdir(parents=True, exist_ok=True)
     ckpt, model = resolve_model(cfg.model)
     data = resolve_data(cfg.data, ckpt, cfg.text_column, cfg.label_column, cfg.header)
     classes = list(ckpt["data"]["classes"])

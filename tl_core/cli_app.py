@@ -55,14 +55,18 @@ def _quiet_libraries() -> None:
 
 
 def execute(work, as_json: bool, show):
-    """Run a step; print its summary (human or JSON); turn UserError into one line and exit 2."""
-    from tl_core.errors import UserError
+    """Run a step; print its summary (human or JSON); turn UserError, and a path the file system
+    refused (a TL_WORKDIR or --output that cannot be written), into one line and exit 2."""
+    from tl_core.errors import UserError, path_error
 
     _quiet_libraries()
     try:
         summary = work()
-    except UserError as err:
-        typer.echo(f"error: {err}", err=True)
+    except (UserError, OSError) as err:
+        refused = err if isinstance(err, UserError) else path_error(err)
+        if refused is None:  # an OSError of no path: a fault, not bad input
+            raise
+        typer.echo(f"error: {refused}", err=True)
         raise typer.Exit(2) from None
     if as_json:
         typer.echo(json.dumps(summary, default=str))
