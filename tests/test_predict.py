@@ -55,8 +55,12 @@ def read_parts(folder: Path) -> "pyarrow.Table":  # noqa: F821
 @pytest.mark.timeout(420)  # with the module's fixture: MNIST prepared, a model trained
 def test_predictions_on_the_prepared_set_score_what_tl_evaluate_scores(trained, tmp_path):
     out = tmp_path / "preds"
-    summary = tl_json("predict", "--model", trained.checkpoint, "--data", trained.data.path, "--split", "test",
-                      "--output", out, "--batch-size", 256)
+    result = tl("predict", "--model", trained.checkpoint, "--data", trained.data.path, "--split", "test",
+                "--output", out, "--batch-size", 256, "--json")
+    assert result.exit_code == 0, result.output[-5000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    # tl's own lines, not Ray Data's INFO lines on each dataset's plan and progress (its log file has them)
+    assert "part 1/8" in result.output and "Execution plan" not in result.output, result.output[-3000:]
     evaluated = tl_json("evaluate", "--model", trained.checkpoint, "--data", trained.data.path)["metrics"]
     n = evaluated["n"]
     assert summary["rows"] == n == 3000 and summary["parts_predicted"] == len(trained.data.manifest["shards"]["test"]) == 8

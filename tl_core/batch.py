@@ -347,9 +347,10 @@ def _run_ray(cfg: PredictConfig, ckpt: dict, data, pending: list, classes: list[
     import ray
     import ray.data
 
-    from tl_core.ray_cluster import init_ray, storage_for
+    from tl_core.ray_cluster import init_ray, quiet_ray_data, storage_for
 
     init_ray()
+    quiet_ray_data()
     by_file = {entry["name"].rsplit("/", 1)[-1]: (split, entry) for split, entry in pending}
     located = [storage_for(storage.join(data.path, entry["name"])) for _, entry in pending]
 

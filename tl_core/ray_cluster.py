@@ -64,6 +64,16 @@ def init_ray() -> None:
                         logging_level=logging.WARNING)
 
 
+def quiet_ray_data() -> None:
+    """Ray Data's console lines from WARNING up only. It logs each dataset's start, plan and end at
+    INFO, and its progress too where stderr is not a terminal, through a console handler of its own
+    that the `ray` logger's level (cli_app) does not reach; tl says what it did itself. Its log file
+    in Ray's session folder keeps every line. Call after `import ray.data`, which sets them up."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+
+
 # Ray gives a local node's raylet 30 s to register with its GCS (a constant in ray/_private/node.py).
 # On 2 busy cores (three test workers each starting Ray, a training beside them) it once missed
 # that, and a whole test module errored. Starting again, after ending what the first try left,

@@ -27,8 +27,9 @@ def labelled_dataset(data: PreparedDataset, rows: Rows, augment: bool):
     """A Ray Dataset of `rows`' images: columns x (uint8 N x C x H x W), y (label), index (row)."""
     import ray.data
 
-    from tl_core.ray_cluster import storage_for
+    from tl_core.ray_cluster import quiet_ray_data, storage_for
 
+    quiet_ray_data()
     entries = rows.shards()
     located = [storage_for(storage.join(data.path, e["name"])) for e in entries]
     by_name = {e["name"]: e for e in entries}
