@@ -287,10 +287,10 @@ def why_redone(redone: list, identity: dict) -> str:
 def predict(cfg: PredictConfig, say=lambda message: None) -> dict:
     """Predict every row of the chosen split(s); returns a JSON-able summary (see the module)."""
     started = time.perf_counter()
-    if not storage.is_s3(cfg.output):  # a path that cannot be a folder fails now, not after the predictions
-        Path(cfg.output).mkdir(parents=True, exist_ok=True)
     ckpt, model = resolve_model(cfg.model)
     data = resolve_data(cfg.data, ckpt, cfg.text_column, cfg.label_column, cfg.header)
+    if not storage.is_s3(cfg.output):  # once the inputs are good: a path that cannot be a folder fails before Ray
+        Path(cfg.output).mkdir(parents=True, exist_ok=True)
     classes = list(ckpt["data"]["classes"])
     splits = ("train", "test") if cfg.split == "all" else (cfg.split,)
     todo = [(split, entry) for split in splits for entry in data.manifest["shards"][split]]
