@@ -7,6 +7,7 @@ split.
     .venv/bin/python bench/predict_monitor.py --sizes 10000         # one size; rows of the others are kept
     .venv/bin/python bench/predict_monitor.py --parts monitor       # only the monitor rows
     .venv/bin/python bench/predict_monitor.py --markdown            # only rewrite the .md from the .json
+    .venv/bin/python bench/predict_monitor.py --on-running-ray --sizes 10000,120000  # Ray started beforehand
 
 Writes bench/predict_monitor.json and bench/predict_monitor.md. The model: a small CNN trained for
 8 epochs on 50 images a class of one random half of MNIST's test images at 16 x 16 (`tl prepare
@@ -168,6 +169,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,120000,1000000")
     parser.add_argument("--parts", default="predict,monitor")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--on-running-ray", action="store_true",
+                        help="tl predict on a Ray started before it (`ray start --head`, RAY_ADDRESS), as on a cluster: "
+                             "its rows are kept apart, the monitor is not run")
     args = parser.parse_args()
     results = saved()
     if args.markdown:
@@ -177,6 +181,9 @@ def main() -> None:
     env = {**os.environ, "TL_WORKDIR": str(root / "tl-work"), "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled"}
     for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
         env.pop(name, None)
+    table = "predict_running_ray" if args.on_running_ray else "predict"
+    results.setdefault(table, {})
+    head = None  # the Ray started beforehand (--on-running-ray)
     try:
         halves = tl_json(["prepare", f"idx:{SHARED / 'mnist-test'}", "--image-size", "16", "--test-fraction", "0.5"], env)
         model = tl_json(["pretrain", "--data", halves["path"], "--shots", "50", "--epochs", "8", "--batch-size", "64",
@@ -185,15 +192,19 @@ def main() -> None:
         results["model"] = {"checkpoint": "small_cnn, 8 epochs on 50 images a class of a random half of MNIST test at "
                                           "16 x 16 (so neither half is mostly images it learnt by heart)",
                             "test_accuracy": round(model["metrics"]["accuracy"], 4)}
-        if "monitor" in args.parts:
+        if "monitor" in args.parts and not args.on_running_ray:
             results["monitor"] = monitor_rows(checkpoint, halves["path"], env)
             OUT_JSON.write_text(json.dumps(results, indent=2))
+        if args.on_running_ray:
+            env["RAY_ADDRESS"], head = start_ray_head(env)
         if "predict" in args.parts:
             for n in [int(s) for s in args.sizes.split(",")]:
-                results["predict"][str(n)] = predict_row(n, checkpoint, root, env)
+                results[table][str(n)] = predict_row(n, checkpoint, root, env)
                 OUT_JSON.write_text(json.dumps(results, indent=2))
-                print(json.dumps(results["predict"][str(n)]), flush=True)
+                print(json.dumps(results[table][str(n)]), flush=True)
     finally:
+        if head is not None:
+            stop_ray_head(head)
         shutil.rmtree(root, ignore_errors=True)
     write_markdown(results)
 
@@ -213,6 +224,39 @@ def monitor_rows(checkpoint: str, halves: str, env: dict) -> dict:
                       "class_mix_tvd": round(s["class_mix_tvd"], 4), "seconds": round(wall, 1), "load": load()}
         print(name, json.dumps(rows[name]), flush=True)
     return rows
+
+
+def start_ray_head(env: dict) -> tuple[str, subprocess.Popen]:
+    """A one-node Ray started apart from any tl command (`ray start --head --block`, both cores, in a
+    session of its own), as a cluster is: its address, for RAY_ADDRESS, and its process. Stopped by
+    ending that session (`ray stop` would end this script too: it kills whatever runs a
+    `monitor.py`, its autoscaler's name)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=2",
+                             f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+                             "--disable-usage-stats"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    timer = threading.Timer(300, lambda: os.killpg(head.pid, 9))  # a start that never says it is up
+    timer.start()
+    try:
+        for line in head.stdout:
+            if "Ray runtime started" in line:
+                break
+        else:
+            raise RuntimeError("ray start --head ended before Ray was up")
+    finally:
+        timer.cancel()
+    threading.Thread(target=head.stdout.read, daemon=True).start()  # drained, so --block never stalls on output
+    return f"127.0.0.1:{port}", head
+
+
+def stop_ray_head(head: subprocess.Popen) -> None:
+    subprocess.run(["pkill", "-KILL", "-s", str(head.pid)], capture_output=True)
+    head.wait()
 
 
 def predict_row(n: int, checkpoint: str, root: Path, env: dict) -> dict:
@@ -260,6 +304,26 @@ def fixed_and_rate(rows: list[dict]) -> str:
     return (f"Wall seconds as start-up + images / rate, from the {a['images']:,} and {b['images']:,} rows: `tl predict` "
             f"{fixed_t:.1f} s + images / {rate_t:,.0f} per s; the loop {fixed_l:.1f} s + images / {rate_l:,.0f} per s; "
             f"{where}.")
+
+
+def running_ray_lines(results: dict) -> list[str]:
+    """The rows of `--on-running-ray`: the same command and loop, Ray started before the command."""
+    rows = sorted(results.get("predict_running_ray", {}).values(), key=lambda r: r["images"])
+    if not rows:
+        return []
+    lines = ["", "### On a Ray already running", "",
+             "`--on-running-ray`: a one-node Ray started beforehand (`ray start --head`, both cores) and `tl predict` "
+             "pointed at it with RAY_ADDRESS, as on a cluster; the plain loop as above, in the same run. (Peak memory "
+             "is not compared here: Ray's processes are not the command's.)", "",
+             "| images | tl predict wall s | Ray Data s (first batch at) | images/s wall | loop wall s | loop images/s "
+             "wall | ratio wall | load |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t, p = r["tl_predict"], r["plain_loop"]
+        lines.append(f"| {r['images']:,} | {t['wall_seconds']} | {t['ray_data_seconds']} ({t['first_batch_seconds']}) | "
+                     f"{t['images_per_s_wall']:.0f} | {p['wall_seconds']} | {p['images_per_s_wall']:.0f} | "
+                     f"{t['images_per_s_wall'] / p['images_per_s_wall']:.2f} | {r['load']} |")
+    fit = fixed_and_rate(rows)
+    return lines + ([""] + [fit] if fit else [])
 
 
 def write_markdown(results: dict) -> None:
@@ -310,10 +374,12 @@ def write_markdown(results: dict) -> None:
               f"({first['wall_seconds'] - first['ray_data_seconds']:.1f} s at {rows[0]['images']:,} images), then the "
               f"actor's own process importing torch and building the model before its first shard (first batch at "
               f"{first['first_batch_seconds']} s). The actors themselves score about as fast as the loop. On a "
-              "cluster already running (RAY_ADDRESS), ray.init's part goes; the actor's start remains. Since "
+              "Ray already running (RAY_ADDRESS, as on a cluster: the table below), ray.init's part goes; the actor's "
+              "start remains. Since "
               "2026-12-06 a local Ray's workers take this process's environment from the raylet, not a job "
               "runtime_env, so the actor starts on a worker Ray started ahead, not a new process, and the "
               "command's exit waits neither on a full garbage collection nor on Ray's autoscaler monitor.",
+              *running_ray_lines(results),
               "", "## tl monitor", "",
               "| case | exit | decision | MMD^2 | p-value | alpha | permutations | images a side | mean confidence "
               "(reference -> data) | class mix TVD | s | load |",
