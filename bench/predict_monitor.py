@@ -204,7 +204,7 @@ def main() -> None:
                 print(json.dumps(results[table][str(n)]), flush=True)
     finally:
         if head is not None:
-            stop_ray_head(head)
+            stop_ray_head(head, env["RAY_ADDRESS"])
         shutil.rmtree(root, ignore_errors=True)
     write_markdown(results)
 
@@ -254,9 +254,14 @@ def start_ray_head(env: dict) -> tuple[str, subprocess.Popen]:
     return f"127.0.0.1:{port}", head
 
 
-def stop_ray_head(head: subprocess.Popen) -> None:
+def stop_ray_head(head: subprocess.Popen, address: str) -> None:
+    """End the head's session, and the address file `ray start` wrote (`ray stop` removes it): left
+    behind, a plain ray.init() on this machine would try to join the Ray it names."""
     subprocess.run(["pkill", "-KILL", "-s", str(head.pid)], capture_output=True)
     head.wait()
+    address_file = Path(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "ray_current_cluster")
+    if address_file.is_file() and address_file.read_text().strip().endswith(address.rpartition(":")[2]):
+        address_file.unlink()
 
 
 def predict_row(n: int, checkpoint: str, root: Path, env: dict) -> dict:

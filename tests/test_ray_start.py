@@ -136,3 +136,30 @@ def test_the_monitor_of_a_local_ray_is_ended_before_its_gcs_and_ray_goes_on():
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"before": 1, "after": 0, "answer": 42, "gcs": 1}
+
+
+@pytest.mark.timeout(180)
+def test_a_local_ray_is_this_process_s_own_where_ray_start_left_its_address_behind():
+    """`ray start` writes its Ray's address to ray_current_cluster in Ray's temp folder, and a
+    killed one leaves the file; Ray's default ray.init() joins the Ray that file names, and
+    refused tl's num_cpus there with a ValueError, in every tl command that starts a local Ray.
+    With no RAY_ADDRESS, tl starts a Ray of its own whatever the file says."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    temp = Path(tempfile.mkdtemp(prefix="tlray", dir="/tmp"))  # short: Ray's sockets live below it
+    (temp / "ray").mkdir()
+    (temp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")  # a Ray that is gone
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(temp)}
+    env.pop("RAY_ADDRESS", None)
+    code = ("import json, ray; from tl_core import ray_cluster; ray_cluster.init_ray(); "
+            "print(json.dumps({'cpus': ray.cluster_resources().get('CPU'), 'answer': ray.get(ray.remote(lambda: 42)"
+            ".remote())})); ray_cluster.shutdown_local_ray()")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=150)
+    finally:
+        subprocess.run(["pkill", "-KILL", "-f", str(temp)], capture_output=True)  # whatever of that Ray is left
+        shutil.rmtree(temp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"cpus": os.cpu_count(), "answer": 42}

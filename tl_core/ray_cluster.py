@@ -60,8 +60,11 @@ def init_ray() -> None:
         # process now, so they have this environment already (worker_env's variables included). A
         # job's runtime_env, even env_vars alone, keeps it off the workers Ray starts ahead: each
         # task or actor then waited on a new process, 0.6-0.8 s here against 0.01-0.17 s.
-        start_local_ray(num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES, include_dashboard=False,
-                        logging_level=logging.WARNING)
+        # address "local": a Ray of this process's own even where `ray start` left one running (or
+        # only its address file, after a kill), which Ray would join by default and then refuse
+        # num_cpus with a ValueError. A cluster is used where RAY_ADDRESS names it, above.
+        start_local_ray(address="local", num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                        include_dashboard=False, logging_level=logging.WARNING)
 
 
 def quiet_ray_data() -> None:
