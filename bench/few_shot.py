@@ -270,12 +270,12 @@ def observations(rows: list[dict]) -> list[str]:
                             else "at or above it in every setting."))
         over = [r["accuracy"] - pixels[(r["data"], r["setting"])]["accuracy"] for r in rows
                 if r["data"] == "omniglot" and r["method"] == "protonet"]
-        lines.append("- Why the digits and not Omniglot, most likely (not tested further): the digit episodes' networks "
+        lines.append("- Why the digits and not Omniglot, most likely: the digit episodes' networks "
                      "learn from 5 digits only, features that tell those 5 apart, and the 5 held-out digits differ in "
                      "strokes those features were never asked to see; Omniglot's 95 training characters teach strokes "
                      f"that carry to new ones (protonet {100 * min(over):.0f} to {100 * max(over):.0f} points above "
                      "the pixels there). Zero-shot by glyphs from random weights loses to its pixel reference the same "
-                     "way (bench/zero_shot.md). The remedy is transfer: a backbone pretrained on other shapes "
+                     "way (bench/zero_shot.md). What transfer does about it: a backbone pretrained on other shapes "
                      "(`--backbone`), the held-out digits kept out of its training (next line).")
     if letters and pixels:
         lines.append("- protonet from printed letters (the same episodes and training, its backbone first trained to tell "
