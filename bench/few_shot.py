@@ -50,22 +50,35 @@ PUBLISHED = {"protonet": {"5-way 1-shot": 98.8, "5-way 5-shot": 99.7, "20-way 1-
              "maml": {"5-way 1-shot": 98.7, "5-way 5-shot": 99.9, "20-way 1-shot": 95.8, "20-way 5-shot": 98.9}}
 
 
+def common_settings(data) -> dict:
+    """What every trained run shares; the run's own final score (eval_episodes) is a quick check,
+    the table's comes from `few_shot_accuracy` on EVAL_EPISODES."""
+    return dict(data=data.path, shots=None, augment=1, eval_every=0, checkpoint_every=0, seed=0, eval_episodes=20)
+
+
+def protonet_run(data, ways: int, shots: int, backbone: str | None = None):
+    """protonet trained as tested: N-way K-shot episodes of the train classes."""
+    from tl_core.config import TrainConfig
+    from tl_core.train import train
+
+    return train(TrainConfig(**common_settings(data), strategy="protonet", ways=ways, episode_shots=shots, epochs=1,
+                             episodes_per_epoch=EPISODES[ways], backbone=backbone))
+
+
 def benchmark(name: str, data, settings: list[tuple[int, int]], finetune_epochs: int) -> list[dict]:
     """Train and score every method at every (ways, shots) of one dataset."""
     from tl_core.config import TrainConfig
     from tl_core.strategies.fewshot import few_shot_accuracy
     from tl_core.train import train
 
-    common = dict(data=data.path, shots=None, augment=1, eval_every=0, checkpoint_every=0, seed=0,
-                  eval_episodes=20)  # the run's own final score is a quick check; the table's comes below
+    common = common_settings(data)
     rows = []
     # The fine-tuned baseline trains once (plain classification of the train classes) and is
     # scored at every setting; the episodic methods train one model per setting.
     baseline = train(TrainConfig(**common, strategy="episodic-finetune", epochs=finetune_epochs))
     for ways, shots in settings:
         runs = {
-            "protonet": train(TrainConfig(**common, strategy="protonet", ways=ways, episode_shots=shots, epochs=1,
-                                          episodes_per_epoch=EPISODES[ways])),
+            "protonet": protonet_run(data, ways, shots),
             "maml": train(TrainConfig(**common, strategy="maml", ways=ways, episode_shots=shots, epochs=1,
                                       episodes_per_epoch=MAML_EPISODES[ways], inner_steps=1, inner_lr=0.4)),
             "episodic-finetune": baseline,
@@ -120,9 +133,7 @@ def letters_rows(name: str, data, settings: list[tuple[int, int]]) -> list[dict]
     backbone = train(TrainConfig(data=letters.path, **LETTERS_PRETRAIN))
     rows = []
     for ways, shots in settings:
-        run = train(TrainConfig(data=data.path, shots=None, augment=1, eval_every=0, checkpoint_every=0, seed=0,
-                                eval_episodes=20, strategy="protonet", ways=ways, episode_shots=shots, epochs=1,
-                                episodes_per_epoch=EPISODES[ways], backbone=backbone.checkpoint_uri))
+        run = protonet_run(data, ways, shots, backbone.checkpoint_uri)
         mean, ci95 = few_shot_accuracy(run.checkpoint, None, data, ways=ways, shots=shots, episodes=EVAL_EPISODES,
                                        queries=QUERIES)
         rows.append({"data": name, "setting": f"{ways}-way {shots}-shot", "method": FROM_LETTERS, "accuracy": mean,

@@ -196,7 +196,8 @@ def main() -> None:
     mnist = results["MNIST-test"]
     goals = {"mnist_glyphs_60": mnist["glyphs_mean"] >= 0.60,
              "mnist_attributes_above_chance": mnist["attributes_mean"] > 1 / 3 + 0.05}
-    summary = {**results, "goals": goals, "seconds": seconds, "train_seconds": train_seconds, "runs": all_runs}
+    summary = {**results, "goals": goals, "seconds": seconds, "train_seconds": train_seconds, "runs": all_runs,
+               "measured": time.strftime("%Y-%m-%d")}
     (HERE / "zero_shot.json").write_text(json.dumps(summary, indent=2))
     write_markdown(summary)
 
@@ -239,7 +240,7 @@ def write_markdown(summary: dict) -> None:
                          + " | ".join(f"{row['segments'][s]:.2f} ({row['minority'][s]})" for s in SEGMENTS)
                          + f" | {','.join(row['left_out']) or '-'} |")
     fonts_seconds = sum(r["from_fonts"]["train_seconds"] for r in results.values())
-    lines += ["", why(results), "", from_fonts_text(results), "", TUNING, "",
+    lines += ["", why(results), "", from_fonts_text(results, summary.get("measured")), "", TUNING, "",
               (f"Recipe: see the script's docstring. Training time {train_seconds:.0f} s in all, the column from the "
                f"fonts backbone {fonts_seconds:.0f} s of it (the whole run's invocation {seconds:.0f} s; checkpoints "
                "in TL_WORKDIR are reused)."), ""]
@@ -267,7 +268,8 @@ def why(results: dict) -> str:
         "letters rendered by `tl pretrain`) is the next thing to try.")
 
 
-def from_fonts_text(results: dict) -> str:
+def from_fonts_text(results: dict, measured: str | None) -> str:
+    """`measured`: the day of the other columns (None: before the bench recorded it)."""
     mnist, digits = results["MNIST-test"], results["sklearn digits"]
 
     def against(r):
@@ -284,8 +286,8 @@ def from_fonts_text(results: dict) -> str:
         "glyphs of all ten digits, the unseen ones' descriptions included, and never a handwritten unseen digit. "
         f"From it the learnt space reaches {against(mnist)} on MNIST, and {against(digits)} on sklearn's digits. "
         f"MNIST's {worst['unseen']} is the weakest set here too ({worst['zero_shot']:.1%}). "
-        f"Measured {mnist['from_fonts']['measured']}, after the other columns (the training core's code moved in "
-        "between; those runs were not repeated).")
+        + (f"Measured {mnist['from_fonts']['measured']}, after the other columns (the training core's code moved "
+           "in between; those runs were not repeated)." if mnist["from_fonts"]["measured"] != measured else ""))
 
 
 TUNING = (
