@@ -3,8 +3,8 @@
 The best strategy moves with the labels a task has (bench/label_efficiency.md, MNIST -> USPS: a
 fine-tune with a head warm-up at 1 shot, a plain one at 10 and 50, scratch with every label; on
 text at 8 shots, what starts from the class descriptions, bench/text_transfer.md), so a
-retraining job cannot fix one. `auto` tries the candidates and keeps the one that validates best, where validation sees
-**only the labelled training set**, never the test split:
+retraining job cannot fix one. `auto` tries the candidates and keeps the one that validates best,
+where validation sees **only the labelled training set**, never the test split:
 
     candidates   zero-shot (where the classes can be described), linear-probe, finetune, setfit
                  (text), and scratch, each with its recipe (the model's defaults, tl_core/recipes.py,
@@ -18,23 +18,24 @@ retraining job cannot fix one. `auto` tries the candidates and keeps the one tha
                  fold) a trial, so a cluster trains them in parallel; every trial is an MLflow run.
                  `tl run` puts every seed's trials into one search (`choose_each`): a search's
                  trial processes start and import torch once, a few seconds on 2 CPUs.
-    choice       the stated rule's candidate (below: the one taken where nothing can be validated),
-                 unless others are right on more of the same held-out labels than it beyond
-                 chance at one standard error (an exact sign test on the labels where they differ),
-                 those odds shared among the candidates weighed against it (Bonferroni: each of
-                 4 at one standard error's own, one would pass by luck near half the time; SST-2
-                 at 64 shots with descriptions, seed 2, left SetFit for zero-shot on 3 sentences
-                 won of 26 and lost 4 points on the test sentences, bench/auto.md at 6ff3c85);
-                 then the one of those with the highest score. The same rule as the probe's C
-                 (strategies/logistic.py, `clear_gain`): a default, left on evidence only.
-                 Comparisons are paired on the labels both candidates were validated on (fold 0
-                 where either trains a network), because a fold of a few labels scores in big
-                 steps, and the highest of several such scores is mostly luck. Under the highest score alone, the demo's seed 2 took
-                 scratch over finetune on a fold of 10 images and lost about 4 points on the test
-                 digits (bench/tl_run_default.md), and SST-2's seed 1 took finetune on 3 sentences
-                 of 4, 5 points below the probe on the test sentences (bench/auto.md,
-                 sst2-8-described); under the mean gain over its standard error it still took it
-                 there, on 2 sentences won and none lost, which a coin does one time in four.
+    choice       the stated rule's candidate (`fallback`, below), unless another is right on more
+                 of the same held-out labels beyond chance: an exact sign test on the labels where
+                 the two differ, at one standard error's odds shared among the candidates weighed
+                 against it (Bonferroni). Of those that pass, the one with the highest validation
+                 accuracy. The probe's C is chosen by the same rule (strategies/logistic.py,
+                 `clear_gain`): a default, left only on evidence. Two candidates are compared on
+                 the labels both were validated on (fold 0 where either trains a network).
+    why so       a fold of a few labels scores in big steps, and the highest of several such
+                 scores is mostly luck. By the highest score alone, the demo's seed 2 took scratch
+                 over finetune on a fold of 10 images and lost about 4 points on the test digits
+                 (bench/tl_run_default.md), and SST-2's seed 1 took finetune on 3 sentences of 4,
+                 5 points below the probe on the test sentences (bench/auto.md, sst2-8-described);
+                 by the mean gain over its standard error it still took it, on 2 sentences won and
+                 none lost, which a coin does one time in four. Without the odds shared (each of 4
+                 candidates at one standard error's own, one passes by luck near half the time),
+                 SST-2 at 64 shots with descriptions, seed 2, left SetFit for zero-shot on 3
+                 sentences won of 26 and lost 4 points on the test sentences (bench/auto.md at
+                 6ff3c85).
     refit        the winner trains again on all the labels, measured against scratch.
 
 Budget: the held-out fold of a network-training candidate costs about (k-1)/k of one full run,
