@@ -55,8 +55,10 @@ def read_parts(folder: Path) -> "pyarrow.Table":  # noqa: F821
 @pytest.mark.timeout(420)  # with the module's fixture: MNIST prepared, a model trained
 def test_predictions_on_the_prepared_set_score_what_tl_evaluate_scores(trained, tmp_path):
     out = tmp_path / "preds"
+    # As many actors as the local Ray has CPUs: their pool once took every CPU and left none to
+    # Ray Data's reads, and the command waited forever (batch.actor_cpus).
     result = tl("predict", "--model", trained.checkpoint, "--data", trained.data.path, "--split", "test",
-                "--output", out, "--batch-size", 256, "--json")
+                "--output", out, "--batch-size", 256, "--actors", os.cpu_count(), "--json")
     assert result.exit_code == 0, result.output[-5000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     # tl's own lines, not Ray Data's INFO lines on each dataset's plan and progress (its log file has them)

@@ -43,6 +43,16 @@ META_KEY = b"tl.predictions"
 READ_CPUS = 0.5  # what a shard's read task asks of Ray: it leaves the actors their CPUs
 
 
+def actor_cpus(ray_cpus: float, actors: int) -> float:
+    """The Ray CPUs each actor asks for: one, or where the Ray has fewer CPUs than the actors and a
+    read need, a share of what a read leaves. Ray Data starts the whole pool before it reads, so
+    actors that took every CPU left none to the reads and the run waited forever (`--actors 2` on
+    a 2-CPU Ray did). A Ray that shows no more than a read's CPUs is left to its autoscaler."""
+    if ray_cpus >= actors + READ_CPUS or ray_cpus <= READ_CPUS:
+        return 1.0
+    return (ray_cpus - READ_CPUS) / actors
+
+
 # -- the model -------------------------------------------------------------------------------
 
 
@@ -362,7 +372,7 @@ def _run_ray(cfg: PredictConfig, ckpt: dict, data, pending: list, classes: list[
     ds = ds.map_batches(Predictor, fn_constructor_args=(ray.put(checkpoint_for_actors(ckpt)), data.manifest, data.path,
                                                         by_file, cfg.batch_size, cfg.actors),
                         batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-                        num_cpus=1)
+                        num_cpus=actor_cpus(ray.cluster_resources().get("CPU", 0.0), cfg.actors))
     expected = {part_name(split, entry): (split, entry) for split, entry in pending}
     held: dict[str, list[dict]] = {}
     counts: dict[str, int] = {}
