@@ -5,6 +5,7 @@ CNN trained in-process on MNIST at 16 x 16; MLflow on the module's SQLite store.
 from __future__ import annotations
 
 import json
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -111,6 +112,24 @@ def test_logged_to_mlflow_against_the_registered_version(trained):
     client.set_registered_model_alias("digits-monitor", "champion", str(trained.version))
     assert retraining_decision("digits-monitor", trained.usps)["decision"] == "drift"
     assert retraining_decision("no-such-model", trained.usps)["decision"] == "no-champion"
+
+
+@pytest.mark.timeout(120)
+def test_a_model_version_is_read_from_tls_store_by_a_fresh_process(trained, tmp_path):
+    """`models:/NAME/VERSION` as the first thing a `tl` process reads from MLflow: from the work
+    directory's store, not MLflow's default ./mlflow.db (the in-process runs above had set it up)."""
+    import subprocess
+
+    from tests import servers
+
+    # MLflow's set_tracking_uri (the in-process runs above) exports MLFLOW_TRACKING_URI: not to this process.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([servers.BIN / "tl", "monitor", "--model", f"models:/digits-monitor/{trained.version}",
+                           "--data", trained.usps, "--json"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=100)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]  # drift: MNIST's model on USPS
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["model_version"] == str(trained.version)
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 @pytest.mark.timeout(120)

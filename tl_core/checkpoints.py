@@ -115,6 +115,11 @@ def verify_checksum(uri: str, data: bytes) -> None:
 def _read_mlflow(uri: str) -> bytes:
     import mlflow
 
+    from tl_core import tracking
+
+    # tl's tracking store (the work directory's SQLite where no MLFLOW_TRACKING_URI names a server):
+    # a process that reads a model before any run of its own asked MLflow's default, ./mlflow.db.
+    tracking.setup()
     # Downloaded into a temporary folder removed afterwards, whether the download worked or not.
     with tempfile.TemporaryDirectory(prefix="tl-ckpt-") as folder:
         try:
