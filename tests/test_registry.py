@@ -104,6 +104,10 @@ def test_register_promote_refuse_rollback(models):
     assert "replaced by version 2" in client().get_model_version(name, "3").tags["tl.rolled_back"]
     assert "first champion" in tl_error("rollback", "--model", name)  # version 2 replaced nobody
     assert champion_of(name) == 2
+    # Promoted again, version 3 no longer says it was rolled back from.
+    again = tl_json("promote", "--model", name, "--data", data, "--version", 3)
+    assert again["decision"] == "promoted" and champion_of(name) == 3
+    assert "tl.rolled_back" not in client().get_model_version(name, "3").tags
 
 
 def test_register_and_promote_are_safe_to_run_again(models):

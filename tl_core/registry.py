@@ -46,6 +46,7 @@ MODEL_CODE = str(Path(__file__).with_name("pyfunc_model.py"))  # models-from-cod
 
 # Version tags.
 PREVIOUS_CHAMPION = "tl.previous_champion"
+ROLLED_BACK = "tl.rolled_back"  # on a version the champion was rolled back from; gone once promoted again
 DECISION = "tl.promotion.decision"
 
 
@@ -447,6 +448,8 @@ def promote(name: str, data_uri: str, min_accuracy: float = 0.5, min_absolute_ch
                 # The previous champion first, so a rollback can find it the moment the alias moves.
                 client.set_model_version_tag(name, candidate, PREVIOUS_CHAMPION, champion or "none")
                 client.set_registered_model_alias(name, CHAMPION, candidate)
+                if ROLLED_BACK in _version(client, name, candidate).tags:  # no longer true of the champion
+                    client.delete_model_version_tag(name, candidate, ROLLED_BACK)
             else:
                 decision = "refused"
             record = {
@@ -494,6 +497,6 @@ def rollback(name: str) -> dict:
             _version(client, name, previous)
             client.set_registered_model_alias(name, CHAMPION, previous)
             now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            client.set_model_version_tag(name, current, "tl.rolled_back", f"replaced by version {previous} at {now}")
+            client.set_model_version_tag(name, current, ROLLED_BACK, f"replaced by version {previous} at {now}")
             client.set_model_version_tag(name, previous, "tl.restored", f"champion again after version {current}, at {now}")
     return {"model": name, "champion": int(previous), "rolled_back_from": int(current), "at": now}
