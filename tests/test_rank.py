@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import tl_error, tl_json
+from tests.conftest import tl, tl_error, tl_json
 from tl_core.rank import h_score, leep, logme, logme_class, nce
 
 
@@ -246,6 +246,9 @@ def test_default_candidates_are_the_workdirs_pretrained_models_that_fit(digits, 
     assert run.params["backbone"] == ranking["best"] == ranking["table"][0]["candidate"]
     assert run.tags["tl.backbone_auto"] == "true" and run.tags["tl.rank_best"] == ranking["best"]
     assert run.metrics["rank_1.logme"] == pytest.approx(ranking["table"][0]["logme"])
+    said = tl("transfer", "--data", data.path, "--backbone", "auto", "--strategy", "linear-probe", "--shots", "3",
+              "--no-baseline").stdout  # as a person reads it: the backbone it took
+    assert f"backbone {ranking['best']}: ranked first by LogME" in said, said
 
     # `tl run --backbone auto`: the winner stands where the pretrained source would, the ranking in the parent run.
     from tl_core.config import ExperimentConfig

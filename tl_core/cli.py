@@ -71,6 +71,10 @@ def _train_command(step: str, settings: dict, config, force: bool, baseline: boo
         m = s["metrics"]
         line = (f"{s['strategy']}: test accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ECE {m['ece']:.4f}  "
                 f"{'(reused) ' if s['reused'] else ''}{s['seconds']:.1f}s\ncheckpoint {s['checkpoint']}  mlflow run {s['run_id']}")
+        if "rank" in s:  # --backbone auto
+            first = s["rank"]["table"][0]
+            line += (f"\nbackbone {s['rank']['best']}: ranked first by LogME ({first['logme']:.4f}) of "
+                     f"{len(s['rank']['table'])} candidates, see `tl rank`")
         if "auto" in s:
             line += f"\nauto chose {s['auto']['choice']}: {s['auto']['reason']}"
         if "gain_over_scratch" in s:
