@@ -120,7 +120,7 @@ def check_image_size(data: bytes) -> None:
     from tl_core.data.sources import _image_header
 
     try:
-        _, height, width = _image_header(data, "the request's image")
+        _, height, width = _image_header(data, "in the request")
     except UserError as err:
         raise BadRequest(400, str(err)) from None
     if max(height, width) > MAX_IMAGE_SIDE:
