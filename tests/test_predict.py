@@ -114,7 +114,22 @@ def test_a_rerun_after_a_crash_keeps_the_finished_parts_and_says_why_it_redoes_o
         {**meta, "model_sha256": "0" * 64, "model_version": "7"}).encode()}), victim)
     third = tl_json("predict", "--model", trained.checkpoint, "--data", trained.data.path, "--output", out)
     assert third["parts_redone"] == 1 and third["parts_predicted"] == 1 and third["parts_kept"] == total - 1
-    assert "made by another model (7" in third["why_redone"]
+    assert "made by another model (7" in third["why_redone"] and not third["foreign_parts"]
+
+    # The test split alone into the same folder, where another model made a train part: it is
+    # named (a reader of the folder would mix it in), not touched, and not in this run's summary.
+    other = out / "part-train-00000.parquet"
+    table = pq.read_table(other)
+    meta = json.loads(table.schema.metadata[b"tl.predictions"])
+    pq.write_table(table.replace_schema_metadata({b"tl.predictions": json.dumps(
+        {**meta, "model_sha256": "1" * 64, "model_version": "8"}).encode()}), other)
+    before = other.stat().st_mtime_ns
+    tests_only = tl_json("predict", "--model", trained.checkpoint, "--data", trained.data.path, "--split", "test",
+                         "--output", out)
+    assert tests_only["parts_predicted"] == 0 and "part-train-00000.parquet" in tests_only["foreign_parts"]
+    assert "part-train-00001.parquet" not in tests_only["foreign_parts"]  # this model's, from this data
+    assert other.stat().st_mtime_ns == before
+    assert all(p["split"] == "test" for p in json.loads((out / "predictions.json").read_text())["parts"])
 
 
 @pytest.fixture(scope="module")

@@ -291,6 +291,25 @@ def why_redone(redone: list, identity: dict) -> str:
     return f"{len(redone)} part(s) already in the output were predicted again: {reason}"
 
 
+def foreign_parts(output: str, todo: list[tuple[str, dict]], identity: dict) -> str:
+    """What to say of the parts in `output` that this run neither writes nor keeps and that another
+    model or other data made: reading the folder as one Parquet dataset would mix them in. They
+    are left where they are ("" where there are none)."""
+    ours = {part_name(split, entry) for split, entry in todo}
+    names = [n for n in storage.list_files(output) if n.startswith("part-") and n.endswith(".parquet") and
+             "/" not in n and n not in ours] if storage.is_s3(output) or Path(output).is_dir() else []
+    foreign = []
+    for name in names:
+        found = part_identity(storage.join(output, name)) or {}
+        if any(found.get(k) != identity[k] for k in ("model_sha256", "data_hash")):
+            foreign.append(name)
+    if not foreign:
+        return ""
+    return (f"{len(foreign)} other part(s) in {output} hold predictions of another model or other data "
+            f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): left as they are, and not in "
+            f"{SUMMARY_FILE}; remove them, or predict into an empty folder")
+
+
 # -- the run ---------------------------------------------------------------------------------
 
 
@@ -312,6 +331,7 @@ def predict(cfg: PredictConfig, say=lambda message: None) -> dict:
     why = why_redone(redone, identity)
     if why:
         say(why)
+    foreign = foreign_parts(cfg.output, todo, identity)
     timing = {"seconds": 0.0, "first_batch_seconds": None, "actor_images_per_s": None, "actor_torch_threads": None}
     if pending:
         timing = _run_ray(cfg, ckpt, data, pending, classes, identity, say)
@@ -329,7 +349,7 @@ def predict(cfg: PredictConfig, say=lambda message: None) -> dict:
     predicted_rows = sum(entry["rows"] for _, entry in pending)
     summary = {**identity, "output": cfg.output, "splits": list(splits), "classes": classes, "rows": rows,
                "parts": parts, "parts_kept": len(kept), "parts_predicted": len(pending), "parts_redone": len(redone),
-               "why_redone": why, "accuracy": correct / rows if rows and data.classes == classes else None,
+               "why_redone": why, "foreign_parts": foreign, "accuracy": correct / rows if rows and data.classes == classes else None,
                "images_predicted": predicted_rows,
                "images_per_s": predicted_rows / predicted_seconds if predicted_seconds else None,
                "predict_seconds": predicted_seconds, "first_batch_seconds": timing["first_batch_seconds"],

@@ -30,8 +30,9 @@ def predict(settings: dict, config: Optional[str], as_json: bool = AS_JSON):
         speed = f"  {s['images_per_s']:.0f} images/s" if s["images_per_s"] else ""
         typer.echo(f"predicted {s['rows']} rows with {s['model']} (version {s['model_version']}) into {s['output']}: "
                    f"{s['parts_predicted']} part(s) predicted, {s['parts_kept']} kept{speed}{accuracy}")
-        if s["why_redone"]:
-            typer.echo(s["why_redone"])
+        for note in (s["why_redone"], s["foreign_parts"]):
+            if note:
+                typer.echo(note)
 
     execute(work, as_json, show)
 
