@@ -349,7 +349,8 @@ def predict(cfg: PredictConfig, say=lambda message: None) -> dict:
     predicted_rows = sum(entry["rows"] for _, entry in pending)
     summary = {**identity, "output": cfg.output, "splits": list(splits), "classes": classes, "rows": rows,
                "parts": parts, "parts_kept": len(kept), "parts_predicted": len(pending), "parts_redone": len(redone),
-               "why_redone": why, "foreign_parts": foreign, "accuracy": correct / rows if rows and data.classes == classes else None,
+               "why_redone": why, "foreign_parts": foreign,
+               "accuracy": correct / rows if rows and data.classes == classes else None,
                "images_predicted": predicted_rows,
                "images_per_s": predicted_rows / predicted_seconds if predicted_seconds else None,
                "predict_seconds": predicted_seconds, "first_batch_seconds": timing["first_batch_seconds"],

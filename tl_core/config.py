@@ -90,8 +90,8 @@ class PredictConfig(StepConfig):
                         "shard of the data, predictions.json written last; a rerun keeps the parts already there")
     split: Split = Field("all", description="the split(s) of the data to predict")
     batch_size: int = Field(512, ge=1, le=65536, description="images an actor predicts at once")
-    actors: int = Field(1, ge=1, le=1024, description="Ray Data actors, each holding the model (one Ray CPU each, a share where the Ray has fewer; "
-                        "torch's threads: the node's cores shared among them)")
+    actors: int = Field(1, ge=1, le=1024, description="Ray Data actors, each holding the model (one Ray CPU each, "
+                        "a share where the Ray has fewer; torch's threads: the node's cores shared among them)")
     # A text source's layout, declared where `tl prepare` reads it.
     text_column: str | None = PrepareConfig.model_fields["text_column"]
     label_column: str | None = PrepareConfig.model_fields["label_column"]
