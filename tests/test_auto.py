@@ -172,3 +172,22 @@ def test_the_stated_rule_holds_unless_a_candidate_is_right_on_more_of_the_same_l
     # The stated rule's candidate failed its validation: the highest score, a tie to PREFERENCE
     candidates = {"finetune": scored(None), "scratch": scored("1111111100"), "linear-probe": scored("1111111100")}
     assert best_candidate(candidates, "finetune") == "linear-probe"
+
+def test_the_run_table_keeps_its_figures_whole_beside_autos_long_notes(capsys):
+    """Piped (not a terminal), `tl run`'s table is 110 columns wide: auto's notes for 3 seeds at 1
+    shot once squeezed every figure to '62.4…'. The notes wrap; the figures do not."""
+    from tl_core.cli import show_table
+
+    def row(strategy, accuracy):
+        return {"strategy": strategy, "test_accuracy": accuracy, "test_accuracy_std": 0.065, "gain_over_scratch": 0.2,
+                "seeds_beating_scratch": 3, "seeds": 3, "train_seconds": 0.6, "negative_transfer": False}
+
+    show_table({"source": {"path": "tl-work/data/fonts-digits-80127cb17fe5"},
+                "target": {"path": "tl-work/data/sklearn-digits-dbae076d8f64"}, "baseline": "scratch",
+                "best_strategy": "finetune", "table": [row("scratch", 0.624), row("finetune", 0.834), row("auto", 0.834)],
+                "auto": [{"seed": s, "choice": "finetune", "fallback": True, "reason": "the stated rule"} for s in range(3)],
+                "pretrain": {"checkpoint": "tl-work/models/scratch-8ddb33852d575bdd/checkpoint.pt", "metrics": None},
+                "run_id": "0" * 32, "seconds": 18.0})
+    out = capsys.readouterr().out
+    assert "62.4 ± 6.5" in out and "83.4 ± 6.5" in out and "test acc %" in out and "…" not in out, out
+    assert "finetune (1-shot rule)" in out

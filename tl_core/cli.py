@@ -143,7 +143,9 @@ def show_table(summary: dict) -> None:
     table = Table(title=f"{summary['source']['path']} -> {summary['target']['path']}", title_style="dim")
     baseline = summary.get("baseline", "scratch")
     for col in ("strategy", "test acc %", f"vs {baseline}", "seeds won", "train s", ""):
-        table.add_column(col, justify="left" if col in ("strategy", "") else "right", no_wrap=True)
+        # The figures never wrap; the notes do, where the table is wider than the console (auto's
+        # choices for 3 seeds at 1 shot squeezed every figure to "62.4…").
+        table.add_column(col, justify="left" if col in ("strategy", "") else "right", no_wrap=bool(col))
     for row in summary["table"]:
         gain = "—" if row["strategy"] == baseline else f"{100 * row['gain_over_scratch']:+.1f}"
         won = "—" if row["seeds_beating_scratch"] is None else f"{row['seeds_beating_scratch']}/{row['seeds']}"
