@@ -65,6 +65,7 @@ def test_every_setting_is_a_flag_with_its_description():
         assert flag(name) in flags("pipeline run")
     help_text = tl("transfer", "--help").stdout.replace("│", " ")
     assert "finetune, setfit: backbone LR = lr * this" in " ".join(help_text.split())  # the field's description
+    assert "PydanticUndefined" not in help_text and "manifest.json) (required)" in " ".join(help_text.split())
 
 
 def test_strategy_options_come_from_the_fields_and_the_baseline_resets_them():
@@ -86,7 +87,7 @@ def test_transfer_help_lists_every_strategy():
 
 
 def test_a_bad_flag_value_is_one_error_line(workdir):
-    assert "shots" in tl_error("run", "--shots", "some")
+    assert "shots" in tl_error("run", "--shots", "some") and "or all" in tl_error("run", "--shots", "some")
     assert "which auto needs" in tl_error("pipeline", "run", "--local", "--shots", "0")
 
 

@@ -180,7 +180,7 @@ def choose_each(cfgs: list[TrainConfig], recipes: dict[str, dict] | None = None,
         k = fold_count(cfg)
         if k < 2:
             reason = f"fewer than 2 labels in some class: nothing to validate on, so the stated rule: {rule} ({why})"
-            say(f"{prefix(cfg.seed)}: {reason}")
+            say(f"{prefix(cfg.seed)}: {rule}, the stated rule (fewer than 2 labels in some class)")  # why: in the result
             chosen[cfg.seed] = Choice(rule, configs[rule], reason, 0, {}, None, 0.0)
         else:
             validated[cfg.seed] = configs, k
@@ -194,7 +194,7 @@ def choose_each(cfgs: list[TrainConfig], recipes: dict[str, dict] | None = None,
                                 "trials in MLflow")
             best = best_candidate(candidates, rule)
             reason = reason_for(best, rule, why, candidates, names)
-            say(f"{prefix(seed)}: chose {best}: {reason}")
+            say(f"{prefix(seed)}: chose {best} (validated on {k} folds)")  # why: in the result, printed once
             chosen[seed] = Choice(best, configs[best], reason, k, candidates, summary, share)
     return [chosen[cfg.seed] for cfg in cfgs]
 

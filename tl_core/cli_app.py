@@ -109,11 +109,15 @@ def _help(field) -> str:
         text += (", " if text else "") + " | ".join(map(str, choices))
     if _is_list(field):
         text += " (comma-separated)"
+    if field.is_required():  # here or in the --config file
+        text += " (required)"
     return text
 
 
 def _default(field) -> str | bool:
-    """The default as help shows it (the option's own default is None: "not given")."""
+    """The default as help shows it (the option's own default is None: "not given"); none where required."""
+    if field.is_required():
+        return False
     default = field.get_default(call_default_factory=True)
     if default in (None, "", [], {}):
         return False

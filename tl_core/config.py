@@ -123,6 +123,8 @@ def shots_value(value):
     """`shots` has one meaning everywhere: N labels per class, 0 none, all (or -1, or None) every label."""
     if value in ("all", -1, "-1", None):
         return None
+    if isinstance(value, str) and not value.strip().isdigit():
+        raise ValueError(f"{value!r} is not a number of shots: give N (0 or more), or all")
     return value
 
 
