@@ -359,7 +359,7 @@ def zero_shot_task(cfg, classes: list[str]) -> ZeroShotTask:
         constant = [f"{a} (always {int(seen_values[0, m])})" for m, a in enumerate(descriptions.attributes)
                     if not scored[m]]
         warnings.warn(f"attributes {', '.join(constant)} do not vary over the seen classes, so cannot be learnt: they "
-                      "are left out of the zero-shot scores", stacklevel=2)
+                      "are left out of the zero-shot scores")  # one location: said once a process
         by_scored: dict[tuple, str] = {}
         for k in unseen:
             other = by_scored.setdefault(tuple(signatures[k][scored].tolist()), classes[k])
