@@ -22,11 +22,15 @@ from tl_core import cli_serve  # noqa: F401,E402  (tl serve)
 from tl_core import cli_rank  # noqa: F401,E402  (tl rank)
 
 def _epoch_progress(total: int | None, label: str):
-    """A callback that draws a progress bar over epochs from the training core's reports."""
+    """A callback that draws a progress bar over epochs from the training core's reports (None
+    where stderr is no terminal: a log gets no bar, and rich left a blank line there for each)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    err = console()
+    if not err.is_terminal:
+        return None
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), console=console(), transient=True)
+                        TextColumn("{task.fields[info]}"), console=err, transient=True)
     task = progress.add_task(label, total=total, info="")
 
     def on_report(metrics: dict) -> None:
