@@ -163,3 +163,20 @@ def test_a_local_ray_is_this_process_s_own_where_ray_start_left_its_address_behi
         shutil.rmtree(temp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"cpus": os.cpu_count(), "answer": 42}
+
+
+@pytest.mark.timeout(120)
+def test_a_ray_address_where_nothing_answers_is_one_line_not_a_wait():
+    """Ray retries a RAY_ADDRESS where nothing listens for as long as the command runs (tl predict
+    waited over 10 minutes); tl says so in one line, at once."""
+    import socket
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    code = ("from tl_core import ray_cluster; from tl_core.errors import UserError\n"
+            "try:\n    ray_cluster.init_ray()\nexcept UserError as err:\n    print(err)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=90)
+    assert done.returncode == 0 and f"nothing answers at RAY_ADDRESS=127.0.0.1:{port}" in done.stdout, \
+        done.stdout[-2000:] + done.stderr[-2000:]

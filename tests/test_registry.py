@@ -5,6 +5,8 @@ trained in-process on sklearn:digits. No mocks."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -364,3 +366,15 @@ def test_the_gate_never_promotes_a_negative_transfer_and_says_why(models, tmp_pa
                       "--min-gain-over-scratch", -1)
     assert allowed["decision"] == "promoted" and allowed["scratch_accuracy"] is None and champion_of(name) == 1
     assert "between -1 and 1" in tl_error("promote", "--model", name, "--data", data, "--min-gain-over-scratch", 2)
+
+
+@pytest.mark.timeout(120)
+def test_a_run_against_a_tracking_server_prints_tls_lines_only(models, services):
+    """MLflow prints "View run ... / View experiment ..." at the end of every run against a
+    server: 48 lines for the demo's tl run. tl says what it made itself."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"}  # as a shell has it
+    env["MLFLOW_TRACKING_URI"] = services.url
+    done = subprocess.run([servers.BIN / "tl", "evaluate", "--model", models.good, "--data", models.data.path],
+                          capture_output=True, text=True, env=env, timeout=100)
+    assert done.returncode == 0 and done.stdout.startswith("accuracy 0."), done.stdout[-2000:] + done.stderr[-2000:]
+    assert "View run" not in done.stdout and len(done.stdout.strip().splitlines()) == 1, done.stdout

@@ -48,6 +48,9 @@ def _quiet_libraries() -> None:
     import os
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by mlflow when it is imported
+    # Against a tracking server MLflow prints two lines ("View run ...") at the end of every run:
+    # 48 for the demo's `tl run`. tl prints the runs it made.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name in ("alembic", "mlflow", "ray", "urllib3", "botocore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -49,7 +49,16 @@ def init_ray() -> None:
     address = os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # the controller runs beside the driver
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": worker_env()})
+        check_answers(address)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": worker_env()})
+        except ConnectionError as err:
+            # Ray sends its token only where RAY_AUTH_MODE=token says so (never on its own to an
+            # address given), and `ray start` turns token authentication on by default.
+            raise UserError(f"cannot connect to the Ray cluster at RAY_ADDRESS={address} ({err}): where it was "
+                            "started with token authentication (Ray's default for `ray start`), set "
+                            "RAY_AUTH_MODE=token so that its token (~/.ray/auth_token, or RAY_AUTH_TOKEN) is sent; "
+                            "else check that the cluster runs") from None
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray needs no token
         # Ray Train's preemption watcher (one more actor process a run) follows node drains, as
@@ -65,6 +74,26 @@ def init_ray() -> None:
         # num_cpus with a ValueError. A cluster is used where RAY_ADDRESS names it, above.
         start_local_ray(address="local", num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                         include_dashboard=False, logging_level=logging.WARNING)
+
+
+# How long a cluster's address may take to accept a connection: Ray itself retries an address
+# where nothing listens for as long as the command runs (over 10 minutes, seen here).
+CONNECT_SECONDS = 10
+
+
+def check_answers(address: str) -> None:
+    """One error line where nothing accepts a connection at `address` (host:port of a cluster's
+    GCS; "auto" and Ray Client's ray:// are left to Ray)."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as err:
+        raise UserError(f"nothing answers at RAY_ADDRESS={address} ({err.strerror or err}): start the cluster "
+                        "(`ray start --head`) or fix the address; unset RAY_ADDRESS to run on a local Ray") from None
 
 
 def quiet_ray_data() -> None:
