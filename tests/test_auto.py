@@ -173,6 +173,7 @@ def test_the_stated_rule_holds_unless_a_candidate_is_right_on_more_of_the_same_l
     candidates = {"finetune": scored(None), "scratch": scored("1111111100"), "linear-probe": scored("1111111100")}
     assert best_candidate(candidates, "finetune") == "linear-probe"
 
+
 def test_the_run_table_keeps_its_figures_whole_beside_autos_long_notes(capsys):
     """Piped (not a terminal), `tl run`'s table is 110 columns wide: auto's notes for 3 seeds at 1
     shot once squeezed every figure to '62.4…'. The notes wrap; the figures do not."""
