@@ -169,11 +169,9 @@ def test_a_local_ray_is_this_process_s_own_where_ray_start_left_its_address_behi
 def test_a_ray_address_where_nothing_answers_is_one_line_not_a_wait():
     """Ray retries a RAY_ADDRESS where nothing listens for as long as the command runs (tl predict
     waited over 10 minutes); tl says so in one line, at once."""
-    import socket
+    from tests.servers import free_port
 
-    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # free a moment ago: nothing listens there
     env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"}
     code = ("from tl_core import ray_cluster; from tl_core.errors import UserError\n"
             "try:\n    ray_cluster.init_ray()\nexcept UserError as err:\n    print(err)")
