@@ -347,9 +347,33 @@ def test_a_search_whose_driver_is_killed_resumes_without_rerunning_finished_tria
 
 
 @pytest.mark.slow
-def test_a_multi_worker_trial_trains_on_ray_train_inside_the_search(work, local_ray, digits):
+@pytest.mark.timeout(300)  # about 60 s; a trial that waits on itself stops here
+def test_a_multi_worker_trial_trains_on_ray_train_inside_the_search(work, local_ray, digits, monkeypatch):
     from tl_core.checkpoints import load_checkpoint
+    from tl_core.tune import trial
 
+    # Under load (CI, 2 cores) the trial actor's main thread was seen slow to pass a report on to
+    # Tune, and with Ray's TuneReportCallback the trial then waited on itself forever. Here that
+    # thread takes 8 s over each report it passes on (the trial's code runs in the trial's process).
+    run_trial = trial.run_trial
+
+    def run_trial_in_a_slow_actor(config: dict, **settings) -> None:
+        import threading
+        import time
+
+        from ray.train._internal.session import _TrainSession
+
+        report = _TrainSession.report
+
+        def slow_report(self, metrics, checkpoint=None):
+            if threading.current_thread() is threading.main_thread():
+                time.sleep(8)
+            return report(self, metrics, checkpoint)
+
+        _TrainSession.report = slow_report
+        run_trial(config, **settings)
+
+    monkeypatch.setattr(trial, "run_trial", run_trial_in_a_slow_actor)
     cfg = search({**digits, "epochs": 2, "workers": 2}, {"lr": {"grid": [GOOD_LR]}}, search="grid", name="workers")
     s = run_search(cfg)
     assert s["scheduler"] == "fifo"  # the default when trials start worker groups (ASHA deadlocked on 2 CPUs)

@@ -4,17 +4,19 @@ A one-worker trial runs `fit` directly in the trial's process with a `TuneSessio
 group to start, so ASHA can stop trials and start new ones freely. (The V2 Tune + Train pattern,
 a TorchTrainer inside each trial, deadlocked here with ASHA on 2 CPUs: ../shared/STACK-NOTES.md.)
 
-A trial with `workers > 1` does need a worker group: it runs a TorchTrainer inside the trial with
-`TuneReportCallback`, which forwards every report of the workers to Tune. The trial's own process
-then only waits, so it asks for a token 0.01 CPU (Tune refuses 0) and its workers share the rest.
+A trial with `workers > 1` does need a worker group: it runs a TorchTrainer inside the trial, and
+every report of the workers travels to Tune through `ForwardReports`. The trial's own process then
+only waits, so it asks for a token 0.01 CPU (Tune refuses 0) and its workers share the rest.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import torch
+from ray.train import UserCallback
 
 from tl_core.config import TrainConfig
 from tl_core.train.session import LocalSession, read_ray_checkpoint, report_to_ray
@@ -60,17 +62,51 @@ def run_trial(config: dict, cpus: float, workdir: str, storage_path: str, storag
         run_trial_on_ray_train(cfg, cpus, workdir, storage_path, storage_filesystem)
 
 
+class ForwardReports(UserCallback):
+    """Puts each report of a Ray Train run's workers (rank 0's metrics, and the path of the
+    checkpoint Ray Train kept) on a queue, for the trial's thread to hand to `tune.report`.
+
+    Why not Ray's own `TuneReportCallback`: it has the trial actor's main thread report to Tune
+    itself, beside the trial's thread, which reports once more when `fit` returns. When the main
+    thread is slow with the last report (seen under load, 2 cores), both land in Tune's one-slot
+    result queue and the trial waits on itself forever. Here only the trial's thread reports."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        self.queue.put({**metrics[0], **({"checkpoint_path": checkpoint.path} if checkpoint else {})})
+
+
 def run_trial_on_ray_train(cfg: TrainConfig, cpus: float, workdir: str, storage_path: str, storage_filesystem) -> None:
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.queue import Queue
 
     from tl_core.train.ray_runner import make_trainer
 
     context = tune.get_context()
+    reports = Queue(actor_options={"num_cpus": 0})
     # A resumed trial reruns this with the same name: Ray Train restarts from the run's latest checkpoint.
-    make_trainer(cfg, f"{context.get_experiment_name()}-{context.get_trial_id()}", workdir, storage_path,
-                 storage_filesystem, cpus_per_worker=(cpus - TRIAL_PROCESS_CPU) / cfg.workers,
-                 callbacks=[TuneReportCallback()], num_to_keep=1).fit()
+    trainer = make_trainer(cfg, f"{context.get_experiment_name()}-{context.get_trial_id()}", workdir, storage_path,
+                           storage_filesystem, cpus_per_worker=(cpus - TRIAL_PROCESS_CPU) / cfg.workers,
+                           callbacks=[ForwardReports(reports)], num_to_keep=1)
+    failure = []
+
+    def run() -> None:
+        try:
+            trainer.fit()
+        except BaseException as err:  # raised again in the trial's thread, where Tune sees it
+            failure.append(err)
+        finally:
+            reports.put(None)  # the run's end, after its last report
+
+    runner = threading.Thread(target=run, name="ray-train-run", daemon=True)
+    runner.start()
+    while (metrics := reports.get()) is not None:
+        tune.report(metrics)
+    runner.join()
+    if failure:
+        raise failure[0]
 
 
 def trainable(cpus_per_trial: float, storage_path: str, storage_filesystem=None, epoch_reports: bool = True,
