@@ -7,6 +7,7 @@ running the same config again under the same name resumes from its latest checkp
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Sequence
@@ -24,7 +25,17 @@ from tl_core.train.session import RaySession, read_ray_checkpoint
 def train_loop_per_worker(config: dict) -> None:
     # The run's work directory travels with its config: one Ray can serve runs of several.
     os.environ["TL_WORKDIR"] = config.pop("workdir")
+    quiet_ray_train_reports()
     fit(TrainConfig(**config), RaySession())
+
+
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs each report and checkpoint of each worker to the driver's terminal, a line or
+    two a worker and epoch over tl's own progress. Its warnings and errors still show."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    context.logger.setLevel(logging.WARNING)  # named after its file, outside "ray.train"
 
 
 def preflight(cfg: TrainConfig):
