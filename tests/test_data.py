@@ -59,6 +59,14 @@ def test_prepare_writes_manifest_and_skips_identical_work(workdir):
     assert not reused and other.hash != first.hash
 
 
+def test_written_files_are_as_readable_as_the_umask_allows(tmp_path, monkeypatch):
+    # Written through a private temporary file (atomic), yet readable by others under umask 022,
+    # as a service under another user reading predictions or checkpoints needs.
+    monkeypatch.setattr(storage, "UMASK", 0o022)
+    storage.write_bytes(str(tmp_path / "part.parquet"), b"rows")
+    assert (tmp_path / "part.parquet").stat().st_mode & 0o777 == 0o644
+
+
 def test_prepare_class_subset_channels_and_cap(workdir):
     data, _ = prepare(PrepareConfig(uri="sklearn:digits", classes=["5", "6", "7"], channels=3, max_per_class=20))
     assert data.classes == ["5", "6", "7"] and data.shape == [3, 8, 8]

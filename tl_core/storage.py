@@ -26,6 +26,10 @@ from pathlib import Path
 
 from tl_core.errors import UserError
 
+# The process's umask, read once as the module loads (reading it means setting it for a moment).
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
 
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
@@ -151,6 +155,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp's file is private (0600); the written one is as any other
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
