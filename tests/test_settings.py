@@ -32,6 +32,17 @@ def test_shots_has_one_meaning(value, meaning):
     assert ExperimentConfig(shots=value, strategies=["mcc"]).shots == meaning
 
 
+def test_a_home_folder_in_a_data_uri_is_expanded(monkeypatch, tmp_path):
+    # The shell expands `~/photos`, but leaves `imagefolder:~/photos` as it is (the README's example).
+    from tl_core.config import MonitorConfig, PrepareConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert PrepareConfig(uri="imagefolder:~/photos").uri == f"imagefolder:{tmp_path}/photos"
+    assert ExperimentConfig(target="tsv:~/sst2").target == f"tsv:{tmp_path}/sst2"
+    assert MonitorConfig(model="m", data="~/new.npz", reference="npz:~/old.npz").reference == f"npz:{tmp_path}/old.npz"
+    assert PrepareConfig(uri="s3://bucket/~photos").uri == "s3://bucket/~photos"
+
+
 def test_bad_shots_and_labels_a_strategy_cannot_do_without_are_refused():
     with pytest.raises(UserError, match="shots: Input should be greater than or equal to 0"):
         validate(TrainConfig, {"data": "d", "shots": -2})

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tl_core.errors import UserError
 
@@ -42,10 +42,21 @@ def class_name(value):
 ClassName = Annotated[str, BeforeValidator(class_name)]
 
 
+def expand_home(uri: str) -> str:
+    """`imagefolder:~/photos` as `~/photos` is: a shell leaves a `~` after `scheme:` as it is."""
+    scheme, sep, rest = uri.partition(":")
+    if sep and rest.startswith("~"):
+        return f"{scheme}:{os.path.expanduser(rest)}"
+    return os.path.expanduser(uri)
+
+
+DataURI = Annotated[str, AfterValidator(expand_home)]
+
+
 class PrepareConfig(StepConfig):
     """Turn a data URI into a prepared dataset (tensors + manifest)."""
 
-    uri: str = Field(..., description="data URI: sklearn:digits, fonts:digits, idx:DIR, npz:FILE, imagefolder:DIR "
+    uri: DataURI = Field(..., description="data URI: sklearn:digits, fonts:digits, idx:DIR, npz:FILE, imagefolder:DIR "
                                       "(or s3://...), torchvision:NAME, omniglot:ZIP; text: tsv:, csv:, jsonl: a "
                                       "FILE or a DIR with train.* and test.*")
     classes: list[ClassName] | None = Field(None, description="keep only these classes (names or label ids)")
@@ -85,7 +96,7 @@ class PredictConfig(StepConfig):
     """`tl predict`: a model's predictions on a dataset, as Parquet, with Ray Data."""
 
     model: str = Field(..., description=MODEL_URI_HELP)
-    data: str = Field(..., description=DATA_URI_HELP)
+    data: DataURI = Field(..., description=DATA_URI_HELP)
     output: str = Field(..., min_length=1, description="folder (local or s3://) of the predictions: a Parquet part per "
                         "shard of the data, predictions.json written last; a rerun keeps the parts already there")
     split: Split = Field("all", description="the split(s) of the data to predict")
@@ -102,8 +113,8 @@ class MonitorConfig(StepConfig):
     """`tl monitor`: how far new data has moved from the reference, on the model's own embeddings."""
 
     model: str = PredictConfig.model_fields["model"]
-    data: str = Field(..., description="the new data: " + DATA_URI_HELP)
-    reference: str | None = Field(None, description="the data to compare with: " + DATA_URI_HELP + "; default: the "
+    data: DataURI = Field(..., description="the new data: " + DATA_URI_HELP)
+    reference: DataURI | None = Field(None, description="the data to compare with: " + DATA_URI_HELP + "; default: the "
                                   "data the model was trained on (its checkpoint names it)")
     data_split: Split = Field("all", description="the split(s) of the new data to draw from")
     reference_split: Split = Field("train", description="the split(s) of the reference to draw from")
@@ -290,8 +301,8 @@ class ExperimentSettings(StepConfig):
     Its methods build every step's config from these settings, so the same settings give the
     same configs, and so the same cached datasets and checkpoints, whoever runs them."""
 
-    source: str = Field("fonts:digits", description="source data URI to pretrain on")
-    target: str = Field("sklearn:digits", description="target data URI to transfer to")
+    source: DataURI = Field("fonts:digits", description="source data URI to pretrain on")
+    target: DataURI = Field("sklearn:digits", description="target data URI to transfer to")
     model: str = Field("small_cnn", description="architecture of the backbone")
     shots: Shots = 5
     pretrain_epochs: int = Field(15, ge=1, description="epochs of pretraining on the source")
@@ -528,7 +539,7 @@ class PipelineConfig(SearchSettings):
 class RankConfig(StepConfig):
     """`tl rank`: candidate source models scored for a target before any training (tl_core/rank.py)."""
 
-    target: str = Field(..., description="the target: a prepared dataset, or a data URI tl prepare reads (prepared "
+    target: DataURI = Field(..., description="the target: a prepared dataset, or a data URI tl prepare reads (prepared "
                         "first); only its labelled training shots are read, never its test split")
     shots: Shots = 10
     seed: int = Field(0, description="seed of the shots, as a transfer with this seed draws them")
