@@ -418,7 +418,7 @@ def test_a_fifo_search_without_epoch_reports_reports_each_trial_once_at_its_end(
 def test_a_search_without_epoch_reports_must_be_fifo(work):
     # Refused as the settings are read, before tl tune prepares or pretrains anything.
     assert tl_error("tune", "--no-epoch-reports", "--scheduler", "asha") == (
-        "error: invalid SearchConfig: config: Value error, epoch_reports false leaves the asha scheduler nothing to "
+        "error: invalid SearchConfig: config: epoch_reports false leaves the asha scheduler nothing to "
         "stop trials on: set scheduler fifo, or leave epoch_reports on")
 
 

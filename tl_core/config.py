@@ -639,7 +639,9 @@ def validate(cls: type[StepConfig], values: dict) -> StepConfig:
     try:
         return cls(**values)
     except ValidationError as err:
+        # A validator's ValueError reads "Value error, <ours>" in pydantic's words: ours alone.
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()
+            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in err.errors()
         )
         raise UserError(f"invalid {cls.__name__}: {problems}") from None
