@@ -368,7 +368,7 @@ def test_the_gate_never_promotes_a_negative_transfer_and_says_why(models, tmp_pa
     assert "between -1 and 1" in tl_error("promote", "--model", name, "--data", data, "--min-gain-over-scratch", 2)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_a_run_against_a_tracking_server_prints_tls_lines_only(models, services):
     """MLflow prints "View run ... / View experiment ..." at the end of every run against a
     server: 48 lines for the demo's tl run. tl says what it made itself."""
@@ -378,3 +378,8 @@ def test_a_run_against_a_tracking_server_prints_tls_lines_only(models, services)
                           capture_output=True, text=True, env=env, timeout=100)
     assert done.returncode == 0 and done.stdout.startswith("accuracy 0."), done.stdout[-2000:] + done.stderr[-2000:]
     assert "View run" not in done.stdout and len(done.stdout.strip().splitlines()) == 1, done.stdout
+    # A registered model's files come down with no progress bar into a log (stderr is a pipe here).
+    version = registry.register_model(models.good, "quiet-download", models.data.path)["version"]
+    done = subprocess.run([servers.BIN / "tl", "evaluate", "--model", f"models:/quiet-download/{version}", "--data",
+                           models.data.path], capture_output=True, text=True, env=env, timeout=100)
+    assert done.returncode == 0 and "Downloading artifacts" not in done.stderr, done.stderr[-2000:]

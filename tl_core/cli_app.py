@@ -14,6 +14,7 @@ import functools
 import inspect
 import json
 import logging
+import sys
 import typing
 import warnings
 from typing import Optional
@@ -51,6 +52,10 @@ def _quiet_libraries() -> None:
     # Against a tracking server MLflow prints two lines ("View run ...") at the end of every run:
     # 48 for the demo's `tl run`. tl prints the runs it made.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # MLflow draws a progress bar for each download of a registered model's files (register,
+    # promote, predict, monitor): on a terminal only, as tl's own epoch bar, not into a log.
+    if not sys.stderr.isatty():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("alembic", "mlflow", "ray", "urllib3", "botocore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
