@@ -155,6 +155,9 @@ def test_mlflow_models_serve_answers_the_readme_requests(services, digits, text_
         # Bad input is a 400 with MLflow's error, not a crash.
         status, data = c.request("POST", "/invocations", b'{"inputs": ["not base64!"]}')
         assert status == 400 and b"not base64" in data, data[:500]
+        # The README's text request, sent to this image model by mistake: the error says so.
+        status, data = c.request("POST", *text_requests[0])
+        assert status == 400 and b"classifies images, not texts" in data, data[:3000]
         assert c.request("GET", "/ping")[0] == 200
     assert not server.left_behind, server.left_behind
 

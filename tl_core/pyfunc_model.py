@@ -81,8 +81,8 @@ def from_base64(text: str, what: str) -> bytes:
     try:
         data = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
-        raise UserError(f"{what} is a string but not base64: send an image file (PNG, JPEG) as base64, or the "
-                        "pixels as numbers") from None
+        raise UserError(f"{what} is a string but not base64 (this model classifies images, not texts): send an "
+                        "image file (PNG, JPEG) as base64, or the pixels as numbers") from None
     if not data:
         raise UserError(f"{what} is empty: send an image file (PNG, JPEG) as base64")
     return data
