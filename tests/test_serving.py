@@ -409,6 +409,23 @@ def test_bad_input_to_tl_serve_is_one_error_line(services, digits):
         assert f"cannot listen on 127.0.0.1:{port}" in line and "--port" in line
 
 
+def test_a_port_a_server_closed_a_moment_ago_is_free_again():
+    # A stopped server leaves its closed connections waiting (TIME_WAIT) for a minute; tl serve
+    # started again on its port must not call it taken (a listener still is, above).
+    from tl_core.serving import _port_free
+
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Serve's proxy (uvicorn) binds
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = server.accept()
+            accepted.close()  # the server's side closes first: its end waits
+            client.recv(1)
+    _port_free("127.0.0.1", port)
+
+
 def test_the_settings_reach_the_replicas_as_their_user_config():
     from tl_core.config import ServeConfig
     from tl_core.serving import RELOADED, application, build_app

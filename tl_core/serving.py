@@ -410,6 +410,9 @@ def _alias_target(name: str, alias: str) -> int:
 
 def _port_free(host: str, port: int) -> None:
     with socket.socket() as s:
+        # As the proxy binds (uvicorn): a listener refuses the port, but not the closed connections
+        # a server stopped a moment ago leaves waiting (TIME_WAIT), which made a restart fail for a minute.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as err:
@@ -431,6 +434,9 @@ def serve_forever(cfg: ServeConfig, on_ready=None, stop: threading.Event | None 
         _port_free(cfg.host, cfg.port)
     stop = stop or threading.Event()
     started = time.perf_counter()
+    # Serve's INFO lines here (started, connecting to it again, the application ready, deleted)
+    # say what tl serve prints itself; Serve sets this logger's level as it is imported.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     init_ray()
     # After ray.init, which installs a SIGTERM handler of its own: the application is taken down first.
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)} \
@@ -466,9 +472,10 @@ def serve_forever(cfg: ServeConfig, on_ready=None, stop: threading.Event | None 
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         try:
+            # Its replicas drained and stopped. A local Ray then ends whole, Serve's controller and
+            # proxies with it: serve.shutdown() there only raced its own ray.kill of the controller
+            # (a "(raylet) Task ServeController.graceful_shutdown failed" line on the way out).
             serve.delete(APP_NAME)
-            if not on_cluster:
-                serve.shutdown()
         except Exception:  # noqa: BLE001 - on the way out, a Ray already gone is fine
             pass
         if not on_cluster:
