@@ -53,9 +53,11 @@ def _quiet_libraries() -> None:
     # 48 for the demo's `tl run`. tl prints the runs it made.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # MLflow draws a progress bar for each download of a registered model's files (register,
-    # promote, predict, monitor): on a terminal only, as tl's own epoch bar, not into a log.
+    # promote, predict, monitor), and Ray colours the prefix of its processes' lines: on a
+    # terminal only, as tl's own epoch bar, not into a log.
     if not sys.stderr.isatty():
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     for name in ("alembic", "mlflow", "ray", "urllib3", "botocore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
