@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from tl_core.errors import UserError
 
@@ -43,7 +44,8 @@ ClassName = Annotated[str, BeforeValidator(class_name)]
 
 
 def expand_home(uri: str) -> str:
-    """`imagefolder:~/photos` as `~/photos` is: a shell leaves a `~` after `scheme:` as it is."""
+    """A `~` in a data URI is the home folder, as in a path: a shell expands `~/photos`, but leaves
+    `imagefolder:~/photos` as it is."""
     scheme, sep, rest = uri.partition(":")
     if sep and rest.startswith("~"):
         return f"{scheme}:{os.path.expanduser(rest)}"
