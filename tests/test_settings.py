@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.conftest import tl, tl_error
@@ -132,3 +134,23 @@ def test_a_text_model_trains_each_strategy_with_its_recipe_unless_told_otherwise
     assert told.recipe("finetune")["backbone_lr_mult"] == RECIPES["minilm-l6"]["finetune"]["backbone_lr_mult"]
     assert ExperimentConfig().recipe("finetune") == {"backbone_lr_mult": 0.3}  # the small CNN's one departure
     assert ExperimentConfig().recipe("scratch") == {}  # else the shared settings
+
+
+def test_ray_trains_state_api_warning_never_reaches_the_terminal(monkeypatch):
+    # A local Ray has no dashboard, so Ray Train's placement-group watcher warns once a second
+    # through a --workers run. tl's commands have Ray's own log filter drop that line.
+    import inspect
+
+    from ray._private.ray_logging import LogDeduplicator
+    from ray.train.v2._internal.execution.controller import placement_group_cleaner
+
+    from tl_core.cli_app import RAY_TRAIN_STATE_API_NOISE, _quiet_libraries
+
+    assert RAY_TRAIN_STATE_API_NOISE in inspect.getsource(placement_group_cleaner)  # the installed Ray's words
+    monkeypatch.delenv("RAY_DEDUP_LOGS_SKIP_REGEX", raising=False)
+    _quiet_libraries()
+    line = ("Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. "
+            "Continuing to monitor.")
+    batches = LogDeduplicator(5, None, os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"]).deduplicate(
+        {"ip": "127.0.0.1", "pid": 7, "lines": [line, "epoch 3 done"]})
+    assert [kept for batch in batches for kept in batch["lines"]] == ["epoch 3 done"]

@@ -45,6 +45,9 @@ def table_console(width: int):
     return out if out.is_terminal else Console(width=width)
 
 
+RAY_TRAIN_STATE_API_NOISE = "Failed to query Ray Train Controller actor state"
+
+
 def _quiet_libraries() -> None:
     import os
 
@@ -58,6 +61,9 @@ def _quiet_libraries() -> None:
     if not sys.stderr.isatty():
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    # Ray Train's placement-group watcher asks a state API that a local Ray (no dashboard) does not
+    # run, and says so about once a second through a --workers run. Ray reads this as it is imported.
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", RAY_TRAIN_STATE_API_NOISE)
     for name in ("alembic", "mlflow", "ray", "urllib3", "botocore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
