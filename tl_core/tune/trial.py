@@ -11,7 +11,6 @@ only waits, so it asks for a token 0.01 CPU (Tune refuses 0) and its workers sha
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 
@@ -19,6 +18,7 @@ import torch
 from ray.train import UserCallback
 
 from tl_core.config import TrainConfig
+from tl_core.train.ray_runner import make_trainer, quiet_ray_train_reports
 from tl_core.train.session import LocalSession, read_ray_checkpoint, report_to_ray
 
 TRIAL_PROCESS_CPU = 0.01
@@ -51,8 +51,7 @@ def run_trial(config: dict, cpus: float, workdir: str, storage_path: str, storag
     """The trainable: Tune calls it with one point of the search space (a whole TrainConfig)."""
     cfg = TrainConfig(**config)
     os.environ["TL_WORKDIR"] = workdir  # the search's work directory (caches), as Ray Train runs carry theirs
-    # Ray logs a line per checkpoint (one per epoch here) to the driver's terminal.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    quiet_ray_train_reports()  # a line per checkpoint (one per epoch here) on the driver's terminal
     if cfg.workers == 1:
         from tl_core.train.loop import fit
 
@@ -81,8 +80,6 @@ class ForwardReports(UserCallback):
 def run_trial_on_ray_train(cfg: TrainConfig, cpus: float, workdir: str, storage_path: str, storage_filesystem) -> None:
     from ray import tune
     from ray.util.queue import Queue
-
-    from tl_core.train.ray_runner import make_trainer
 
     context = tune.get_context()
     reports = Queue(actor_options={"num_cpus": 0})
