@@ -91,6 +91,28 @@ def test_strategy_options_come_from_the_fields_and_the_baseline_resets_them():
     assert base.shots == 5
 
 
+@pytest.mark.parametrize("model,strategies", [("efficientnet-lite0", ["linear-probe", "finetune", "distill"]),
+                                              ("minilm-l6", ["linear-probe", "finetune", "setfit"])])
+def test_every_transfer_states_its_gain_against_tl_runs_scratch_row(model, strategies):
+    """`tl transfer`, the pipeline's transfer step, auto and `tl promote` train a transfer's
+    baseline as `cfg.baseline()`; `tl run` trains its scratch row with the model's scratch recipe.
+    They are one baseline: the same budget (before, a probe of photos had a scratch baseline of 100
+    epochs of batch 64 against tl run's 10 of 16, and SetFit's text baseline trained at its lr),
+    and for photos the very same run, so the transfer's cached baseline is tl run's."""
+    from tl_core.config import ExperimentSettings
+
+    settings = ExperimentSettings(model=model)
+    row = settings.transfer("prepared", f"packaged:{model}", "scratch", seed=1).model_dump()
+    for strategy in strategies:
+        base = settings.transfer("prepared", f"packaged:{model}", strategy, seed=1).baseline().model_dump()
+        assert {k: base[k] for k in ("strategy", "epochs", "lr", "batch_size")} == {
+            k: row[k] for k in ("strategy", "epochs", "lr", "batch_size")}, strategy
+        if model.startswith("efficientnet"):
+            assert base == row, strategy
+        else:  # text finetunes validate and checkpoint at the end only (recipes.py), which the baseline keeps
+            assert {k for k in base if base[k] != row[k]} <= {"eval_every", "checkpoint_every"}, strategy
+
+
 def test_transfer_help_lists_every_strategy():
     from tl_core.strategies import STRATEGIES
 

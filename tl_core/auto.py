@@ -110,14 +110,6 @@ def fold_count(cfg: TrainConfig) -> int:
     return min(FOLDS, int(label_counts(cfg).min()))
 
 
-def model_name(cfg: TrainConfig) -> str:
-    if cfg.model:
-        return cfg.model
-    from tl_core.checkpoints import load_checkpoint
-
-    return load_checkpoint(cfg.backbone)["model_spec"]["name"]
-
-
 def describable(cfg: TrainConfig) -> bool:
     """Whether zero-shot by descriptions can name every class: a descriptions file came with the
     data; text whose class names are words; images whose class names are printed characters read
@@ -130,7 +122,7 @@ def describable(cfg: TrainConfig) -> bool:
     content = descriptions_of(cfg) or {}
     if manifest["stored"] == "text":
         return bool(content.get("descriptions")) or all(map(is_word, manifest["classes"]))
-    if "attributes" in content or model_name(cfg) in INPUT_STATS:
+    if "attributes" in content or cfg.architecture() in INPUT_STATS:
         return False
     return bool(content.get("glyphs")) or all(len(c) == 1 for c in manifest["classes"])
 
@@ -145,8 +137,8 @@ def candidate_names(cfg: TrainConfig) -> list[str]:
 
 def candidate_config(cfg: TrainConfig, strategy: str, recipe: dict) -> TrainConfig:
     """`strategy` with its recipe over the auto run's settings: the same data, labels, seed and backbone."""
-    if strategy == "scratch":
-        return cfg.model_copy(update={"strategy": "scratch"}).baseline().model_copy(update=recipe)
+    if strategy == "scratch":  # the baseline (TrainConfig.baseline), by the run's recipe for it
+        return cfg.baseline().model_copy(update=recipe)
     update = {"strategy": strategy, **recipe}
     if strategy == "zero-shot":  # every class described, nothing trained: one pass
         update.update(epochs=1, unseen_classes=[])
@@ -320,7 +312,7 @@ def recipe_for(cfg: TrainConfig, recipes: dict[str, dict] | None, strategy: str)
     `recipes:`) where given, else the model's default recipe (tl_core/recipes.py)."""
     from tl_core.recipes import default_recipe
 
-    return dict(recipes.get(strategy, {})) if recipes is not None else default_recipe(model_name(cfg), strategy)
+    return dict(recipes.get(strategy, {})) if recipes is not None else default_recipe(cfg.architecture(), strategy)
 
 
 def _distinct(values: list) -> list:

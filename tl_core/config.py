@@ -286,11 +286,27 @@ class TrainConfig(StepConfig):
         return {name: field.json_schema_extra["strategies"] for name, field in cls.model_fields.items()
                 if isinstance(field.json_schema_extra, dict) and "strategies" in field.json_schema_extra}
 
+    def architecture(self) -> str:
+        """The network this run trains: `model`, else its backbone's."""
+        if self.model:
+            return self.model
+        from tl_core.checkpoints import load_checkpoint
+
+        return load_checkpoint(self.backbone)["model_spec"]["name"]
+
     def baseline(self) -> "TrainConfig":
-        """The scratch baseline for this run: same data, labels, budget and architecture."""
+        """The scratch baseline of this run: the same data, labels, seed and architecture, the
+        strategy's own settings at their defaults, and the training budget of the model's scratch
+        recipe (tl_core/recipes.py) where it has one, else this run's. The recipe is what `tl run`'s
+        scratch row trains, so `tl transfer`, the pipeline's transfer step, auto and `tl promote`'s
+        gate state a gain against the same baseline as `tl run`, and reuse its cached run where
+        the settings agree: on photos 10 epochs of batch 16, not a linear probe's 100 of batch 64."""
+        from tl_core.recipes import default_recipe
+
         fields = TrainConfig.model_fields
         defaults = {name: fields[name].get_default(call_default_factory=True) for name in self.strategy_options()}
-        return self.model_copy(update={"strategy": "scratch", "output": None, **defaults})
+        recipe = default_recipe(self.architecture(), "scratch") if self.model or self.backbone else {}
+        return self.model_copy(update={"strategy": "scratch", "output": None, **defaults, **recipe})
 
     def resolved_runner(self) -> str:
         if self.runner != "auto":
