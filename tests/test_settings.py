@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.conftest import tl, tl_error
+from tests.conftest import tl, tl_error, tl_json
 from tl_core.config import ExperimentConfig, PipelineConfig, TrainConfig, validate
 from tl_core.errors import UserError
 
@@ -111,6 +111,23 @@ def test_every_transfer_states_its_gain_against_tl_runs_scratch_row(model, strat
             assert base == row, strategy
         else:  # text finetunes validate and checkpoint at the end only (recipes.py), which the baseline keeps
             assert {k for k in base if base[k] != row[k]} <= {"eval_every", "checkpoint_every"}, strategy
+
+
+def test_tl_transfer_trains_with_the_models_recipe_where_no_flag_says_otherwise(workdir):
+    """`tl transfer` takes the model's recipe for its strategy (tl_core/recipes.py; small_cnn's
+    finetune: the backbone at 0.3x the head's rate), as `tl run` does; a flag wins over it."""
+    from tl_core.checkpoints import load_checkpoint
+
+    digits = tl_json("prepare", "sklearn:digits")["path"]
+    backbone = tl_json("pretrain", "--data", digits, "--epochs", "1")["checkpoint"]
+
+    def finetuned(*flags) -> dict:
+        summary = tl_json("transfer", "--data", digits, "--backbone", backbone, "--strategy", "finetune", "--shots", 2,
+                          "--epochs", 1, "--no-baseline", *flags)
+        return load_checkpoint(summary["checkpoint"])["config"]
+
+    assert finetuned()["backbone_lr_mult"] == 0.3
+    assert finetuned("--backbone-lr-mult", 1)["backbone_lr_mult"] == 1.0
 
 
 def test_transfer_help_lists_every_strategy():

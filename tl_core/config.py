@@ -294,6 +294,14 @@ class TrainConfig(StepConfig):
 
         return load_checkpoint(self.backbone)["model_spec"]["name"]
 
+    def with_recipe(self) -> "TrainConfig":
+        """This run with its model's recipe for its strategy (tl_core/recipes.py) in every setting
+        not given (a flag, a key of the config file): what `tl run` trains the strategy with."""
+        from tl_core.recipes import default_recipe
+
+        recipe = default_recipe(self.architecture(), self.strategy) if self.model or self.backbone else {}
+        return self.model_copy(update={k: v for k, v in recipe.items() if k not in self.model_fields_set})
+
     def baseline(self) -> "TrainConfig":
         """The scratch baseline of this run: the same data, labels, seed and architecture, the
         strategy's own settings at their defaults, and the training budget of the model's scratch

@@ -133,7 +133,9 @@ def pretrain_step(cfg: TrainConfig, on_report: Progress | None = None, force: bo
 
 def transfer_step(cfg: TrainConfig, on_report: Progress | None = None, force: bool = False, baseline: bool = True,
                   recipes: dict[str, dict] | None = None) -> dict:
-    """Transfer with `cfg.strategy`, measured against the scratch baseline on the same labels.
+    """Transfer with `cfg.strategy`, measured against the scratch baseline on the same labels; a
+    setting `cfg` was not given (a flag of `tl transfer`, a key of its file) is the model's recipe's
+    for the strategy (`TrainConfig.with_recipe`), as `tl run` trains it.
     `recipes`: auto's candidates' (ExperimentSettings.recipe; None: the model's defaults)."""
     from tl_core.config import AUTO
     from tl_core.strategies import STRATEGIES
@@ -147,6 +149,7 @@ def transfer_step(cfg: TrainConfig, on_report: Progress | None = None, force: bo
 
         return auto_step(cfg, recipes, on_report, force, baseline)
 
+    cfg = cfg.with_recipe()
     # No scratch baseline where it cannot be trained (no labels) or scores something else than
     # the strategy does (few-shot episodes, zero-shot); those report against their own baselines.
     comparable = STRATEGIES[cfg.strategy].classifies_dataset_classes and cfg.shots != 0
