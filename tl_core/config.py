@@ -290,9 +290,9 @@ class TrainConfig(StepConfig):
         """The network this run trains: `model`, else its backbone's."""
         if self.model:
             return self.model
-        from tl_core.checkpoints import load_checkpoint
+        from tl_core.checkpoints import architecture_of
 
-        return load_checkpoint(self.backbone)["model_spec"]["name"]
+        return architecture_of(self.backbone)
 
     def with_recipe(self) -> "TrainConfig":
         """This run with its model's recipe for its strategy (tl_core/recipes.py) in every setting
