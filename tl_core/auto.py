@@ -310,9 +310,7 @@ def fallback(cfg: TrainConfig) -> tuple[str, str]:
 def recipe_for(cfg: TrainConfig, recipes: dict[str, dict] | None, strategy: str) -> dict:
     """A candidate's recipe: from `recipes` (tl run's, the model's defaults under the file's
     `recipes:`) where given, else the model's default recipe (tl_core/recipes.py)."""
-    from tl_core.recipes import default_recipe
-
-    return dict(recipes.get(strategy, {})) if recipes is not None else default_recipe(cfg.architecture(), strategy)
+    return dict(recipes.get(strategy, {})) if recipes is not None else cfg.model_recipe(strategy)
 
 
 def _distinct(values: list) -> list:

@@ -294,12 +294,17 @@ class TrainConfig(StepConfig):
 
         return architecture_of(self.backbone)
 
-    def with_recipe(self) -> "TrainConfig":
-        """This run with its model's recipe for its strategy (tl_core/recipes.py) in every setting
-        not given (a flag, a key of the config file): what `tl run` trains the strategy with."""
+    def model_recipe(self, strategy: str) -> dict:
+        """The settings this run's model trains `strategy` with by default (tl_core/recipes.py; {}:
+        the shared ones, as where no model or backbone is named)."""
         from tl_core.recipes import default_recipe
 
-        recipe = default_recipe(self.architecture(), self.strategy) if self.model or self.backbone else {}
+        return default_recipe(self.architecture(), strategy) if self.model or self.backbone else {}
+
+    def with_recipe(self) -> "TrainConfig":
+        """This run with its model's recipe for its strategy in every setting not given (a flag, a
+        key of the config file): what `tl run` trains the strategy with."""
+        recipe = self.model_recipe(self.strategy)
         return self.model_copy(update={k: v for k, v in recipe.items() if k not in self.model_fields_set})
 
     def baseline(self) -> "TrainConfig":
@@ -309,12 +314,10 @@ class TrainConfig(StepConfig):
         scratch row trains, so `tl transfer`, the pipeline's transfer step, auto and `tl promote`'s
         gate state a gain against the same baseline as `tl run`, and reuse its cached run where
         the settings agree: on photos 10 epochs of batch 16, not a linear probe's 100 of batch 64."""
-        from tl_core.recipes import default_recipe
-
         fields = TrainConfig.model_fields
         defaults = {name: fields[name].get_default(call_default_factory=True) for name in self.strategy_options()}
-        recipe = default_recipe(self.architecture(), "scratch") if self.model or self.backbone else {}
-        return self.model_copy(update={"strategy": "scratch", "output": None, **defaults, **recipe})
+        return self.model_copy(update={"strategy": "scratch", "output": None, **defaults,
+                                       **self.model_recipe("scratch")})
 
     def resolved_runner(self) -> str:
         if self.runner != "auto":

@@ -370,8 +370,8 @@ def scratch_accuracy(ckpt: dict, data) -> float | None:
     """The test accuracy, on `data`, of the scratch baseline of the checkpoint's own training: the
     same architecture trained from random init on the same labels (`TrainConfig.baseline`: the run
     `tl transfer` trained beside it, or `tl run`'s scratch row, reused from the training cache
-    where its settings agree, else trained now). None
-    where there is none: a scratch model, a strategy scored on other tasks, no target labels."""
+    where its settings agree, else trained now). None where there is none: a scratch model, a
+    strategy scored on other tasks, no target labels."""
     from tl_core.config import TrainConfig, validate
     from tl_core.train import train
 
