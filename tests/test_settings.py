@@ -113,6 +113,19 @@ def test_every_transfer_states_its_gain_against_tl_runs_scratch_row(model, strat
             assert {k for k in base if base[k] != row[k]} <= {"eval_every", "checkpoint_every"}, strategy
 
 
+@pytest.mark.parametrize("flags", [{}, {"epochs": 30}])
+def test_auto_validates_tl_runs_own_scratch_row_flags_included(flags):
+    """tl run's auto row weighs scratch as tl run's scratch row trains it: by the model's recipe,
+    less the shared settings given explicitly (an --epochs 30 reaches both)."""
+    from tl_core.auto import candidate_config
+
+    settings = ExperimentConfig(model="efficientnet-lite0", **flags)
+    auto = settings.transfer("prepared", "packaged:efficientnet-lite0", "auto", seed=1)
+    candidate = candidate_config(auto, "scratch", settings.recipe("scratch"))
+    assert candidate == settings.transfer("prepared", "packaged:efficientnet-lite0", "scratch", seed=1)
+    assert candidate.epochs == flags.get("epochs", 10)
+
+
 def test_tl_transfer_trains_with_the_models_recipe_where_no_flag_says_otherwise(workdir):
     """`tl transfer` takes the model's recipe for its strategy (tl_core/recipes.py; small_cnn's
     finetune: the backbone at 0.3x the head's rate), as `tl run` does; a flag wins over it."""

@@ -137,8 +137,8 @@ def candidate_names(cfg: TrainConfig) -> list[str]:
 
 def candidate_config(cfg: TrainConfig, strategy: str, recipe: dict) -> TrainConfig:
     """`strategy` with its recipe over the auto run's settings: the same data, labels, seed and backbone."""
-    if strategy == "scratch":  # the baseline (TrainConfig.baseline), by the run's recipe for it
-        return cfg.baseline().model_copy(update=recipe)
+    if strategy == "scratch":  # the baseline, by the run's recipe for it
+        return cfg.baseline(recipe)
     update = {"strategy": strategy, **recipe}
     if strategy == "zero-shot":  # every class described, nothing trained: one pass
         update.update(epochs=1, unseen_classes=[])

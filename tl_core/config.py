@@ -307,17 +307,18 @@ class TrainConfig(StepConfig):
         recipe = self.model_recipe(self.strategy)
         return self.model_copy(update={k: v for k, v in recipe.items() if k not in self.model_fields_set})
 
-    def baseline(self) -> "TrainConfig":
+    def baseline(self, recipe: dict | None = None) -> "TrainConfig":
         """The scratch baseline of this run: the same data, labels, seed and architecture, the
         strategy's own settings at their defaults, and the training budget of the model's scratch
         recipe (tl_core/recipes.py) where it has one, else this run's. The recipe is what `tl run`'s
         scratch row trains, so `tl transfer`, the pipeline's transfer step, auto and `tl promote`'s
         gate state a gain against the same baseline as `tl run`, and reuse its cached run where
-        the settings agree: on photos 10 epochs of batch 16, not a linear probe's 100 of batch 64."""
+        the settings agree: on photos 10 epochs of batch 16, not a linear probe's 100 of batch 64.
+        `recipe`: the scratch settings instead of the model's (tl run's, where its flags win)."""
         fields = TrainConfig.model_fields
         defaults = {name: fields[name].get_default(call_default_factory=True) for name in self.strategy_options()}
-        return self.model_copy(update={"strategy": "scratch", "output": None, **defaults,
-                                       **self.model_recipe("scratch")})
+        recipe = self.model_recipe("scratch") if recipe is None else recipe
+        return self.model_copy(update={"strategy": "scratch", "output": None, **defaults, **recipe})
 
     def resolved_runner(self) -> str:
         if self.runner != "auto":
