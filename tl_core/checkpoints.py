@@ -188,9 +188,12 @@ def packaged_backbone(uri: str) -> dict:
             "model": {k: v for k, v in model.state_dict().items()}}
 
 
+@lru_cache(maxsize=32)
 def architecture_of(uri: str) -> str:
     """The architecture of the checkpoint at `uri` (its model_spec's name); a packaged backbone's
-    is its name, read without building the network (2 s for minilm-l6)."""
+    is its name, read without building the network (2 s for minilm-l6). Read once a process: a
+    transfer asks it for its recipe, its baseline's and each of auto's candidates', and a backbone
+    on s3:// or in MLflow would be downloaded each time."""
     if uri.startswith(PACKAGED):
         return uri[len(PACKAGED):]
     return load_checkpoint(uri)["model_spec"]["name"]
