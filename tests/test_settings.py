@@ -143,6 +143,26 @@ def test_tl_transfer_trains_with_the_models_recipe_where_no_flag_says_otherwise(
     assert finetuned("--backbone-lr-mult", 1)["backbone_lr_mult"] == 1.0
 
 
+def test_tl_transfer_auto_trains_its_candidates_by_their_recipes_less_the_flags_given():
+    """`tl transfer --strategy auto`: each candidate takes its model's recipe (tl_core/recipes.py),
+    and a flag wins over it, as in `tl run` and a single strategy's `tl transfer` (before, the
+    recipes won: --epochs 3 trained MiniLM's finetune candidate 20 epochs, scratch's 60)."""
+    from tl_core.auto import candidate_config, recipe_for
+    from tl_core.config import load_config
+    from tl_core.recipes import RECIPES
+
+    def candidate(strategy: str, **flags) -> TrainConfig:
+        cfg = load_config(TrainConfig, None, {"data": "prepared", "backbone": "packaged:minilm-l6", "strategy": "auto",
+                                              **flags})
+        return candidate_config(cfg, strategy, recipe_for(cfg, None, strategy))
+
+    for strategy in ("scratch", "finetune", "setfit"):
+        recipe = RECIPES["minilm-l6"][strategy]
+        assert (candidate(strategy).epochs, candidate(strategy).lr) == (recipe["epochs"], recipe["lr"]), strategy
+        told = candidate(strategy, epochs=3)
+        assert (told.epochs, told.lr, told.batch_size) == (3, recipe["lr"], recipe["batch_size"]), strategy
+
+
 def test_transfer_help_lists_every_strategy():
     from tl_core.strategies import STRATEGIES
 

@@ -8,7 +8,7 @@ where validation sees **only the labelled training set**, never the test split:
 
     candidates   zero-shot (where the classes can be described), linear-probe, finetune, setfit
                  (text), and scratch, each with its recipe (the model's defaults, tl_core/recipes.py,
-                 or the run's `recipes:`)
+                 or the run's `recipes:`; a setting given explicitly, such as --epochs, wins)
     validation   the labelled shots split into k stratified folds (k = min(5, the fewest labels a
                  class has)). A candidate that trains on cached features or trains nothing
                  (linear-probe, zero-shot) is cross-validated on all k folds; one that trains the
@@ -147,7 +147,8 @@ def candidate_config(cfg: TrainConfig, strategy: str, recipe: dict) -> TrainConf
 
 def choose(cfg: TrainConfig, recipes: dict[str, dict] | None = None, say=print) -> Choice:
     """The candidate that validates best on the labels of `cfg` (never the test split), as the
-    config to refit on all labels. `recipes`: strategy -> settings (default: the model's own)."""
+    config to refit on all labels. `recipes`: strategy -> settings (default: the model's own, less
+    the settings `cfg` was given: `recipe_for`)."""
     return choose_each([cfg], recipes, say)[0]
 
 
@@ -309,8 +310,9 @@ def fallback(cfg: TrainConfig) -> tuple[str, str]:
 
 def recipe_for(cfg: TrainConfig, recipes: dict[str, dict] | None, strategy: str) -> dict:
     """A candidate's recipe: from `recipes` (tl run's, the model's defaults under the file's
-    `recipes:`) where given, else the model's default recipe (tl_core/recipes.py)."""
-    return dict(recipes.get(strategy, {})) if recipes is not None else cfg.model_recipe(strategy)
+    `recipes:`) where given, else the model's default recipe (tl_core/recipes.py) in the settings
+    `cfg` was not given: `tl transfer --strategy auto --epochs 3` trains every candidate 3 epochs."""
+    return dict(recipes.get(strategy, {})) if recipes is not None else cfg.recipe(strategy)
 
 
 def _distinct(values: list) -> list:

@@ -301,11 +301,15 @@ class TrainConfig(StepConfig):
 
         return default_recipe(self.architecture(), strategy) if self.model or self.backbone else {}
 
+    def recipe(self, strategy: str) -> dict:
+        """The model's recipe for `strategy` in the settings this run was not given (a flag, a key
+        of the config file), which win over it, as they do in `tl run` (ExperimentSettings.recipe)."""
+        return {k: v for k, v in self.model_recipe(strategy).items() if k not in self.model_fields_set}
+
     def with_recipe(self) -> "TrainConfig":
-        """This run with its model's recipe for its strategy in every setting not given (a flag, a
-        key of the config file): what `tl run` trains the strategy with."""
-        recipe = self.model_recipe(self.strategy)
-        return self.model_copy(update={k: v for k, v in recipe.items() if k not in self.model_fields_set})
+        """This run with its model's recipe for its strategy in every setting not given: what `tl
+        run` trains the strategy with."""
+        return self.model_copy(update=self.recipe(self.strategy))
 
     def baseline(self, recipe: dict | None = None) -> "TrainConfig":
         """The scratch baseline of this run: the same data, labels, seed and architecture, the
