@@ -109,6 +109,11 @@ def test_every_transfer_states_its_gain_against_tl_runs_scratch_row(model, strat
             k: row[k] for k in ("strategy", "epochs", "lr", "batch_size")}, strategy
         if model.startswith("efficientnet"):
             assert base == row, strategy
+            # tl transfer's baseline (no flags: eval_every's default of 1) is tl run's row, tested at
+            # the end only (so reused from the cache, not another run), and so are its networks trained
+            alone = TrainConfig(data="prepared", backbone=f"packaged:{model}", strategy=strategy, seed=1)
+            assert alone.baseline().eval_every == row["eval_every"] == 0, strategy
+            assert alone.with_recipe().eval_every == (1 if strategy == "linear-probe" else 0), strategy  # cached features
         else:  # text finetunes validate and checkpoint at the end only (recipes.py), which the baseline keeps
             assert {k for k in base if base[k] != row[k]} <= {"eval_every", "checkpoint_every"}, strategy
 
