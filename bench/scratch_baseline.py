@@ -65,6 +65,12 @@ def measure(code: str | None) -> dict:
     }
 
 
+def baseline_line(when: str, transfer: dict) -> str:
+    how = ("reused from the training cache: it is tl run's scratch row" if transfer["baseline_reused"] else
+           "trained: not the same run as tl run's scratch row")
+    return f"{when}, `tl transfer`'s baseline took {transfer['baseline_seconds']:.0f} s ({how})."
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--against", help="a commit whose tl_core runs the same commands")
@@ -97,15 +103,12 @@ wall seconds on {os.cpu_count()} CPU cores (1-minute load {load[0]:.1f} at the s
 
 {chr(10).join(lines)}
 
-Here `tl transfer`'s baseline took {transfer['baseline_seconds']:.0f} s ({'reused from the cache' if transfer['baseline_reused'] else 'trained'}: its
-validation cadence differs from tl run's scratch row, so it is another run of the same recipe).
+{baseline_line('Here', transfer)}
 `tl promote` states the gain against tl run's own scratch row, reused from the training cache.
 """
     if before:
         text += f"""
-At {ref}, `tl transfer` and `tl promote` trained their baseline with the probe's budget (the
-shared 30 or 100 epochs of batch 64, which a solved probe does not use), where `tl run` trains
-the model's scratch recipe (10 epochs of batch 16): other figures for one baseline, minutes apart.
+{baseline_line(f'At {ref}', before['tl transfer'])}
 """
     (HERE / "scratch_baseline.md").write_text(text)
     print(text)
