@@ -66,9 +66,10 @@ def measure(code: str | None) -> dict:
 
 
 def baseline_line(when: str, transfer: dict) -> str:
-    how = ("reused from the training cache: it is tl run's scratch row" if transfer["baseline_reused"] else
-           "trained: not the same run as tl run's scratch row")
-    return f"{when}, `tl transfer`'s baseline took {transfer['baseline_seconds']:.0f} s ({how})."
+    if transfer["baseline_reused"]:
+        return f"{when}, `tl transfer`'s baseline was tl run's scratch row, reused from the training cache."
+    return (f"{when}, `tl transfer`'s baseline took {transfer['baseline_seconds']:.0f} s: trained, not the same run "
+            "as tl run's scratch row.")
 
 
 def main() -> None:
