@@ -170,6 +170,26 @@ def test_tl_transfer_auto_trains_its_candidates_by_their_recipes_less_the_flags_
         assert (told.epochs, told.lr, told.batch_size) == (3, recipe["lr"], recipe["batch_size"]), strategy
 
 
+def test_a_backbones_architecture_is_read_once_unless_a_promotion_can_move_it(monkeypatch):
+    """Recipes follow the backbone's architecture, read once a process (a download for s3:// or
+    MLflow); a registry alias or `latest` is read each time: a promotion can point it at another
+    network (a process that outlives it took the old network's recipes)."""
+    from itertools import cycle
+
+    from tl_core import checkpoints
+
+    reads = []
+    networks = cycle(["small_cnn", "efficientnet-lite0"])  # a promotion between every two reads
+    monkeypatch.setattr(checkpoints, "load_checkpoint", lambda uri: reads.append(uri) or {
+        "model_spec": {"name": next(networks)}})
+    checkpoints._stored_architecture.cache_clear()
+    for uri in ("models:/photos@champion", "models:/photos/latest"):
+        assert [checkpoints.architecture_of(uri) for _ in range(2)] == ["small_cnn", "efficientnet-lite0"], uri
+    assert checkpoints.architecture_of("models:/photos/3") == checkpoints.architecture_of("models:/photos/3")
+    assert reads.count("models:/photos/3") == 1 and checkpoints.architecture_of("packaged:minilm-l6") == "minilm-l6"
+    checkpoints._stored_architecture.cache_clear()
+
+
 def test_transfer_help_lists_every_strategy():
     from tl_core.strategies import STRATEGIES
 

@@ -188,14 +188,24 @@ def packaged_backbone(uri: str) -> dict:
             "model": {k: v for k, v in model.state_dict().items()}}
 
 
-@lru_cache(maxsize=32)
 def architecture_of(uri: str) -> str:
     """The architecture of the checkpoint at `uri` (its model_spec's name); a packaged backbone's
     is its name, read without building the network (2 s for minilm-l6). Read once a process: a
     transfer asks it for its recipe, its baseline's and each of auto's candidates', and a backbone
-    on s3:// or in MLflow would be downloaded each time."""
+    on s3:// or in MLflow would be downloaded each time. Not a registry name without a version
+    number (`models:/NAME@champion`, `models:/NAME/latest`): a promotion moves it to another
+    version, maybe of another network."""
     if uri.startswith(PACKAGED):
         return uri[len(PACKAGED):]
+    if uri.startswith("models:/"):
+        name, _, version = uri[len("models:/"):].partition("/")
+        if "@" in name or not version.split("/")[0].isdigit():
+            return load_checkpoint(uri)["model_spec"]["name"]
+    return _stored_architecture(uri)
+
+
+@lru_cache(maxsize=32)
+def _stored_architecture(uri: str) -> str:
     return load_checkpoint(uri)["model_spec"]["name"]
 
 
