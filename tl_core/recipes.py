@@ -19,7 +19,8 @@ from __future__ import annotations
 # and Lite2 are the same network a little deeper and wider, and take the same. Tested at the end
 # only (eval_every 0): an epoch of 5 shots is 10 photos, a pass over the test split 153, and
 # `tl transfer`'s default of every epoch made its scratch baseline another run than `tl run`'s
-# row, of 108 s (bench/scratch_baseline.md); the end's test accuracy is the same either way.
+# row: 93 s of the command's 108 trained it again (bench/scratch_baseline.md, at 52a2152); the
+# end's test accuracy is the same either way.
 # augment 0: photos take their own crops and flips, never the digits' pixel shifts, whatever it
 # says; with tl run's 1 against tl transfer's 0 the same baseline was two runs in the cache.
 PHOTO_RUN = {"epochs": 10, "batch_size": 16, "checkpoint_every": 0, "eval_every": 0, "augment": 0}
