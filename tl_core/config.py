@@ -294,17 +294,17 @@ class TrainConfig(StepConfig):
 
         return architecture_of(self.backbone)
 
-    def model_recipe(self, strategy: str) -> dict:
+    def model_recipe(self, strategy: str, given: frozenset[str] | set[str] = frozenset()) -> dict:
         """The settings this run's model trains `strategy` with by default (tl_core/recipes.py; {}:
-        the shared ones, as where no model or backbone is named)."""
+        the shared ones, as where no model or backbone is named), less those in `given`."""
         from tl_core.recipes import default_recipe
 
-        return default_recipe(self.architecture(), strategy) if self.model or self.backbone else {}
+        return default_recipe(self.architecture(), strategy, given) if self.model or self.backbone else {}
 
     def recipe(self, strategy: str) -> dict:
         """The model's recipe for `strategy` in the settings this run was not given (a flag, a key
         of the config file), which win over it, as they do in `tl run` (ExperimentSettings.recipe)."""
-        return {k: v for k, v in self.model_recipe(strategy).items() if k not in self.model_fields_set}
+        return self.model_recipe(strategy, self.model_fields_set)
 
     def with_recipe(self) -> "TrainConfig":
         """This run with its model's recipe for its strategy in every setting not given: what `tl
@@ -384,7 +384,7 @@ class ExperimentSettings(StepConfig):
         file's top level, a pipeline parameter other than 0), which win over it."""
         from tl_core.recipes import default_recipe
 
-        return {k: v for k, v in default_recipe(self.model, strategy).items() if k not in self.model_fields_set}
+        return default_recipe(self.model, strategy, self.model_fields_set)
 
     def candidate_recipes(self, cfg: TrainConfig) -> dict[str, dict]:
         """`--strategy auto`'s candidates for `cfg`, each with its `recipe`."""

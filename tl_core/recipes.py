@@ -54,6 +54,7 @@ RECIPES: dict[str, dict[str, dict]] = {
 }
 
 
-def default_recipe(model: str, strategy: str) -> dict:
-    """The settings `strategy` trains `model` with by default, over the shared ones ({}: the shared)."""
-    return dict(RECIPES.get(model, {}).get(strategy, {}))
+def default_recipe(model: str, strategy: str, given: frozenset[str] | set[str] = frozenset()) -> dict:
+    """The settings `strategy` trains `model` with by default, over the shared ones ({}: the shared),
+    less those in `given`: settings a run was given explicitly win over its recipe."""
+    return {k: v for k, v in RECIPES.get(model, {}).get(strategy, {}).items() if k not in given}
